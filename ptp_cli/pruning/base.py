@@ -1,0 +1,99 @@
+"""The one interface every pruning method implements, and the registry that selects methods by name.
+
+A method can act at two points of the engine:
+
+* before the LLM (``select``): it sees each sample's ViT outputs (CLS embeddings, optional CLS->patch
+  token scores) and, optionally, the instruction scores of a probe through LLM layers 0..M, and returns
+  the visual tokens to keep;
+* between LLM layers during prefill (``after_layer``): it sees layer j's hidden states, queries and keys
+  and returns a keep mask; tokens it drops are gone from every later layer (and from their KV caches).
+
+The engine knows nothing about any method; a method knows nothing about tokenization.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+
+@dataclass
+class VisualContext:
+    """What a pre-LLM method sees for one batch. Lists are per sample, in batch order."""
+
+    tiles: list[int]  # tiles of each sample (the thumbnail, when present, is the last)
+    has_thumbnail: list[bool]  # whether the last tile is a thumbnail
+    tokens_per_tile: int  # 256
+    cls: list[torch.Tensor]  # [T_i, Cv] last-layer CLS embedding of each tile
+    token_scores: list[torch.Tensor] | None  # [T_i, 256] CLS->patch attention at the ViT score layer, pooled
+    instruction_scores: list[torch.Tensor] | None  # [T_i * 256] probe scores of the visual tokens
+    seeds: list[int]  # per-sample seed (random baseline)
+
+
+@dataclass
+class LayerState:
+    """What an in-LLM method sees after decoder layer j during prefill (left-padded batch)."""
+
+    layer: int  # j, 0-based
+    hidden: torch.Tensor  # [B, S, D] output of layer j
+    q: torch.Tensor  # [B, Hq, S, hd] queries of layer j, RoPE applied
+    keys: torch.Tensor  # [B, Hkv, S, hd] keys of layer j, RoPE applied
+    valid: torch.Tensor  # [B, S] real tokens (False: left padding)
+    visual: torch.Tensor  # [B, S] visual tokens
+    instruction: torch.Tensor  # [B, S] tokens of the user's question
+    last: torch.Tensor  # [B] index of each sample's last prompt token (S - 1 with left padding)
+
+
+class PruningMethod:
+    """Base class. Subclasses set ``name`` and override the hooks they use."""
+
+    name: ClassVar[str]
+
+    def vit_score_layer(self) -> int | None:
+        """ViT layer whose CLS attention the method needs (``VisualContext.token_scores``), or None."""
+        return None
+
+    def head_aggregation(self) -> str:
+        """How the ViT and probe attention are reduced over heads: "mean" or "max"."""
+        return "mean"
+
+    def probe_layer(self) -> int | None:
+        """LLM layer M whose instruction->visual attention the method needs, or None (no probe is run)."""
+        return None
+
+    def instruction_aggregation(self) -> str:
+        """How the probe reduces over instruction tokens: "max" or "mean"."""
+        return "max"
+
+    def select(self, ctx: VisualContext) -> list[torch.Tensor | None]:
+        """Per sample, the visual token indices to keep (sorted, in [0, T_i*256)), or None to keep all."""
+        return [None] * len(ctx.tiles)
+
+    def drop_layers(self) -> frozenset[int]:
+        """Layers j after which ``after_layer`` is called during prefill."""
+        return frozenset()
+
+    def after_layer(self, state: LayerState) -> torch.Tensor | None:
+        """Keep mask [B, S] for the tokens after layer j (must keep every non-visual valid token), or None."""
+        return None
+
+    def settings(self) -> dict[str, Any]:
+        """The method's settings, echoed in every output row (and used to fingerprint results)."""
+        return {}
+
+
+METHODS: dict[str, type[PruningMethod]] = {}
+
+
+def register(cls: type[PruningMethod]) -> type[PruningMethod]:
+    METHODS[cls.name] = cls
+    return cls
+
+
+@register
+class NoPruning(PruningMethod):
+    """Every visual token reaches every layer."""
+
+    name = "none"
