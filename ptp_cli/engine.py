@@ -16,7 +16,7 @@ import torch
 
 from ptp_cli import flops as F
 from ptp_cli.models.internvl import InternVLModel
-from ptp_cli.models.llm import LayerCache
+from ptp_cli.models.llm import LayerCache, attention_mask
 from ptp_cli.pruning.base import LayerState, NoPruning, PruningMethod, VisualContext
 from ptp_cli.pruning.scores import instruction_scores
 
@@ -219,13 +219,14 @@ class Engine:
         lm.rotary.prepare(int(positions.max()) + 1 + max_new)
         drops = m.drop_layers()
         caches: list[LayerCache] = []
-        layer_tokens = torch.zeros(b, lm.cfg.num_layers, dtype=torch.long)  # real tokens per layer per sample
+        layer_tokens = []  # per layer, real tokens of each sample [B] (kept on device: no sync per layer)
         cos, sin = lm.rotary(positions, x.dtype)
+        mask = attention_mask(valid, 0, x.shape[1])  # [B, 1, S, S], shared by layers until a drop
         for j, layer in enumerate(lm.layers):
             cache = lm.new_cache(b, x.shape[1] + max_new)
             caches.append(cache)
-            layer_tokens[:, j] = valid.sum(-1).cpu()
-            out = layer(x, cos, sin, cache, valid)
+            layer_tokens.append(valid.sum(-1))
+            out = layer(x, cos, sin, cache, valid, mask)
             x = out.hidden
             if j in drops and j + 1 < len(lm.layers):
                 state = LayerState(
@@ -238,6 +239,7 @@ class Engine:
                         mask & valid, x, valid, positions, visual_mask, instr_mask
                     )
                     cos, sin = lm.rotary(positions, x.dtype)
+                    mask = attention_mask(valid, 0, x.shape[1])
         logits = lm.logits(x[:, -1])  # [B, V]
         clock.lap("prefill")
 
@@ -271,7 +273,7 @@ class Engine:
             next_pos = next_pos + 1
         clock.lap("decode")
 
-        return self._results(requests, tokens, logps, kept_all, ids, layer_tokens, clock.times)
+        return self._results(requests, tokens, logps, kept_all, ids, torch.stack(layer_tokens, 1).cpu(), clock.times)
 
     # ------------------------------------------------------------------------------------------ helpers
 

@@ -180,8 +180,13 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         cache: LayerCache,
         valid: torch.Tensor,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """h [B, S, D] (normed) -> (output [B, S, D], q [B, Hq, S, hd], keys so far [B, Hkv, K, hd])."""
+        """h [B, S, D] (normed) -> (output [B, S, D], q [B, Hq, S, hd], keys so far [B, Hkv, K, hd]).
+
+        ``mask`` [B, 1, S, K]: precomputed by the caller when many layers share it (prefill); else built from
+        the cache.
+        """
         b, s, _ = h.shape
         q, k, v = self.wqkv(h).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(b, s, self.num_heads, self.head_dim).transpose(1, 2)  # [B, Hq, S, hd]
@@ -190,10 +195,15 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         start = cache.length
         keys, values = cache.append(k, v, valid)  # [B, Hkv, K, hd]
-        mask = attention_mask(cache.valid[:, : cache.length], start, s)
-        out = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads
-        )  # [B, Hq, S, hd]
+        if mask is None:
+            mask = attention_mask(cache.valid[:, : cache.length], start, s)
+        k_att, v_att, gqa = keys, values, self.num_kv_heads != self.num_heads
+        if gqa and h.is_cuda:
+            # Masked SDPA on CUDA runs the memory-efficient kernel, which does not take enable_gqa:
+            # give it full heads rather than fall back to the math kernel.
+            g = self.num_heads // self.num_kv_heads
+            k_att, v_att, gqa = keys.repeat_interleave(g, 1), values.repeat_interleave(g, 1), False
+        out = F.scaled_dot_product_attention(q, k_att, v_att, attn_mask=mask, enable_gqa=gqa)  # [B, Hq, S, hd]
         return self.wo(out.transpose(1, 2).reshape(b, s, self.q_size)), q, keys
 
 
@@ -224,8 +234,10 @@ class DecoderLayer(nn.Module):
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x, cos, sin, cache: LayerCache, valid: torch.Tensor) -> LayerOutput:
-        a, q, keys = self.attention(self.attention_norm(x), cos, sin, cache, valid)
+    def forward(
+        self, x, cos, sin, cache: LayerCache, valid: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> LayerOutput:
+        a, q, keys = self.attention(self.attention_norm(x), cos, sin, cache, valid, mask)
         x = x + a
         x = x + self.feed_forward(self.ffn_norm(x))
         return LayerOutput(hidden=x, q=q, keys=keys)
@@ -271,7 +283,8 @@ class LLM(nn.Module):
         """Hidden states after layers [0, end) on x [B, S, D], with throwaway caches."""
         self.rotary.prepare(int(positions.max()) + 1)
         cos, sin = self.rotary(positions, x.dtype)
+        mask = attention_mask(valid, 0, x.shape[1])
         for layer in self.layers[:end]:
             cache = self.new_cache(x.shape[0], x.shape[1], dtype=x.dtype, device=x.device)
-            x = layer(x, cos, sin, cache, valid).hidden
+            x = layer(x, cos, sin, cache, valid, mask).hidden
         return x

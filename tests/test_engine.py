@@ -1,0 +1,129 @@
+"""The batched engine against a naive reference (full recompute, no KV cache) on a tiny random model."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from ptp_cli.config import TINY
+from ptp_cli.engine import Engine, Request
+from ptp_cli.models.internvl import InternVLModel
+
+VOCAB = 300
+IMG = 299  # placeholder id
+STOP = 2
+
+
+@pytest.fixture(scope="module")
+def model() -> InternVLModel:
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(TINY, llm=dataclasses.replace(TINY.llm, vocab_size=VOCAB))
+    m = InternVLModel(cfg).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.2)  # large enough that greedy tokens differ between inputs
+    return m
+
+
+def make_request(tiles: int, *, question: int = 5, seed: int = 0, **kw) -> Request:
+    g = torch.Generator().manual_seed(1000 * tiles + question)
+    prefix = [1, 5, 6, 7]
+    q = torch.randint(10, 250, (question,), generator=g).tolist()
+    ids = [*prefix, *([IMG] * (256 * tiles)), 8, *q, 9, 10]
+    start = len(prefix) + 256 * tiles + 1
+    return Request(
+        ids=ids, pixel_values=torch.randn(tiles, 3, 448, 448, generator=g), image_start=len(prefix),
+        instruction=(start, start + question), stop_ids=kw.pop("stop_ids", [STOP]),
+        max_new_tokens=kw.pop("max_new_tokens", 6), seed=seed, **kw,
+    )
+
+
+def reference_greedy(model: InternVLModel, req: Request, steps: int) -> tuple[list[int], list[float]]:
+    """Greedy decoding by recomputing the whole sequence every step (no cache, no padding)."""
+    lm = model.language_model
+    with torch.no_grad():
+        feats = model.vision_features(req.pixel_values).features.flatten(0, 1)
+        x = lm.tok_embeddings(torch.tensor(req.ids))
+        x[req.image_start : req.image_start + feats.shape[0]] = feats
+        toks, lps = [], []
+        for _ in range(steps):
+            s = x.shape[0]
+            h = lm.run_layers(x[None], torch.arange(s)[None], torch.ones(1, s, dtype=torch.bool))
+            logits = lm.logits(h[:, -1])[0]
+            t = int(logits.argmax())
+            toks.append(t)
+            lps.append(float(torch.log_softmax(logits, -1)[t]))
+            x = torch.cat([x, lm.tok_embeddings(torch.tensor([t]))])
+    return toks, lps
+
+
+def test_greedy_matches_full_recompute(model):
+    req = make_request(3, stop_ids=[], max_new_tokens=6)
+    (res,) = Engine(model, image_token_id=IMG).generate([req])
+    toks, lps = reference_greedy(model, req, 6)
+    assert res.tokens == toks
+    assert res.logprobs == pytest.approx(lps, abs=1e-4)
+    assert res.finish_reason == "length"
+    assert res.visual_before == res.visual_after == 3 * 256
+    assert res.prompt_tokens == len(req.ids)
+
+
+def test_batch_of_mixed_tile_counts_equals_each_alone(model):
+    reqs = [make_request(1, question=3), make_request(3, question=8), make_request(7, question=5)]
+    engine = Engine(model, image_token_id=IMG, vit_batch=4)  # several ViT chunks too
+    batch = engine.generate(reqs)
+    for req, got in zip(reqs, batch, strict=True):
+        (alone,) = engine.generate([req])
+        assert got.tokens == alone.tokens
+        assert got.logprobs == pytest.approx(alone.logprobs, abs=1e-4)
+        assert got.batch_size == 3 and alone.batch_size == 1
+    assert len({tuple(r.tokens) for r in batch}) > 1, "degenerate model: every sample gave the same tokens"
+
+
+def test_stop_token_ends_generation_and_is_not_returned(model):
+    engine = Engine(model, image_token_id=IMG)
+    free = engine.generate([make_request(1, stop_ids=[], max_new_tokens=4)])[0]
+    stopped = engine.generate([make_request(1, stop_ids=[free.tokens[2]], max_new_tokens=4)])[0]
+    cut = free.tokens.index(free.tokens[2])
+    assert stopped.tokens == free.tokens[:cut]
+    assert stopped.finish_reason == "stop"
+    ignored = engine.generate([make_request(1, stop_ids=[free.tokens[2]], max_new_tokens=4, ignore_eos=True)])[0]
+    assert ignored.tokens == free.tokens
+
+
+def test_per_request_max_new_tokens_in_one_batch(model):
+    reqs = [make_request(1, stop_ids=[], max_new_tokens=2), make_request(2, stop_ids=[], max_new_tokens=5)]
+    a, b = Engine(model, image_token_id=IMG).generate(reqs)
+    assert (len(a.tokens), len(b.tokens)) == (2, 5)
+    assert a.finish_reason == b.finish_reason == "length"
+
+
+def test_sampling_is_seeded(model):
+    engine = Engine(model, image_token_id=IMG)
+
+    def sample(seed: int) -> list[int]:
+        return engine.generate([make_request(1, stop_ids=[], seed=seed, temperature=1.5, max_new_tokens=8)])[0].tokens
+
+    assert sample(7) == sample(7)
+    assert len({tuple(sample(s)) for s in range(4)}) > 1
+    # A sampled request beside a greedy one: the greedy one is unaffected.
+    greedy = engine.generate([make_request(2, stop_ids=[])])[0].tokens
+    pair = engine.generate([make_request(1, stop_ids=[], seed=3, temperature=1.5), make_request(2, stop_ids=[])])
+    assert pair[1].tokens == greedy
+
+
+def test_placeholder_count_is_checked(model):
+    req = make_request(2)
+    bad = dataclasses.replace(req, ids=[t if i != req.image_start + 5 else 11 for i, t in enumerate(req.ids)])
+    with pytest.raises(ValueError, match="placeholders"):
+        Engine(model, image_token_id=IMG).generate([bad])
+
+
+def test_flops_and_timing_reported(model):
+    (res,) = Engine(model, image_token_id=IMG).generate([make_request(2, stop_ids=[], max_new_tokens=3)])
+    assert set(res.timing) == {"vit", "probe", "prefill", "decode"}
+    assert all(v >= 0 for v in res.timing.values())
+    assert res.flops["total"] == res.flops["vit"] + res.flops["probe"] + res.flops["prefill"] + res.flops["decode"]
+    assert res.layer_lengths == [len(make_request(2).ids)] * model.cfg.llm.num_layers
