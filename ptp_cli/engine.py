@@ -246,7 +246,7 @@ class Engine:
         # Decode: one token per step for the whole batch; each layer attends to what it kept.
         next_pos = positions[:, -1] + 1  # [B]
         gens = [torch.Generator(device=dev).manual_seed(r.seed) for r in requests]
-        temps = torch.tensor([r.temperature for r in requests], device=dev)
+        temps = [r.temperature for r in requests]
         stop = torch.zeros(b, max(1, max(len(r.stop_ids) for r in requests)), dtype=torch.long, device=dev) - 1
         for i, r in enumerate(requests):
             if not r.ignore_eos and r.stop_ids:
@@ -263,7 +263,8 @@ class Engine:
             logps.append(logp)
             steps += 1
             done = done | (tok[:, None] == stop).any(-1) | (steps >= limits)
-            if steps >= max_new or bool(done.all()):
+            # Reading `done` syncs with the device: do it every few steps (extra tokens are cut off later).
+            if steps >= max_new or (steps % 4 == 0 and bool(done.all())):
                 break
             h = lm.tok_embeddings(tok)[:, None]  # [B, 1, D]
             cos, sin = lm.rotary(next_pos[:, None], h.dtype)
@@ -278,12 +279,13 @@ class Engine:
     # ------------------------------------------------------------------------------------------ helpers
 
     @staticmethod
-    def _pick(logits: torch.Tensor, temps: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
+    def _pick(logits: torch.Tensor, temps: list[float], gens: list[torch.Generator]) -> torch.Tensor:
         """Greedy where temperature is 0; otherwise a seeded sample per request (its own generator)."""
         tok = logits.argmax(-1)
-        hot = (temps > 0).nonzero().flatten().tolist() if bool((temps > 0).any()) else []
-        for i in hot:
-            probs = torch.softmax(logits[i] / temps[i], -1)
+        for i, t in enumerate(temps):
+            if t <= 0:
+                continue
+            probs = torch.softmax(logits[i] / t, -1)
             tok[i] = torch.multinomial(probs, 1, generator=gens[i])[0]
         return tok
 

@@ -14,9 +14,13 @@ The engine knows nothing about any method; a method knows nothing about tokeniza
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+
+if TYPE_CHECKING:
+    from ptp_cli.config import ModelConfig
+    from ptp_cli.pruning.settings import PruneConfig
 
 
 @dataclass
@@ -51,6 +55,11 @@ class PruningMethod:
 
     name: ClassVar[str]
 
+    @classmethod
+    def from_config(cls, cfg: PruneConfig, model_cfg: ModelConfig) -> PruningMethod:
+        """Build the method from the user's (validated) settings; a method without settings ignores them."""
+        return cls()
+
     def vit_score_layer(self) -> int | None:
         """ViT layer whose CLS attention the method needs (``VisualContext.token_scores``), or None."""
         return None
@@ -81,7 +90,7 @@ class PruningMethod:
 
     def settings(self) -> dict[str, Any]:
         """The method's settings, echoed in every output row (and used to fingerprint results)."""
-        return {}
+        return {"method": self.name}
 
 
 METHODS: dict[str, type[PruningMethod]] = {}
