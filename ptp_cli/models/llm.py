@@ -69,26 +69,29 @@ def rope_inv_freq(cfg: LLMConfig, *, max_len: int) -> tuple[torch.Tensor, float]
     raise ValueError(f"unsupported rope_scaling type {kind!r}")
 
 
-class Rotary(nn.Module):
-    """cos/sin for arbitrary per-token positions (left padding and dropped tokens keep their own positions)."""
+class Rotary:
+    """cos/sin for arbitrary per-token positions (left padding and dropped tokens keep their own positions).
+
+    Holds no tensors of the module's own (so a model built on the meta device needs nothing rebuilt): the
+    frequencies are computed on the CPU and copied once per device.
+    """
 
     def __init__(self, cfg: LLMConfig) -> None:
-        super().__init__()
         self.cfg = cfg
-        self.max_len = 0
-        inv, scale = rope_inv_freq(cfg, max_len=0)
-        self.register_buffer("inv_freq", inv, persistent=False)
-        self.scale = scale
+        self.prepare(0)
 
     def prepare(self, max_len: int) -> None:
         """Pick the frequencies for a batch that will reach ``max_len`` tokens."""
-        inv, self.scale = rope_inv_freq(self.cfg, max_len=max_len)
-        self.inv_freq = inv.to(self.inv_freq.device)
+        self.inv_freq, self.scale = rope_inv_freq(self.cfg, max_len=max_len)  # [hd/2] on CPU
+        self._on_device: dict[torch.device, torch.Tensor] = {}
         self.max_len = max_len
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # positions: [B, S] -> cos, sin [B, 1, S, hd]
-        freqs = positions.float()[..., None] * self.inv_freq  # [B, S, hd/2]
+        inv = self._on_device.get(positions.device)
+        if inv is None:
+            inv = self._on_device[positions.device] = self.inv_freq.to(positions.device)
+        freqs = positions.float()[..., None] * inv  # [B, S, hd/2]
         emb = torch.cat([freqs, freqs], dim=-1)
         return (emb.cos() * self.scale).to(dtype)[:, None], (emb.sin() * self.scale).to(dtype)[:, None]
 
