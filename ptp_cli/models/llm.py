@@ -31,7 +31,7 @@ def rope_inv_freq(cfg: LLMConfig, *, max_len: int) -> tuple[torch.Tensor, float]
     original context (as the reference does once the sequence grows that long).
     """
     hd = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device="cpu").float() / hd))
     scaling = dict(cfg.rope_scaling or {})
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind in (None, "default"):
@@ -46,11 +46,11 @@ def rope_inv_freq(cfg: LLMConfig, *, max_len: int) -> tuple[torch.Tensor, float]
         base = cfg.rope_theta * (
             (factor * max_len / cfg.max_position_embeddings) - (factor - 1)
         ) ** (hd / (hd - 2))
-        return 1.0 / (base ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd)), 1.0
+        return 1.0 / (base ** (torch.arange(0, hd, 2, dtype=torch.int64, device="cpu").float() / hd)), 1.0
     if kind in ("longrope", "su"):
         original = int(scaling.get("original_max_position_embeddings") or cfg.max_position_embeddings)
         factors = scaling["long_factor"] if max_len > original else scaling["short_factor"]
-        ext = torch.tensor(factors, dtype=torch.float32)
+        ext = torch.tensor(factors, dtype=torch.float32, device="cpu")
         factor = scaling.get("factor") or cfg.max_position_embeddings / original
         attn = scaling.get("attention_factor")
         if attn is None:

@@ -1,0 +1,268 @@
+"""``ptp infer``: JSONL records in, one JSON result row per record out, in input order, resumable.
+
+stdout (or --output) carries rows only; logs, warnings, the progress bar and the summary go to stderr.
+Exit codes: 0 every record ok, 3 some records failed (each still has an error row), 2 usage error,
+1 fatal error (e.g. the model cannot be loaded), 130 interrupted (Ctrl-C), 141 output pipe closed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Annotated, Any
+
+import typer
+from tqdm import tqdm
+
+from ptp_cli.cli import options as opt
+from ptp_cli.errors import UsageError
+from ptp_cli.records import OrderedWriter, fingerprint, iter_records, parse_shard, scan_output
+
+EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_RECORDS_FAILED = 0, 1, 2, 3
+EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 130, 141  # 128 + SIGINT, 128 + SIGPIPE, as a shell reports them
+MAX_WARNINGS = 5  # failed records named on stderr; the rest are only counted
+
+# The settings `ptp infer` reads from the environment and --config.
+INFER_SETTINGS = tuple(opt.SETTINGS)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+class Log:
+    """stderr messages, prefixed ``ptp:``; silent when quiet. Written through tqdm so a bar stays intact."""
+
+    def __init__(self, *, quiet: bool) -> None:
+        self.quiet = quiet
+
+    def info(self, message: str) -> None:
+        if not self.quiet:
+            tqdm.write(f"ptp: {message}", file=sys.stderr)
+
+    def warning(self, message: str) -> None:
+        self.info(f"warning: {message}")
+
+
+@dataclass
+class Stats:
+    """Counts for the final summary."""
+
+    ok: int = 0
+    failed: int = 0
+    generated_tokens: int = 0
+    visual_before: int = 0
+    visual_after: int = 0
+
+    def add(self, row: dict[str, Any]) -> None:
+        if row.get("error") is not None:
+            self.failed += 1
+            return
+        self.ok += 1
+        tokens = row.get("tokens") or {}
+        self.generated_tokens += tokens.get("generated") or 0
+        self.visual_before += tokens.get("visual_before") or 0
+        self.visual_after += tokens.get("visual_after") or 0
+
+    def summary(self, elapsed: float) -> str:
+        total = self.ok + self.failed
+        rate = f"{self.ok / elapsed:.2f} samples/s, {self.generated_tokens / elapsed:.1f} tokens/s" if elapsed else ""
+        text = f"{total} records in {elapsed:.1f} s: {self.ok} ok, {self.failed} failed"
+        if self.ok:
+            before, after = self.visual_before / self.ok, self.visual_after / self.ok
+            kept = f" ({100 * after / before:.0f}%)" if before else ""
+            text += f" | {rate} | visual tokens kept {after:.1f} / {before:.1f} per sample{kept}"
+        return text
+
+
+def _count_records(path: str, shard: tuple[int, int] | None, skip: frozenset[int]) -> int | None:
+    """How many rows the run will write (for the progress bar), by the rules of iter_records; None for stdin."""
+    if path == "-":
+        return None
+    count, index = 0, -1
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            index += 1
+            if (shard is None or index % shard[1] == shard[0]) and lineno not in skip:
+                count += 1
+    return count
+
+
+def _check_paths(source: str, output: str | None) -> None:
+    """Fail before the model loads: an unreadable input, an unwritable output, or an output that is the input."""
+    if source != "-":
+        try:
+            with open(source, "rb"):
+                pass
+        except OSError as e:
+            raise UsageError(f"cannot read input {source}: {e.strerror or e}") from None
+    if output is None:
+        return
+    out = Path(output)
+    if out.is_dir():
+        raise UsageError(f"--output {output} is a directory")
+    if not out.parent.is_dir():
+        raise UsageError(f"--output {output}: the folder {out.parent} does not exist")
+    if not os.access(out if out.exists() else out.parent, os.W_OK):
+        raise UsageError(f"--output {output}: permission denied")
+    if source != "-" and out.exists() and os.path.samefile(source, out):
+        raise UsageError(f"--output {output} is the input file; choose another file")
+
+
+def _silence_stdout() -> None:
+    """After a closed pipe: point stdout at /dev/null so the interpreter's final flush stays quiet."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The run
+
+
+def run_infer(source: str, resolved: opt.Resolved) -> int:
+    """Run every record of ``source`` with the resolved settings; return the exit code."""
+    log = Log(quiet=bool(resolved.get("quiet", False)))
+    if log.quiet:
+        warnings.simplefilter("ignore")  # library warnings too: --quiet leaves stderr to errors
+    output: str | None = resolved.get("output")
+    output = None if output == "-" else output
+    resume, force, retry = (bool(resolved.get(k, False)) for k in ("resume", "force_resume", "retry_errors"))
+    if (force or retry) and not resume:
+        raise UsageError("--force-resume and --retry-errors only apply with --resume")
+    if resume and output is None:
+        raise UsageError("--resume needs --output FILE: it continues the results already in that file")
+    try:
+        shard = parse_shard(resolved.get("shard")) if resolved.get("shard") is not None else None
+    except UsageError as e:
+        raise resolved.explain(e) from None
+    _check_paths(source, output)
+    config = opt.run_config(resolved)
+    from ptp_cli.pipeline import Pipeline  # imports torch: usage errors above stay fast
+
+    t0 = time.perf_counter()
+    try:
+        pipeline = Pipeline.load(config)
+    except UsageError as e:
+        raise resolved.explain(e) from None
+    settings = pipeline.settings()
+    log.info(
+        f"loaded {settings['model']} in {time.perf_counter() - t0:.1f} s ({pipeline.loaded.model.device}, "
+        f"{settings['dtype']}); method {settings['method']}"
+    )
+
+    skip: frozenset[int] = frozenset()
+    if resume:
+        state = scan_output(output, settings_fingerprint=fingerprint(settings), force=force, retry_errors=retry)
+        skip = state.done
+        repaired = f", cut a torn last line ({state.torn_bytes} bytes)" if state.torn_bytes else ""
+        retried = f", retrying {state.error_rows} failed" if retry and state.error_rows else ""
+        log.info(f"resuming {output}: {len(skip)} records already done{retried}{repaired}")
+
+    records = iter_records(source, shard=shard, skip_lines=skip)
+    show_bar = not log.quiet and sys.stderr.isatty()
+    total = _count_records(source, shard, skip) if show_bar else None
+    stats = Stats()
+    with ExitStack() as stack:
+        if output is None:
+            stream: IO[Any] = sys.stdout
+        else:
+            try:
+                stream = stack.enter_context(open(output, "ab" if resume else "wb"))
+            except OSError as e:
+                raise UsageError(f"cannot write --output {output}: {e.strerror or e}") from None
+        bar = stack.enter_context(
+            tqdm(total=total, disable=not show_bar, file=sys.stderr, unit="rec", dynamic_ncols=True)
+        )
+        writer = OrderedWriter(stream, window=pipeline.reorder_window)
+        rows: Iterator[tuple[int, dict[str, Any]]] = pipeline.run(records)
+        stack.callback(rows.close)  # on any exit: stop the preprocessing threads first
+        start = time.perf_counter()
+        try:
+            for seq, row in rows:
+                writer.put(seq, row)
+                stats.add(row)
+                bar.update()
+                if row.get("error") is not None and stats.failed <= MAX_WARNINGS:
+                    err = row["error"]
+                    more = "; further failures are only counted" if stats.failed == MAX_WARNINGS else ""
+                    log.warning(f"line {row['line']} (id {row['id']!r}): {err['type']}: {err['message']}{more}")
+            writer.close()
+        except KeyboardInterrupt:
+            # Rows written so far are whole lines, in order; rows waiting behind an unfinished one are dropped
+            # (not written out of order), so --resume redoes exactly the records without a row.
+            with contextlib.suppress(OSError):
+                stream.flush()
+            bar.close()
+            hint = "; run again with --resume to finish" if output is not None else ""
+            log.info(f"interrupted: {writer.written} rows written{hint}")
+            return EXIT_INTERRUPTED
+        except BrokenPipeError:
+            _silence_stdout()
+            return EXIT_BROKEN_PIPE
+        elapsed = time.perf_counter() - start
+    log.info(stats.summary(elapsed))
+    return EXIT_RECORDS_FAILED if stats.failed else EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The command
+
+
+def infer_command(
+    input: Annotated[str, typer.Argument(
+        metavar="INPUT", help="JSONL file of records (id, image, question), or - for stdin.")],
+    output: opt.Output = None,
+    resume: opt.Resume = None,
+    force_resume: opt.ForceResume = None,
+    retry_errors: opt.RetryErrors = None,
+    shard: opt.Shard = None,
+    model: opt.Model = None,
+    dtype: opt.Dtype = None,
+    device: opt.Device = None,
+    preset: opt.Preset = None,
+    method: opt.Method = None,
+    ratio: opt.Ratio = None,
+    alpha: opt.Alpha = None,
+    vit_layer: opt.VitLayer = None,
+    llm_layer: opt.LlmLayer = None,
+    tau: opt.Tau = None,
+    head_agg: opt.HeadAgg = None,
+    instr_agg: opt.InstrAgg = None,
+    region_budgets: opt.RegionBudgets = None,
+    token_score: opt.TokenScore = None,
+    fastv_layer: opt.FastvLayer = None,
+    vtw_layer: opt.VtwLayer = None,
+    pdrop_layers: opt.PdropLayers = None,
+    pdrop_keep: opt.PdropKeep = None,
+    max_new_tokens: opt.MaxNewTokens = None,
+    temperature: opt.Temperature = None,
+    seed: opt.Seed = None,
+    logprobs: opt.Logprobs = None,
+    max_tiles: opt.MaxTiles = None,
+    min_tiles: opt.MinTiles = None,
+    batch_size: opt.BatchSize = None,
+    max_batch_tokens: opt.MaxBatchTokens = None,
+    workers: opt.Workers = None,
+    max_pixels: opt.MaxPixels = None,
+    config: opt.Config = None,
+    quiet: opt.Quiet = None,
+) -> None:
+    """Answer the question of every record of INPUT; write one JSON line per record, in input order.
+
+    Settings come from the command line, then PTP_<OPTION> variables (PTP_RATIO=0.3), then --config FILE.yaml.
+    Exit codes: 0 all ok, 3 some records failed (see their 'error' rows), 2 usage error, 1 fatal error,
+    130 interrupted (rerun with --resume), 141 the reader of stdout went away.
+    """
+    given = {name: value for name, value in locals().items() if name not in ("input", "config")}
+    resolved = opt.resolve(given, names=INFER_SETTINGS, config=config)
+    raise typer.Exit(run_infer(input, resolved))

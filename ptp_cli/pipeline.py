@@ -1,0 +1,301 @@
+"""The library API behind ``ptp infer``: records in, result rows out.
+
+``Pipeline`` ties the layers together: images are loaded and tiled and prompts tokenised in background
+threads (``prepare``), requests are batched, the engine runs them, and each record becomes one row --
+a result or an error row carrying its id. It is usable from Python directly (or inside a Ray Data
+actor): ``Pipeline.load(RunConfig(model="tiny")).infer(records)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ptp_cli.checkpoint import LoadedModel, load_model
+from ptp_cli.engine import Engine, Request, Result
+from ptp_cli.errors import PtpError, RecordError, UsageError
+from ptp_cli.image import DEFAULT_MAX_PIXELS, TilingOptions, load_image
+from ptp_cli.prompts import encode_prompt, get_template
+from ptp_cli.pruning import PruneConfig, make_method
+from ptp_cli.records import BadRecord, Record, error_row, result_row
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run is configured with. Fields that change results are echoed in every row."""
+
+    model: str = "OpenGVLab/InternVL2-2B"  # local dir, hub id (from the HF cache), or "tiny"
+    prune: PruneConfig = field(default_factory=PruneConfig)  # pruning method and its settings
+    max_tiles: int | None = None  # tile cap; None: the checkpoint's max_dynamic_patch
+    min_tiles: int | None = None  # fewest tiles; None: the checkpoint's
+    max_new_tokens: int = 64  # generation length cap
+    temperature: float = 0.0  # 0: greedy
+    seed: int = 0  # sampling and random-pruning seed (per-record override possible)
+    system_message: str | None = None  # None: the checkpoint's / template's
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    batch_size: int = 8  # most requests per engine batch
+    max_batch_tokens: int | None = None  # most prompt tokens (unpruned) per batch; None: no cap
+    logprobs: bool = False  # add per-token ids and log-probabilities to each row
+    max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb guard
+    workers: int = 2  # image loading / tiling threads
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            dev = torch.device(self.device)
+        except RuntimeError as e:
+            raise UsageError(f"--device: {self.device!r} is not a device ({e})") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"--device {self.device}: no CUDA device is available here")
+        return dev
+
+    def resolved_dtype(self, device: torch.device) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if self.dtype not in DTYPES:
+            raise UsageError(f"--dtype must be one of auto, {', '.join(DTYPES)}; got {self.dtype!r}")
+        return DTYPES[self.dtype]
+
+    def validate(self) -> None:
+        checks = [
+            (self.max_new_tokens >= 1, "--max-new-tokens must be at least 1"),
+            (self.temperature >= 0, "--temperature must be >= 0"),
+            (self.batch_size >= 1, "--batch-size must be at least 1"),
+            (self.max_batch_tokens is None or self.max_batch_tokens >= 1, "--max-batch-tokens must be >= 1"),
+            (self.max_tiles is None or 1 <= self.max_tiles <= 40, "--max-tiles must be in 1..40"),
+            (self.min_tiles is None or 1 <= self.min_tiles <= 40, "--min-tiles must be in 1..40"),
+            (self.workers >= 1, "--workers must be at least 1"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise UsageError(msg)
+
+
+@dataclass
+class Prepared:
+    """A record turned into an engine request (done in a worker thread)."""
+
+    record: Record
+    request: Request
+    preprocess_s: float
+
+
+class Pipeline:
+    def __init__(self, loaded: LoadedModel, config: RunConfig) -> None:
+        config.validate()
+        config.prune.validate(loaded.cfg)
+        self.loaded = loaded
+        self.config = config
+        self.cfg = loaded.cfg
+        self.tokenizer = loaded.tokenizer
+        self.template = get_template(self.cfg.template)
+        self.tiling = TilingOptions.from_config(self.cfg, max_tiles=config.max_tiles)
+        if config.min_tiles is not None:
+            self.tiling = dataclasses.replace(self.tiling, min_tiles=config.min_tiles)
+        self.engine = Engine(
+            loaded.model, image_token_id=loaded.image_token_id, method=make_method(config.prune, self.cfg)
+        )
+
+    @classmethod
+    def load(cls, config: RunConfig) -> Pipeline:
+        config.validate()
+        device = config.resolved_device()
+        loaded = load_model(config.model, dtype=config.resolved_dtype(device), device=device)
+        return cls(loaded, config)
+
+    # ------------------------------------------------------------------------------------------ settings
+
+    def settings(self) -> dict[str, Any]:
+        """What decides the results; echoed in every row and fingerprinted by --resume."""
+        c = self.config
+        return {
+            "model": self.cfg.name or c.model,
+            **self.engine.method.settings(),
+            "method": self.engine.method.name,
+            "max_tiles": self.tiling.max_tiles,
+            "min_tiles": self.tiling.min_tiles,
+            "max_new_tokens": c.max_new_tokens,
+            "temperature": float(c.temperature),
+            "seed": c.seed,
+            "dtype": str(self.loaded.model.dtype).removeprefix("torch."),
+        }
+
+    # ------------------------------------------------------------------------------------------ stages
+
+    def prepare(self, record: Record) -> Prepared:
+        """Load, tile and tokenise one record (thread-safe). Raises RecordError for bad input."""
+        t0 = time.perf_counter()
+        ov = record.overrides
+        tiling = self.tiling
+        if ov.get("max_tiles") is not None or ov.get("min_tiles") is not None:
+            try:
+                tiling = dataclasses.replace(
+                    tiling,
+                    max_tiles=ov.get("max_tiles") or tiling.max_tiles,
+                    min_tiles=ov.get("min_tiles") or tiling.min_tiles,
+                )
+            except ValueError as e:
+                raise RecordError(f"bad tiling override: {e}", kind="invalid_record") from None
+        image = load_image(record.image, max_pixels=self.config.max_pixels)
+        pixels = tiling.preprocess(image)  # [T, 3, 448, 448]
+        n_tiles = int(pixels.shape[0])
+        prompt = encode_prompt(
+            self.tokenizer, self.template, question=record.question,
+            num_image_tokens=n_tiles * self.cfg.tokens_per_tile,
+            system_message=self.config.system_message or self.cfg.system_message,
+        )
+        request = Request(
+            ids=prompt.ids,
+            pixel_values=pixels,
+            image_start=prompt.image_start,
+            instruction=(prompt.instruction_start, prompt.instruction_end),
+            stop_ids=prompt.stop_ids,
+            max_new_tokens=ov.get("max_new_tokens") or self.config.max_new_tokens,
+            temperature=float(ov["temperature"]) if ov.get("temperature") is not None else self.config.temperature,
+            seed=ov["seed"] if ov.get("seed") is not None else self.config.seed,
+            has_thumbnail=n_tiles > 1 and tiling.use_thumbnail,
+        )
+        return Prepared(record, request, time.perf_counter() - t0)
+
+    def _row(self, p: Prepared, r: Result, settings: dict[str, Any]) -> dict[str, Any]:
+        answer = self.tokenizer.decode(r.tokens, skip_special_tokens=True).strip()
+        result: dict[str, Any] = {
+            "answer": answer,
+            "finish_reason": r.finish_reason,
+            "logprob": (sum(r.logprobs) / len(r.logprobs)) if r.logprobs else None,
+            "tokens": {
+                "visual_before": r.visual_before,
+                "visual_after": r.visual_after,
+                "visual_per_tile": r.visual_after_per_tile,
+                "tiles": p.request.num_tiles,
+                "prompt": r.prompt_tokens,
+                "generated": len(r.tokens),
+            },
+            "timing": {"preprocess": round(p.preprocess_s, 6), **{k: round(v, 6) for k, v in r.timing.items()},
+                       "batch": r.batch_size},
+            "flops": r.flops,
+            "method": self.engine.method.name,
+        }
+        if self.config.logprobs:
+            result["logprobs"] = {"ids": r.tokens, "values": r.logprobs}
+        return result_row(p.record, result, settings=settings)
+
+    def _run_batch(self, batch: list[tuple[int, Prepared]], settings) -> Iterator[tuple[int, dict[str, Any]]]:
+        try:
+            results = self.engine.generate([p.request for _, p in batch])
+        except Exception:
+            if len(batch) == 1:
+                raise
+            # One bad request must not sink its neighbours: retry each alone.
+            for item in batch:
+                yield from self._run_single(item, settings)
+            return
+        for (seq, p), r in zip(batch, results, strict=True):
+            yield seq, self._row(p, r, settings)
+
+    def _run_single(self, item: tuple[int, Prepared], settings) -> Iterator[tuple[int, dict[str, Any]]]:
+        seq, p = item
+        try:
+            yield from self._run_batch([item], settings)
+        except Exception as e:  # e.g. out of memory for one huge request: that record fails, the run goes on
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            err = RecordError(f"{type(e).__name__}: {e}", kind="inference_error")
+            yield seq, error_row(p.record.line, p.record.id, err, settings=settings)
+
+    # ------------------------------------------------------------------------------------------ run
+
+    def run(self, items: Iterable[Record | BadRecord]) -> Iterator[tuple[int, dict[str, Any]]]:
+        """Rows for the items, as ``(seq, row)`` with seq the item's 0-based position in ``items``.
+
+        Rows come mostly in order (error rows may come early); memory stays bounded: at most a few
+        batches of records are read ahead.
+        """
+        settings = self.settings()
+        c = self.config
+        lookahead = self._lookahead()
+        pending: deque[tuple[int, Record, Future]] = deque()
+        ready: list[tuple[int, Prepared]] = []
+        ready_tokens = 0
+        it = enumerate(items)
+        exhausted = False
+        next_seq = 0
+
+        def within_window() -> bool:
+            # Bad records yield at once: they must not run more than a window ahead of the oldest pending one.
+            oldest = ready[0][0] if ready else pending[0][0] if pending else next_seq
+            return next_seq - oldest < self.reorder_window
+
+        pool = ThreadPoolExecutor(max_workers=c.workers, thread_name_prefix="ptp-prep")
+        try:
+            while True:
+                while not exhausted and len(pending) < lookahead and within_window():
+                    try:
+                        seq, item = next(it)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    next_seq = seq + 1
+                    if isinstance(item, BadRecord):
+                        yield seq, error_row(item.line, item.id, item.error, settings=settings)
+                    else:
+                        pending.append((seq, item, pool.submit(self.prepare, item)))
+                if not pending and not ready:
+                    return
+                if pending:
+                    seq, record, fut = pending.popleft()
+                    try:
+                        prepared = fut.result()
+                    except PtpError as e:
+                        yield seq, error_row(record.line, record.id, e, settings=settings)
+                        continue
+                    except Exception as e:  # a bug in a decoder plug-in, say: still one row, not a crash
+                        err = RecordError(f"{type(e).__name__}: {e}", kind="preprocess_error")
+                        yield seq, error_row(record.line, record.id, err, settings=settings)
+                        continue
+                    n = len(prepared.request.ids)
+                    over = c.max_batch_tokens is not None and ready and ready_tokens + n > c.max_batch_tokens
+                    if over:
+                        yield from self._run_batch(ready, settings)
+                        ready, ready_tokens = [], 0
+                    ready.append((seq, prepared))
+                    ready_tokens += n
+                    if len(ready) < c.batch_size and (pending or not exhausted):
+                        continue
+                if ready:
+                    yield from self._run_batch(ready, settings)
+                    ready, ready_tokens = [], 0
+        finally:  # also on an early exit (Ctrl-C, a closed generator): skip the queued preprocessing
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _lookahead(self) -> int:
+        """Records being prepared at once."""
+        return max(2 * self.config.batch_size, 4 * self.config.workers)
+
+    @property
+    def reorder_window(self) -> int:
+        """A bound on how far ``run`` reorders: every row's seq is below the oldest seq not yet yielded plus
+        this (the ``window`` an ``OrderedWriter`` needs)."""
+        return self._lookahead() + self.config.batch_size
+
+    def infer(self, items: Iterable[Record | BadRecord]) -> Iterator[dict[str, Any]]:
+        """Rows in input order (a small reorder buffer over ``run``)."""
+        buffer: dict[int, dict[str, Any]] = {}
+        nxt = 0
+        for seq, row in self.run(items):
+            buffer[seq] = row
+            while nxt in buffer:
+                yield buffer.pop(nxt)
+                nxt += 1
