@@ -1,0 +1,108 @@
+"""The user's pruning settings (one frozen dataclass), named presets, and the factory that builds a method.
+
+Sampling and random pruning are seeded per request (``Request.seed``), so no seed lives here.
+Layer options follow one convention: "after layer K" means the first K decoder layers (0-based 0..K-1) see
+every token and layer K onward sees the pruned sequence; the drop is decided from layer K-1's attention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from ptp_cli.config import ModelConfig
+from ptp_cli.errors import UsageError
+from ptp_cli.pruning.base import METHODS, PruningMethod
+
+AGGREGATIONS = ("mean", "max")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    method: str = "ptp"  # a name in METHODS: none, ptp, random, spatial, fastv, vtw, pdrop
+    ratio: float = 0.5  # fraction of visual tokens pruned, in [0, 1) (ignored by none, vtw and pdrop)
+    alpha: float = 0.5  # PTP fusion weight of the instruction score c against the token score s, in [0, 1]
+    vit_layer: int = 11  # PTP's L: 0-based ViT layer whose CLS attention gives s
+    llm_layer: int = 1  # PTP's M: 0-based LLM layer whose instruction attention gives c
+    tau: float = 1.0  # softmax temperature of the region importance (> 0)
+    head_agg: str = "mean"  # how attention is reduced over heads (ViT, probe, FastV, PDrop): mean | max
+    instr_agg: str = "max"  # how the probe reduces over instruction tokens: max | mean
+    region_budgets: bool = True  # PTP/spatial per-region budgets from CLS similarity; False: uniform budgets
+    use_token_score: bool = True  # PTP's s; False is the "without s" ablation (needs alpha > 0)
+    fastv_layer: int = 2  # FastV's K_f: drop after layer K_f, ranked by attention received at layer K_f - 1
+    vtw_layer: int | None = None  # VTW's K_w: no visual token after layer K_w; None: num_layers // 2
+    pdrop_layers: tuple[int, ...] | None = None  # PyramidDrop stage ends; None: 1/4, 2/4, 3/4 of the layers
+    pdrop_keep: float = 0.5  # fraction of the remaining visual tokens each PyramidDrop stage keeps, in (0, 1]
+
+    def resolved_vtw_layer(self, model_cfg: ModelConfig) -> int:
+        return model_cfg.llm.num_layers // 2 if self.vtw_layer is None else self.vtw_layer
+
+    def resolved_pdrop_layers(self, model_cfg: ModelConfig) -> tuple[int, ...]:
+        n = model_cfg.llm.num_layers
+        return tuple(n * k // 4 for k in (1, 2, 3)) if self.pdrop_layers is None else tuple(self.pdrop_layers)
+
+    def validate(self, model_cfg: ModelConfig) -> PruneConfig:
+        """Raise UsageError naming the offending option; return self when everything is usable."""
+        if self.method not in METHODS:
+            raise UsageError(f"--method: unknown method {self.method!r}; choose one of {', '.join(sorted(METHODS))}")
+        if not 0.0 <= self.ratio < 1.0:
+            raise UsageError(f"--ratio must be in [0, 1), got {self.ratio}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise UsageError(f"--alpha must be in [0, 1], got {self.alpha}")
+        if not self.tau > 0:
+            raise UsageError(f"--tau must be > 0, got {self.tau}")
+        for option, value in (("--head-agg", self.head_agg), ("--instr-agg", self.instr_agg)):
+            if value not in AGGREGATIONS:
+                raise UsageError(f"{option} must be one of {', '.join(AGGREGATIONS)}, got {value!r}")
+        if self.method == "ptp" and not self.use_token_score and self.alpha == 0:
+            raise UsageError("--no-token-score needs --alpha > 0 (nothing would rank the tokens)")
+        if not 0.0 < self.pdrop_keep <= 1.0:
+            raise UsageError(f"--pdrop-keep must be in (0, 1], got {self.pdrop_keep}")
+        # Layer indices depend on the model; each is checked for the method that uses it.
+        vit_layers, llm_layers = model_cfg.vision.num_layers, model_cfg.llm.num_layers
+        if self.method == "ptp":
+            if not 0 <= self.vit_layer < vit_layers:
+                raise UsageError(f"--vit-layer must be in [0, {vit_layers - 1}] for this model, got {self.vit_layer}")
+            if not 0 <= self.llm_layer < llm_layers:
+                raise UsageError(f"--llm-layer must be in [0, {llm_layers - 1}] for this model, got {self.llm_layer}")
+        # A drop "after layer K" needs a layer on either side: 1 <= K <= num_layers - 1.
+        last = llm_layers - 1
+        if self.method == "fastv" and not 1 <= self.fastv_layer <= last:
+            raise UsageError(f"--fastv-layer must be in [1, {last}] for this model, got {self.fastv_layer}")
+        if self.method == "vtw" and not 1 <= (k := self.resolved_vtw_layer(model_cfg)) <= last:
+            raise UsageError(f"--vtw-layer must be in [1, {last}] for this model, got {k}")
+        if self.method == "pdrop":
+            ks = self.resolved_pdrop_layers(model_cfg)
+            if not ks or any(not 1 <= k <= last for k in ks) or list(ks) != sorted(set(ks)):
+                raise UsageError(
+                    f"--pdrop-layers must be increasing layers in [1, {last}] for this model, got {list(ks)}"
+                )
+        return self
+
+
+# Named starting points (the paper's findings); a CLI applies explicit options on top with dataclasses.replace.
+PRESETS: dict[str, PruneConfig] = {
+    "default": PruneConfig(),
+    "ocr": replace(PruneConfig(), alpha=0.2, vit_layer=2),  # OCR/charts: more s, an early ViT layer
+    "scene": replace(PruneConfig(), alpha=0.8),  # open scene questions: more instruction guidance
+}
+
+
+class ConfiguredMethod(PruningMethod):
+    """Base of the methods built from the user's settings (and the model's shape, for layer defaults)."""
+
+    def __init__(self, cfg: PruneConfig, model_cfg: ModelConfig) -> None:
+        self.cfg = cfg
+        self.model_cfg = model_cfg
+
+    @classmethod
+    def from_config(cls, cfg: PruneConfig, model_cfg: ModelConfig) -> PruningMethod:
+        return cls(cfg, model_cfg)
+
+    def head_aggregation(self) -> str:
+        return self.cfg.head_agg
+
+
+def make_method(cfg: PruneConfig, model_cfg: ModelConfig) -> PruningMethod:
+    """Validate the settings against the model and build the method they name."""
+    cfg.validate(model_cfg)
+    return METHODS[cfg.method].from_config(cfg, model_cfg)
