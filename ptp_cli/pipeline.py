@@ -47,6 +47,7 @@ class RunConfig:
     batch_size: int = 8  # most requests per engine batch
     max_batch_tokens: int | None = None  # most prompt tokens (unpruned) per batch; None: no cap
     logprobs: bool = False  # add per-token ids and log-probabilities to each row
+    kept: bool = False  # add the kept visual token indices to each row (to draw what PTP kept)
     max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb guard
     workers: int = 2  # image loading / tiling threads
 
@@ -190,6 +191,8 @@ class Pipeline:
         }
         if self.config.logprobs:
             result["logprobs"] = {"ids": r.tokens, "values": r.logprobs}
+        if self.config.kept:
+            result["kept"] = r.kept
         return result_row(p.record, result, settings=settings)
 
     def _run_batch(self, batch: list[tuple[int, Prepared]], settings) -> Iterator[tuple[int, dict[str, Any]]]:

@@ -50,6 +50,8 @@ OUTPUT_FIELDS: frozenset[str] = frozenset(
         "id",
         "line",
         "answer",
+        "finish_reason",
+        "kept",
         "error",
         "tokens",
         "timing",

@@ -248,6 +248,7 @@ def infer_command(
     temperature: opt.Temperature = None,
     seed: opt.Seed = None,
     logprobs: opt.Logprobs = None,
+    kept: opt.Kept = None,
     max_tiles: opt.MaxTiles = None,
     min_tiles: opt.MinTiles = None,
     batch_size: opt.BatchSize = None,

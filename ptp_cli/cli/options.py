@@ -63,6 +63,7 @@ SETTINGS: dict[str, Setting] = {
     "temperature": Setting("float", "run"),
     "seed": Setting("int", "run"),
     "logprobs": Setting("bool", "run"),
+    "kept": Setting("bool", "run"),
     # pruning
     "preset": Setting("str", "cli"),
     "method": Setting("str", "prune"),
@@ -131,6 +132,9 @@ Seed = Annotated[int | None, typer.Option(
     help="Seed of sampling and random pruning (a record's 'seed' overrides it). (default: 0)", rich_help_panel=_GEN)]
 Logprobs = Annotated[bool | None, typer.Option(
     "--logprobs/--no-logprobs", help="Add generated token ids and log-probabilities to each row.",
+    rich_help_panel=_GEN)]
+Kept = Annotated[bool | None, typer.Option(
+    "--kept/--no-kept", help="Add the kept visual token indices (tile t, token i -> 256*t + i) to each row.",
     rich_help_panel=_GEN)]
 Preset = Annotated[str | None, typer.Option(
     help="Starting pruning settings: default, ocr (alpha 0.2, ViT layer 2) or scene (alpha 0.8).",
