@@ -162,6 +162,7 @@ class Attention(nn.Module):
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
         self.wqkv = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
         self.wo = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.expand_kv: bool | None = None  # repeat k/v heads for SDPA (None: on CUDA only; see forward)
 
     def project_q(self, h: torch.Tensor) -> torch.Tensor:
         """Queries only (for probing a few rows): h [B, S, D] -> [B, Hq, S, hd], before RoPE."""
@@ -201,7 +202,7 @@ class Attention(nn.Module):
         if mask is None:
             mask = attention_mask(cache.valid[:, : cache.length], start, s)
         k_att, v_att, gqa = keys, values, self.num_kv_heads != self.num_heads
-        if gqa and h.is_cuda:
+        if gqa and (h.is_cuda if self.expand_kv is None else self.expand_kv):
             # Masked SDPA on CUDA runs the memory-efficient kernel, which does not take enable_gqa:
             # give it full heads rather than fall back to the math kernel.
             g = self.num_heads // self.num_kv_heads
