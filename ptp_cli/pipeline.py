@@ -45,7 +45,7 @@ class RunConfig:
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     batch_size: int = 8  # most requests per engine batch
-    max_batch_tokens: int | None = None  # most prompt tokens (unpruned) per batch; None: no cap
+    max_batch_tokens: int | None = None  # most padded prompt tokens (requests x longest) per batch; None: no cap
     logprobs: bool = False  # add per-token ids and log-probabilities to each row
     kept: bool = False  # add the kept visual token indices to each row (to draw what PTP kept)
     max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb guard
@@ -231,7 +231,6 @@ class Pipeline:
         lookahead = self._lookahead()
         pending: deque[tuple[int, Record, Future]] = deque()
         ready: list[tuple[int, Prepared]] = []
-        ready_tokens = 0
         it = enumerate(items)
         exhausted = False
         next_seq = 0
@@ -257,41 +256,57 @@ class Pipeline:
                         pending.append((seq, item, pool.submit(self.prepare, item)))
                 if not pending and not ready:
                     return
-                if pending:
+                # Gather a pool of prepared requests, then batch those of similar length together.
+                if pending and len(ready) < self._pool_size():
                     seq, record, fut = pending.popleft()
                     try:
-                        prepared = fut.result()
+                        ready.append((seq, fut.result()))
                     except PtpError as e:
                         yield seq, error_row(record.line, record.id, e, settings=settings)
-                        continue
                     except Exception as e:  # a bug in a decoder plug-in, say: still one row, not a crash
                         err = RecordError(f"{type(e).__name__}: {e}", kind="preprocess_error")
                         yield seq, error_row(record.line, record.id, err, settings=settings)
-                        continue
-                    n = len(prepared.request.ids)
-                    over = c.max_batch_tokens is not None and ready and ready_tokens + n > c.max_batch_tokens
-                    if over:
-                        yield from self._run_batch(ready, settings)
-                        ready, ready_tokens = [], 0
-                    ready.append((seq, prepared))
-                    ready_tokens += n
-                    if len(ready) < c.batch_size and (pending or not exhausted):
+                    if pending or (not exhausted and within_window()):
                         continue
                 if ready:
-                    yield from self._run_batch(ready, settings)
-                    ready, ready_tokens = [], 0
+                    yield from self._run_batch(self._take_batch(ready), settings)
         finally:  # also on an early exit (Ctrl-C, a closed generator): skip the queued preprocessing
             pool.shutdown(wait=True, cancel_futures=True)
 
+    def _take_batch(self, ready: list[tuple[int, Prepared]]) -> list[tuple[int, Prepared]]:
+        """Remove and return the next batch from ``ready`` (in seq order): the oldest request, so every
+        record makes progress, plus those closest to it in length, so little of the batch is padding.
+        ``max_batch_tokens`` bounds the padded size (requests x longest prompt)."""
+        c = self.config
+        anchor = len(ready[0][1].request.ids)
+        order = sorted(range(len(ready)), key=lambda i: (abs(len(ready[i][1].request.ids) - anchor), i))
+        chosen, longest = [], 0
+        for i in order:
+            if len(chosen) == c.batch_size:
+                break
+            n = max(longest, len(ready[i][1].request.ids))
+            if chosen and c.max_batch_tokens is not None and n * (len(chosen) + 1) > c.max_batch_tokens:
+                continue
+            chosen.append(i)
+            longest = n
+        picked = set(chosen)
+        batch = [ready[i] for i in sorted(picked)]
+        ready[:] = [item for i, item in enumerate(ready) if i not in picked]
+        return batch
+
+    def _pool_size(self) -> int:
+        """Prepared requests gathered before a batch is chosen among them (length bucketing)."""
+        return 2 * self.config.batch_size
+
     def _lookahead(self) -> int:
         """Records being prepared at once."""
-        return max(2 * self.config.batch_size, 4 * self.config.workers)
+        return max(self.config.batch_size, 4 * self.config.workers)
 
     @property
     def reorder_window(self) -> int:
         """A bound on how far ``run`` reorders: every row's seq is below the oldest seq not yet yielded plus
         this (the ``window`` an ``OrderedWriter`` needs)."""
-        return self._lookahead() + self.config.batch_size
+        return self._lookahead() + self._pool_size() + self.config.batch_size
 
     def infer(self, items: Iterable[Record | BadRecord]) -> Iterator[dict[str, Any]]:
         """Rows in input order (a small reorder buffer over ``run``)."""

@@ -1,0 +1,63 @@
+"""The library API: records in, rows out, in order; batching by length changes nothing but speed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+import pytest
+from PIL import Image
+
+from ptp_cli.pipeline import Pipeline, RunConfig
+from ptp_cli.pruning import PruneConfig
+from ptp_cli.records import iter_records
+
+SIZES = [(448, 448), (1400, 460), (448, 448), (900, 900), (460, 1400), (448, 448)]
+
+
+@pytest.fixture(scope="module")
+def records_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("records")
+    lines = []
+    for i, (w, h) in enumerate(SIZES):
+        Image.new("RGB", (w, h), (40 * i, 90, 200 - 30 * i)).save(d / f"{i}.png")
+        lines.append(orjson.dumps({"id": f"r{i}", "image": f"{i}.png", "question": "What colour" + "?" * i}))
+    lines.insert(3, b"{not json")
+    (d / "q.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    return d / "q.jsonl"
+
+
+def run(ptp_home: Path, path: Path, monkeypatch: pytest.MonkeyPatch, **kw) -> list[dict]:
+    monkeypatch.setenv("PTP_HOME", str(ptp_home))
+    cfg = RunConfig(model="tiny", max_new_tokens=3, max_tiles=4, prune=PruneConfig(method="ptp", ratio=0.5), **kw)
+    return list(Pipeline.load(cfg).infer(iter_records(path)))
+
+
+def test_rows_in_order_and_batching_changes_nothing(ptp_home, records_file, monkeypatch):
+    one = run(ptp_home, records_file, monkeypatch, batch_size=1)
+    many = run(ptp_home, records_file, monkeypatch, batch_size=3)
+    assert [r["line"] for r in one] == [r["line"] for r in many] == list(range(1, 8))
+    assert one[3]["error"]["type"] == "invalid_record"
+    for a, b in zip(one, many, strict=True):
+        assert a.get("answer") == b.get("answer")
+        assert a.get("tokens") == b.get("tokens")
+    assert max(r["timing"]["batch"] for r in many if "timing" in r) == 3
+
+
+def test_batches_group_similar_lengths(ptp_home, records_file, monkeypatch):
+    rows = [r for r in run(ptp_home, records_file, monkeypatch, batch_size=3) if "tokens" in r]
+    # Three 1-tile images and three multi-tile ones: bucketing puts the 1-tile ones together.
+    single = [r for r in rows if r["tokens"]["tiles"] == 1]
+    assert len(single) == 3
+    assert len({r["timing"]["vit"] for r in single}) == 1, "the 1-tile requests should share one batch"
+
+
+def test_max_batch_tokens_bounds_the_padded_batch(ptp_home, records_file, monkeypatch):
+    rows = [r for r in run(ptp_home, records_file, monkeypatch, batch_size=6, max_batch_tokens=700) if "tokens" in r]
+    by_batch: dict[float, list[dict]] = {}
+    for r in rows:
+        by_batch.setdefault(r["timing"]["vit"], []).append(r)
+    for batch in by_batch.values():
+        # Padded size: the longest unpruned prompt of the batch (visual tokens before pruning + text).
+        longest = max(r["tokens"]["prompt"] + r["tokens"]["visual_before"] - r["tokens"]["visual_after"] for r in batch)
+        assert len(batch) == 1 or len(batch) * longest <= 700
