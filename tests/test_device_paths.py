@@ -3,27 +3,12 @@ the GPU tests compare a CUDA run with the CPU run (skipped where there is no CUD
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
+from tiny_random import IMG, tiny_model
 
-from ptp_cli.config import TINY
 from ptp_cli.engine import Engine, Request
-from ptp_cli.models.internvl import InternVLModel
 from ptp_cli.pruning import PruneConfig, make_method
-
-IMG = 299
-
-
-def tiny_model() -> InternVLModel:
-    torch.manual_seed(0)
-    cfg = dataclasses.replace(TINY, llm=dataclasses.replace(TINY.llm, vocab_size=300))
-    m = InternVLModel(cfg).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.2)
-    return m
 
 
 def request(tiles: int) -> Request:

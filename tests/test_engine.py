@@ -6,25 +6,17 @@ import dataclasses
 
 import pytest
 import torch
+from tiny_random import IMG, tiny_model
 
-from ptp_cli.config import TINY
 from ptp_cli.engine import Engine, Request
 from ptp_cli.models.internvl import InternVLModel
 
-VOCAB = 300
-IMG = 299  # placeholder id
 STOP = 2
 
 
 @pytest.fixture(scope="module")
 def model() -> InternVLModel:
-    torch.manual_seed(0)
-    cfg = dataclasses.replace(TINY, llm=dataclasses.replace(TINY.llm, vocab_size=VOCAB))
-    m = InternVLModel(cfg).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.2)  # large enough that greedy tokens differ between inputs
-    return m
+    return tiny_model()
 
 
 def make_request(tiles: int, *, question: int = 5, seed: int = 0, **kw) -> Request:

@@ -9,29 +9,17 @@ are always visible). Its drop decisions are made from its own attention probabil
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import pytest
 import torch
+from tiny_random import CFG, IMG, tiny_model
 
-from ptp_cli.config import TINY
 from ptp_cli.engine import Engine, Request, Result
 from ptp_cli.models.internvl import InternVLModel
 from ptp_cli.models.llm import DecoderLayer
 from ptp_cli.pruning import PruneConfig, make_method
 
-CFG = replace(TINY, llm=replace(TINY.llm, vocab_size=300))
-IMG = 299
 STEPS = 5  # generated tokens: the prefill's plus 4 decoding steps
-
-
-def tiny_model(seed: int = 0) -> InternVLModel:
-    model = InternVLModel(CFG)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            torch.nn.init.normal_(p, std=0.2, generator=gen)
-    return model.eval()
 
 
 def make_request(tiles: int, question: int) -> Request:

@@ -7,9 +7,9 @@ from dataclasses import replace
 
 import pytest
 import torch
+from tiny_random import CFG, IMG, tiny_model
 from transformers import InternVLVisionConfig, InternVLVisionModel, LlamaConfig, LlamaForCausalLM
 
-from ptp_cli.config import TINY
 from ptp_cli.engine import Engine, Request, Result
 from ptp_cli.errors import UsageError
 from ptp_cli.models.internvl import InternVLModel
@@ -18,18 +18,7 @@ from ptp_cli.pruning.base import VisualContext
 from ptp_cli.pruning.baselines import grid_indices
 from ptp_cli.pruning.ptp import PTP
 
-CFG = replace(TINY, llm=replace(TINY.llm, vocab_size=300))
-IMG = 299  # image placeholder id
 NTOK = 256
-
-
-def tiny_model(seed: int = 0) -> InternVLModel:
-    model = InternVLModel(CFG)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            torch.nn.init.normal_(p, std=0.2, generator=gen)
-    return model.eval()
 
 
 def make_request(tiles: int, question: int, *, seed: int = 0, max_new: int = 4) -> Request:
