@@ -182,7 +182,7 @@ class Attention(nn.Module):
         h: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        cache: LayerCache,
+        cache: LayerCache | None,
         valid: torch.Tensor,
         mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -197,10 +197,15 @@ class Attention(nn.Module):
         k = k.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, S, hd]
         v = v.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        start = cache.length
-        keys, values = cache.append(k, v, valid)  # [B, Hkv, K, hd]
-        if mask is None:
-            mask = attention_mask(cache.valid[:, : cache.length], start, s)
+        if cache is None:  # a pass that keeps nothing (the PTP probe, reference runs): attend to this step only
+            keys, values = k, v
+            if mask is None:
+                mask = attention_mask(valid, 0, s)
+        else:
+            start = cache.length
+            keys, values = cache.append(k, v, valid)  # [B, Hkv, K, hd]
+            if mask is None:
+                mask = attention_mask(cache.valid[:, : cache.length], start, s)
         k_att, v_att, gqa = keys, values, self.num_kv_heads != self.num_heads
         if gqa and (h.is_cuda if self.expand_kv is None else self.expand_kv):
             # Masked SDPA on CUDA runs the memory-efficient kernel, which does not take enable_gqa:
@@ -239,7 +244,7 @@ class DecoderLayer(nn.Module):
         self.feed_forward = FeedForward(cfg)
 
     def forward(
-        self, x, cos, sin, cache: LayerCache, valid: torch.Tensor, mask: torch.Tensor | None = None
+        self, x, cos, sin, cache: LayerCache | None, valid: torch.Tensor, mask: torch.Tensor | None = None
     ) -> LayerOutput:
         a, q, keys = self.attention(self.attention_norm(x), cos, sin, cache, valid, mask)
         x = x + a
@@ -284,11 +289,10 @@ class LLM(nn.Module):
     def run_layers(
         self, x: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, *, end: int | None = None
     ) -> torch.Tensor:
-        """Hidden states after layers [0, end) on x [B, S, D], with throwaway caches."""
+        """Hidden states after layers [0, end) on x [B, S, D], keeping no KV cache."""
         self.rotary.prepare(int(positions.max()) + 1)
         cos, sin = self.rotary(positions, x.dtype)
         mask = attention_mask(valid, 0, x.shape[1])
         for layer in self.layers[:end]:
-            cache = self.new_cache(x.shape[0], x.shape[1], dtype=x.dtype, device=x.device)
-            x = layer(x, cos, sin, cache, valid, mask).hidden
+            x = layer(x, cos, sin, None, valid, mask).hidden
         return x
