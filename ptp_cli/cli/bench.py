@@ -1,0 +1,52 @@
+"""``ptp bench``: parse the options, run ``ptp_cli.bench.run_bench``, print the table, write the JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ptp_cli.errors import UsageError
+
+
+def bench_command(
+    model: Annotated[str | None, typer.Option(
+        help="Checkpoint directory, hub id (local HF cache) or 'tiny', loaded with its weights.")] = None,
+    shape: Annotated[str | None, typer.Option(
+        help="Full-size random weights: internvl2-1b, internvl2-2b, internvl2-4b or internvl2-8b. "
+             "[default: internvl2-2b unless --model]")] = None,
+    image_size: Annotated[str, typer.Option(help="Synthetic image, WIDTHxHEIGHT.")] = "1344x896",
+    max_tiles: Annotated[int, typer.Option(help="Tile cap (1344x896 at 6: 3x2 tiles + thumbnail).")] = 6,
+    batch_size: Annotated[int, typer.Option(help="Requests per batch.")] = 32,
+    new_tokens: Annotated[int, typer.Option(help="Tokens generated per request (EOS ignored).")] = 16,
+    question_tokens: Annotated[int, typer.Option(help="Synthetic question length in tokens.")] = 32,
+    methods: Annotated[str | None, typer.Option(
+        help="Comma-separated pruning methods, e.g. ptp,fastv. [default: all registered]")] = None,
+    ratios: Annotated[str, typer.Option(help="Comma-separated pruned fractions.")] = "0.5,0.75",
+    warmup: Annotated[int, typer.Option(help="Untimed runs per row.")] = 1,
+    repeats: Annotated[int, typer.Option(help="Timed runs per row (median and min/max reported).")] = 5,
+    dtype: Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    peer: Annotated[bool, typer.Option("--peer/--no-peer", help="Include the transformers generate() row.")] = True,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic image, token ids and random weights.")] = 0,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON here.")] = None,
+) -> None:
+    """Measure ptp (no pruning, and each method at each ratio) against transformers on the same requests."""
+    from ptp_cli import bench  # imports torch: keep `ptp --help` fast
+
+    config = bench.BenchConfig(
+        model=model, shape=shape, image_size=bench.parse_image_size(image_size), max_tiles=max_tiles,
+        batch_size=batch_size, new_tokens=new_tokens, question_tokens=question_tokens,
+        methods=bench.parse_methods(methods) if methods is not None else None, ratios=bench.parse_ratios(ratios),
+        warmup=warmup, repeats=repeats, dtype=dtype, device=device, peer=peer, seed=seed,
+    ).validate()
+    if json_out is not None and json_out.is_dir():
+        raise UsageError(f"--json {json_out} is a directory; give a file name")
+    report = bench.run_bench(config, log=lambda msg: typer.echo(msg, err=True))
+    typer.echo(bench.format_report(report))
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+        typer.echo(f"wrote {json_out}", err=True)
