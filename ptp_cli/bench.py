@@ -743,6 +743,10 @@ def _ms(s: Stat | None) -> str:
     return "-" if s is None else f"{1e3 * s.median:.1f}"
 
 
+def _params(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
+
+
 def _x(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}x"
 
@@ -750,12 +754,12 @@ def _x(v: float | None) -> str:
 def format_report(report: BenchReport) -> str:
     """A readable table of the rows, then the context and the issue's checks."""
     wl, dev, c = report.workload, report.device, report.config
+    tiles = f"{wl['tiles']} tiles ({wl['grid_tiles']} + thumbnail)" if wl["thumbnail"] else f"{wl['tiles']} tile(s)"
     head = [
-        f"ptp bench: {report.model['name']} ({report.model['params'] / 1e9:.2f} B params, {c['dtype']}) on "
+        f"ptp bench: {report.model['name']} ({_params(report.model['params'])} params, {c['dtype']}) on "
         f"{dev['name']} ({dev['type']}), torch {report.versions['torch']}, transformers "
         f"{report.versions['transformers']}",
-        f"workload: {wl['image_size'][0]}x{wl['image_size'][1]} image -> {wl['tiles']} tiles "
-        f"({wl['grid_tiles']} + {'thumbnail' if wl['thumbnail'] else 'no thumbnail'}), {wl['visual_tokens']} visual "
+        f"workload: {wl['image_size'][0]}x{wl['image_size'][1]} image -> {tiles}, {wl['visual_tokens']} visual "
         f"tokens, {wl['prompt_tokens']} prompt tokens, batch {wl['batch_size']}, {wl['new_tokens']} new tokens; "
         f"{c['warmup']} warm-up + {c['repeats']} timed runs per row (medians; samples/s min-max)",
         f"preprocess (JPEG decode + tiling): {1e3 * report.preprocess_s_per_sample:.1f} ms/sample, not in samples/s; "

@@ -16,7 +16,7 @@ import torch
 
 from ptp_cli import flops as F
 from ptp_cli.models.internvl import InternVLModel
-from ptp_cli.models.llm import LayerCache, attention_mask
+from ptp_cli.models.llm import LayerCache
 from ptp_cli.pruning.base import LayerState, NoPruning, PruningMethod, VisualContext
 from ptp_cli.pruning.scores import instruction_scores
 
@@ -78,11 +78,15 @@ class _Clock:
         self.t = now
 
 
-def _left_pad(rows: list[torch.Tensor], length: int, value) -> torch.Tensor:
-    """Stack 1-D (or [S, D]) tensors left-padded to ``length``."""
+def _right_pad(rows: list[torch.Tensor], length: int, value) -> torch.Tensor:
+    """Stack 1-D (or [S, D]) tensors right-padded to ``length``.
+
+    Right padding keeps prefill exactly causal for every real token (padding comes after it), so attention
+    needs no mask there and SDPA can use its fastest kernels.
+    """
     out = rows[0].new_full((len(rows), length, *rows[0].shape[1:]), value)
     for i, r in enumerate(rows):
-        out[i, length - r.shape[0] :] = r
+        out[i, : r.shape[0]] = r
     return out
 
 
@@ -137,22 +141,20 @@ class Engine:
         assert layer is not None
         dev = self.model.device
         ids = [torch.tensor(r.ids, device=dev) for r in requests]
-        x = _left_pad(self._embed(ids, visual, [r.image_start for r in requests]), max(len(i) for i in ids), 0.0)
+        x = _right_pad(self._embed(ids, visual, [r.image_start for r in requests]), max(len(i) for i in ids), 0.0)
         b, s = x.shape[:2]
-        valid = _left_pad([torch.ones(len(i), dtype=torch.bool, device=dev) for i in ids], s, False)
+        valid = _right_pad([torch.ones(len(i), dtype=torch.bool, device=dev) for i in ids], s, False)
         positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
         instr = torch.zeros(b, s, dtype=torch.bool, device=dev)
         for i, r in enumerate(requests):
-            off = s - len(r.ids)
-            instr[i, off + r.instruction[0] : off + r.instruction[1]] = True
+            instr[i, r.instruction[0] : r.instruction[1]] = True
         scores = instruction_scores(
             self.model.language_model, x, positions, valid, instr,
             layer=layer, head_agg=m.head_aggregation(), instr_agg=m.instruction_aggregation(),
         )  # [B, S]
         out = []
         for i, r in enumerate(requests):
-            off = s - len(r.ids) + r.image_start
-            out.append(scores[i, off : off + visual[i].shape[0]])
+            out.append(scores[i, r.image_start : r.image_start + visual[i].shape[0]])
         return out
 
     # ------------------------------------------------------------------------------------------ generate
@@ -204,15 +206,14 @@ class Engine:
             spans.append((r.image_start, r.image_start + k.numel(), r.instruction[0] - dropped,
                           r.instruction[1] - dropped))
         b, s = len(requests), max(len(i) for i in ids)
-        x = _left_pad(self._embed(ids, vis, [r.image_start for r in requests]), s, 0.0)  # [B, S, D]
-        valid = _left_pad([torch.ones(len(i), dtype=torch.bool, device=dev) for i in ids], s, False)
+        x = _right_pad(self._embed(ids, vis, [r.image_start for r in requests]), s, 0.0)  # [B, S, D]
+        valid = _right_pad([torch.ones(len(i), dtype=torch.bool, device=dev) for i in ids], s, False)
         positions = (valid.long().cumsum(-1) - 1).clamp(min=0)  # contiguous positions per sample
         visual_mask = torch.zeros(b, s, dtype=torch.bool, device=dev)
         instr_mask = torch.zeros_like(visual_mask)
         for i, (v0, v1, q0, q1) in enumerate(spans):
-            off = s - len(ids[i])
-            visual_mask[i, off + v0 : off + v1] = True
-            instr_mask[i, off + q0 : off + q1] = True
+            visual_mask[i, v0:v1] = True
+            instr_mask[i, q0:q1] = True
 
         # Prefill, layer by layer; in-LLM methods may drop tokens between layers.
         max_new = max(r.max_new_tokens for r in requests)
@@ -221,17 +222,16 @@ class Engine:
         caches: list[LayerCache] = []
         layer_tokens = []  # per layer, real tokens of each sample [B] (kept on device: no sync per layer)
         cos, sin = lm.rotary(positions, x.dtype)
-        mask = attention_mask(valid, 0, x.shape[1])  # [B, 1, S, S], shared by layers until a drop
         for j, layer in enumerate(lm.layers):
             cache = lm.new_cache(b, x.shape[1] + max_new)
             caches.append(cache)
             layer_tokens.append(valid.sum(-1))
-            out = layer(x, cos, sin, cache, valid, mask)
+            out = layer(x, cos, sin, cache, valid, causal=True)  # right-padded: causal is exact
             x = out.hidden
             if j in drops and j + 1 < len(lm.layers):
                 state = LayerState(
                     layer=j, hidden=x, q=out.q, keys=out.keys, valid=valid, visual=visual_mask,
-                    instruction=instr_mask, last=torch.full((b,), x.shape[1] - 1, device=dev),
+                    instruction=instr_mask, last=valid.sum(-1) - 1,
                 )
                 mask = m.after_layer(state)
                 if mask is not None:
@@ -239,12 +239,13 @@ class Engine:
                         mask & valid, x, valid, positions, visual_mask, instr_mask
                     )
                     cos, sin = lm.rotary(positions, x.dtype)
-                    mask = attention_mask(valid, 0, x.shape[1])
-        logits = lm.logits(x[:, -1])  # [B, V]
+        last = valid.sum(-1) - 1  # [B] each row's last real token
+        rows = torch.arange(b, device=dev)
+        logits = lm.logits(x[rows, last])  # [B, V]
         clock.lap("prefill")
 
         # Decode: one token per step for the whole batch; each layer attends to what it kept.
-        next_pos = positions[:, -1] + 1  # [B]
+        next_pos = positions[rows, last] + 1  # [B]
         gens = [torch.Generator(device=dev).manual_seed(r.seed) for r in requests]
         temps = [r.temperature for r in requests]
         stop = torch.zeros(b, max(1, max(len(r.stop_ids) for r in requests)), dtype=torch.long, device=dev) - 1
@@ -291,12 +292,10 @@ class Engine:
 
     @staticmethod
     def _compact(keep: torch.Tensor, *tensors: torch.Tensor):
-        """Gather each row's kept positions into a shorter left-padded batch. keep: [B, S]."""
+        """Gather each row's kept positions into a shorter right-padded batch. keep: [B, S]."""
         b, s = keep.shape
-        n = keep.sum(-1)  # [B]
-        width = int(n.max())
-        # Destination slot of every kept token: right-aligned, in original order.
-        dest = keep.long().cumsum(-1) - 1 + (width - n)[:, None]  # [B, S]
+        width = int(keep.sum(-1).max())
+        dest = keep.long().cumsum(-1) - 1  # [B, S] destination slot of every kept token, in original order
         rows = torch.arange(b, device=keep.device)[:, None].expand(b, s)
         out = []
         for t in tensors:

@@ -149,6 +149,11 @@ def attention_mask(valid_keys: torch.Tensor, q_start: int, q_len: int) -> torch.
     return (causal & (valid_keys[:, None, :] | (k_slots == q_slots)))[:, None]  # [B, 1, q, K]
 
 
+def right_padded(valid: torch.Tensor) -> bool:
+    """Whether every row of valid [B, S] is real tokens followed only by padding (one device sync)."""
+    return bool((valid[:, 1:] <= valid[:, :-1]).all())
+
+
 # ---------------------------------------------------------------------------------------------- modules
 
 
@@ -185,11 +190,15 @@ class Attention(nn.Module):
         cache: LayerCache | None,
         valid: torch.Tensor,
         mask: torch.Tensor | None = None,
+        *,
+        causal: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """h [B, S, D] (normed) -> (output [B, S, D], q [B, Hq, S, hd], keys so far [B, Hkv, K, hd]).
 
-        ``mask`` [B, 1, S, K]: precomputed by the caller when many layers share it (prefill); else built from
-        the cache.
+        ``causal``: the cache is empty and padding, if any, is at the end of the rows (right padding), so a
+        plain causal mask is exact for every real token -- SDPA then needs no mask tensor and may use its
+        flash kernel. Otherwise ``mask`` [B, 1, S, K] (precomputed when many layers share it) or one built
+        from the cache hides padding.
         """
         b, s, _ = h.shape
         q, k, v = self.wqkv(h).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -198,21 +207,25 @@ class Attention(nn.Module):
         v = v.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:  # a pass that keeps nothing (the PTP probe, reference runs): attend to this step only
-            keys, values = k, v
-            if mask is None:
-                mask = attention_mask(valid, 0, s)
+            start, keys, values = 0, k, v
         else:
             start = cache.length
             keys, values = cache.append(k, v, valid)  # [B, Hkv, K, hd]
-            if mask is None:
-                mask = attention_mask(cache.valid[:, : cache.length], start, s)
+        if causal:
+            if start:
+                raise ValueError("causal=True needs an empty cache")
+            mask = None
+        elif mask is None:
+            mask = attention_mask(valid if cache is None else cache.valid[:, : cache.length], start, s)
         k_att, v_att, gqa = keys, values, self.num_kv_heads != self.num_heads
         if gqa and (h.is_cuda if self.expand_kv is None else self.expand_kv):
-            # Masked SDPA on CUDA runs the memory-efficient kernel, which does not take enable_gqa:
+            # Not every CUDA SDPA kernel takes enable_gqa (the masked memory-efficient one does not):
             # give it full heads rather than fall back to the math kernel.
             g = self.num_heads // self.num_kv_heads
             k_att, v_att, gqa = keys.repeat_interleave(g, 1), values.repeat_interleave(g, 1), False
-        out = F.scaled_dot_product_attention(q, k_att, v_att, attn_mask=mask, enable_gqa=gqa)  # [B, Hq, S, hd]
+        out = F.scaled_dot_product_attention(
+            q, k_att, v_att, attn_mask=mask, is_causal=causal, enable_gqa=gqa
+        )  # [B, Hq, S, hd]
         return self.wo(out.transpose(1, 2).reshape(b, s, self.q_size)), q, keys
 
 
@@ -244,9 +257,10 @@ class DecoderLayer(nn.Module):
         self.feed_forward = FeedForward(cfg)
 
     def forward(
-        self, x, cos, sin, cache: LayerCache | None, valid: torch.Tensor, mask: torch.Tensor | None = None
+        self, x, cos, sin, cache: LayerCache | None, valid: torch.Tensor, mask: torch.Tensor | None = None,
+        *, causal: bool = False,
     ) -> LayerOutput:
-        a, q, keys = self.attention(self.attention_norm(x), cos, sin, cache, valid, mask)
+        a, q, keys = self.attention(self.attention_norm(x), cos, sin, cache, valid, mask, causal=causal)
         x = x + a
         x = x + self.feed_forward(self.ffn_norm(x))
         return LayerOutput(hidden=x, q=q, keys=keys)
@@ -292,7 +306,8 @@ class LLM(nn.Module):
         """Hidden states after layers [0, end) on x [B, S, D], keeping no KV cache."""
         self.rotary.prepare(int(positions.max()) + 1)
         cos, sin = self.rotary(positions, x.dtype)
-        mask = attention_mask(valid, 0, x.shape[1])
+        causal = right_padded(valid)
+        mask = None if causal else attention_mask(valid, 0, x.shape[1])
         for layer in self.layers[:end]:
-            x = layer(x, cos, sin, None, valid, mask).hidden
+            x = layer(x, cos, sin, None, valid, mask, causal=causal).hidden
         return x

@@ -38,16 +38,16 @@ class VisualContext:
 
 @dataclass
 class LayerState:
-    """What an in-LLM method sees after decoder layer j during prefill (left-padded batch)."""
+    """What an in-LLM method sees after decoder layer j during prefill (a right-padded batch)."""
 
     layer: int  # j, 0-based
     hidden: torch.Tensor  # [B, S, D] output of layer j
     q: torch.Tensor  # [B, Hq, S, hd] queries of layer j, RoPE applied
     keys: torch.Tensor  # [B, Hkv, S, hd] keys of layer j, RoPE applied
-    valid: torch.Tensor  # [B, S] real tokens (False: left padding)
+    valid: torch.Tensor  # [B, S] real tokens (False: padding, at the end of a row)
     visual: torch.Tensor  # [B, S] visual tokens
     instruction: torch.Tensor  # [B, S] tokens of the user's question
-    last: torch.Tensor  # [B] index of each sample's last prompt token (S - 1 with left padding)
+    last: torch.Tensor  # [B] index of each sample's last prompt token
 
 
 class PruningMethod:
