@@ -45,3 +45,20 @@ def test_cuda_matches_cpu(method: str):
         assert a.kept == b.kept
         assert a.tokens == b.tokens
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reduced_precision_runs_and_stays_close(dtype: torch.dtype):
+    """bf16/fp16 weights: the engine runs every stage in that dtype; its first token's log-probability
+    stays near the fp32 one (norms and the LM head run in fp32)."""
+    m = tiny_model()
+    reqs = [request(1), request(2)]
+    ref = Engine(m, image_token_id=IMG).generate(reqs)
+    low = Engine(m.to(dtype), image_token_id=IMG, method=make_method(PruneConfig(), m.cfg)).generate(reqs)
+    for b in low:
+        assert len(b.tokens) == 4 and all(v == v and v <= 0 for v in b.logprobs)  # no NaN
+        assert b.visual_after == b.visual_before // 2
+    m2 = tiny_model().to(dtype)
+    same = Engine(m2, image_token_id=IMG).generate(reqs)
+    for a, b in zip(ref, same, strict=True):
+        assert b.logprobs[0] == pytest.approx(a.logprobs[0], abs=0.3)
