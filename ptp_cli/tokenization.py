@@ -155,7 +155,27 @@ def clean_up_tokenization(text: str) -> str:
 # (a) tokenizer.json
 
 
-class FastTokenizer:
+class _SpecialIds:
+    """bos/eos/pad ids resolved once at load (``_bos``, ``_eos``, ``_pad``), for the tokenizers ptp wraps itself."""
+
+    _bos: int | None
+    _eos: int | None
+    _pad: int
+
+    @property
+    def bos_id(self) -> int | None:
+        return self._bos
+
+    @property
+    def eos_id(self) -> int | None:
+        return self._eos
+
+    @property
+    def pad_id(self) -> int:
+        return self._pad
+
+
+class FastTokenizer(_SpecialIds):
     """A ``tokenizer.json`` run by the ``tokenizers`` library.
 
     BOS/EOS: when tokenizer_config.json sets ``add_bos_token``/``add_eos_token`` (Llama-style fast tokenizers
@@ -181,18 +201,6 @@ class FastTokenizer:
 
     def _id_of(self, token: str | None) -> int | None:
         return None if token is None else self._tok.token_to_id(token)
-
-    @property
-    def bos_id(self) -> int | None:
-        return self._bos
-
-    @property
-    def eos_id(self) -> int | None:
-        return self._eos
-
-    @property
-    def pad_id(self) -> int:
-        return self._pad
 
     @property
     def vocab_size(self) -> int:
@@ -233,7 +241,7 @@ def _load_fast(model_dir: Path, files: _TokenizerFiles) -> FastTokenizer:
 # (b) InternLM2 without remote code
 
 
-class InternLM2Tokenizer:
+class InternLM2Tokenizer(_SpecialIds):
     """ptp's own equivalent of the checkpoint's remote-code ``InternLM2Tokenizer`` (sentencepiece BPE).
 
     Reproduced behaviour (InternLM2Tokenizer on transformers 4.37-4.4x, the versions InternVL2 targets):
@@ -295,18 +303,6 @@ class InternLM2Tokenizer:
         )
         alternatives = sorted(encoder, key=lambda t: (-len(t), t))
         self._split_re = re.compile("(" + "|".join(map(re.escape, alternatives)) + ")") if encoder else None
-
-    @property
-    def bos_id(self) -> int | None:
-        return self._bos
-
-    @property
-    def eos_id(self) -> int | None:
-        return self._eos
-
-    @property
-    def pad_id(self) -> int:
-        return self._pad
 
     @property
     def vocab_size(self) -> int:
