@@ -30,7 +30,7 @@ from PIL import Image
 import ptp_cli
 from ptp_cli.checkpoint import load_model, save_hf_layout
 from ptp_cli.config import SHAPES, ModelConfig
-from ptp_cli.engine import Engine, Request, Result
+from ptp_cli.engine import Engine, Request, Result, sync_device
 from ptp_cli.errors import UsageError
 from ptp_cli.image import TilingOptions
 from ptp_cli.models.internvl import InternVLModel
@@ -234,11 +234,6 @@ class BenchReport:
 # Device helpers
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -264,12 +259,12 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype, *, trials: int = 5) 
     best = 0.0
     for _ in range(trials):
         iters, elapsed = 0, 0.0
-        _sync(device)
+        sync_device(device)
         start = time.perf_counter()
         while elapsed < 0.1 or iters < 2:
             a @ b
             iters += 1
-            _sync(device)
+            sync_device(device)
             elapsed = time.perf_counter() - start
         best = max(best, 2 * n**3 * iters / elapsed / 1e12)
     return best, n
@@ -458,14 +453,14 @@ class _PeakMemory:
 
     def __enter__(self) -> _PeakMemory:
         if self.device.type == "cuda":
-            _sync(self.device)
+            sync_device(self.device)
             self.other = torch.cuda.memory_allocated(self.device) - self.own
             torch.cuda.reset_peak_memory_stats(self.device)
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self.device.type == "cuda":
-            _sync(self.device)
+            sync_device(self.device)
             peak = torch.cuda.max_memory_allocated(self.device) - self.other
             self.peak = peak if self.peak is None else max(self.peak, peak)
 
@@ -485,10 +480,10 @@ class _PtpRunner:
 
     def measure(self) -> None:
         with self.memory:
-            _sync(self.device)
+            sync_device(self.device)
             t0 = time.perf_counter()
             self.results = self.engine.generate(self.requests)
-            _sync(self.device)
+            sync_device(self.device)
             self.walls.append(time.perf_counter() - t0)
         self.timings.append(self.results[0].timing)
 
@@ -543,10 +538,10 @@ class _PeerRunner:
         return generated
 
     def _timed(self, n: int) -> tuple[float, torch.Tensor]:
-        _sync(self.device)
+        sync_device(self.device)
         t0 = time.perf_counter()
         out = self._generate(n)
-        _sync(self.device)
+        sync_device(self.device)
         return time.perf_counter() - t0, out
 
     def warm(self) -> None:

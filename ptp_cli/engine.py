@@ -57,7 +57,8 @@ class Result:
     batch_size: int = 1  # requests in that batch
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU), so a clock read after it is honest."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -68,11 +69,11 @@ class _Clock:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.times: dict[str, float] = {}
-        _sync(device)
+        sync_device(device)
         self.t = time.perf_counter()
 
     def lap(self, stage: str) -> None:
-        _sync(self.device)
+        sync_device(self.device)
         now = time.perf_counter()
         self.times[stage] = self.times.get(stage, 0.0) + now - self.t
         self.t = now
