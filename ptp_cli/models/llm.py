@@ -154,6 +154,24 @@ def right_padded(valid: torch.Tensor) -> bool:
     return bool((valid[:, 1:] <= valid[:, :-1]).all())
 
 
+def decode_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
+    """One new query per row against the cache: q [B, Hq, 1, hd], keys/values [B, Hkv, K, hd], valid [B, K].
+
+    Query heads are grouped onto their key head ([B, Hkv, g, hd] @ [B, Hkv, hd, K]), so the cache is read once
+    and never copied to Hq heads -- decoding is bound by reading the cache. The last slot (the new token's own)
+    is always valid, so no row is empty. Returns [B, Hq, 1, hd].
+    """
+    b, hq, _, hd = q.shape
+    hkv = keys.shape[1]
+    qg = q.reshape(b, hkv, hq // hkv, hd)  # query head h uses key head h // g
+    scores = (qg @ keys.transpose(-1, -2)).float() * hd**-0.5  # [B, Hkv, g, K]
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    out = scores.softmax(-1).to(values.dtype) @ values  # [B, Hkv, g, hd]
+    return out.reshape(b, hq, 1, hd)
+
+
 # ---------------------------------------------------------------------------------------------- modules
 
 
@@ -211,6 +229,9 @@ class Attention(nn.Module):
         else:
             start = cache.length
             keys, values = cache.append(k, v, valid)  # [B, Hkv, K, hd]
+        if s == 1 and cache is not None and mask is None and not causal:
+            out = decode_attention(q, keys, values, cache.valid[:, : cache.length])
+            return self.wo(out.transpose(1, 2).reshape(b, s, self.q_size)), q, keys
         if causal:
             if start:
                 raise ValueError("causal=True needs an empty cache")
