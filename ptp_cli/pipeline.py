@@ -84,6 +84,12 @@ class RunConfig:
                 raise UsageError(msg)
 
 
+def _free_device_memory() -> None:
+    """After a failed batch (often out of memory), hand cached blocks back before retrying."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 @dataclass
 class Prepared:
     """A record turned into an engine request (done in a worker thread)."""
@@ -198,12 +204,14 @@ class Pipeline:
         return result_row(p.record, result, settings=settings)
 
     def _run_batch(self, batch: list[tuple[int, Prepared]], settings) -> Iterator[tuple[int, dict[str, Any]]]:
+        if len(batch) == 1:
+            yield from self._run_single(batch[0], settings)
+            return
         try:
             results = self.engine.generate([p.request for _, p in batch])
         except Exception:
-            if len(batch) == 1:
-                raise
-            # One bad request must not sink its neighbours: retry each alone.
+            # One bad request (or one too large for memory) must not sink its neighbours: retry each alone.
+            _free_device_memory()
             for item in batch:
                 yield from self._run_single(item, settings)
             return
@@ -213,12 +221,13 @@ class Pipeline:
     def _run_single(self, item: tuple[int, Prepared], settings) -> Iterator[tuple[int, dict[str, Any]]]:
         seq, p = item
         try:
-            yield from self._run_batch([item], settings)
-        except Exception as e:  # e.g. out of memory for one huge request: that record fails, the run goes on
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            (result,) = self.engine.generate([p.request])
+        except Exception as e:  # that record fails with an error row; the run goes on
+            _free_device_memory()
             err = RecordError(f"{type(e).__name__}: {e}", kind="inference_error")
             yield seq, error_row(p.record.line, p.record.id, err, settings=settings)
+            return
+        yield seq, self._row(p, result, settings)
 
     # ------------------------------------------------------------------------------------------ run
 
