@@ -22,8 +22,7 @@ CHUNK_ELEMENTS = 1 << 24  # attention probabilities held at once by FastV's colu
 def received_attention(state: LayerState, *, head_agg: str) -> torch.Tensor:
     """Mean attention each key receives from all valid queries of the layer, [B, S]; rows in chunks."""
     b, hq, s, _ = state.q.shape
-    # Expand GQA and cast once, not per chunk (attention_rows then has nothing left to do to the keys).
-    keys = state.keys.float().repeat_interleave(hq // state.keys.shape[1], dim=1)  # [B, Hq, K, hd]
+    keys = state.keys  # [B, Hkv, K, hd]
     k = keys.shape[2]
     rows = max(1, CHUNK_ELEMENTS // (b * hq * k))
     total = torch.zeros(b, k, device=state.q.device)  # [B, K] fp32

@@ -15,16 +15,18 @@ from ptp_cli.models.vit import aggregate_heads
 def attention_rows(
     q: torch.Tensor, keys: torch.Tensor, q_slots: torch.Tensor, valid: torch.Tensor
 ) -> torch.Tensor:
-    """Causal attention probabilities of some query rows, in fp32.
+    """Causal attention probabilities of some query rows; softmax in fp32.
 
     q [B, Hq, R, hd] (RoPE applied), keys [B, Hkv, K, hd] (RoPE applied), q_slots [B, R] the key slot of each
     query (it sees slots <= its own), valid [B, K] real keys. Returns [B, Hq, R, K].
+    The product runs in the model's dtype with query heads grouped onto their key head (GQA), so the keys
+    are neither copied per query head nor up-cast.
     """
-    hq, hkv = q.shape[1], keys.shape[1]
-    if hq != hkv:  # GQA: each group of query heads shares one key head
-        keys = keys.repeat_interleave(hq // hkv, dim=1)
-    logits = (q.float() @ keys.float().transpose(-1, -2)) * q.shape[-1] ** -0.5  # [B, Hq, R, K]
-    k_slots = torch.arange(keys.shape[2], device=q.device)
+    b, hq, r, hd = q.shape
+    hkv, k = keys.shape[1], keys.shape[2]
+    qg = q.reshape(b, hkv, (hq // hkv) * r, hd)  # query head h uses key head h // g
+    logits = (qg @ keys.transpose(-1, -2)).float().view(b, hq, r, k) * hd**-0.5  # [B, Hq, R, K]
+    k_slots = torch.arange(k, device=q.device)
     allowed = (k_slots[None, None, :] <= q_slots[:, :, None]) & valid[:, None, :]  # [B, R, K]
     allowed = allowed | (k_slots[None, None, :] == q_slots[:, :, None])  # never an empty row
     return logits.masked_fill(~allowed[:, None], float("-inf")).softmax(-1)
