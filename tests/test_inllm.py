@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from tiny_random import CFG, IMG, tiny_model
+from tiny_random import CFG, IMG, synthetic_request, tiny_model
 
 from ptp_cli.engine import Engine, Request, Result
 from ptp_cli.models.internvl import InternVLModel
@@ -23,21 +23,8 @@ STEPS = 5  # generated tokens: the prefill's plus 4 decoding steps
 
 
 def make_request(tiles: int, question: int) -> Request:
-    gen = torch.Generator().manual_seed(100 * tiles + question)
-
-    def text(n: int) -> list[int]:
-        return torch.randint(1, 290, (n,), generator=gen).tolist()
-
-    head = text(4)
-    ids = head + [IMG] * (256 * tiles) + text(2)
-    q0 = len(ids)
-    ids += text(question)
-    q1 = len(ids)
-    ids += text(2)
-    return Request(
-        ids=ids, pixel_values=torch.randn(tiles, 3, 448, 448, generator=gen), image_start=len(head),
-        instruction=(q0, q1), max_new_tokens=STEPS, ignore_eos=True, has_thumbnail=tiles > 1,
-    )
+    return synthetic_request(tiles, question, gen_seed=100 * tiles + question, head=4, gap=2, tail=2,
+                             max_new_tokens=STEPS)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from tiny_random import CFG, IMG, tiny_model
+from tiny_random import CFG, IMG, synthetic_request, tiny_model
 from transformers import InternVLVisionConfig, InternVLVisionModel, LlamaConfig, LlamaForCausalLM
 
 from ptp_cli.engine import Engine, Request, Result
@@ -23,21 +23,8 @@ NTOK = 256
 
 def make_request(tiles: int, question: int, *, seed: int = 0, max_new: int = 4) -> Request:
     """<s> system tokens <img> IMG x 256T </img> question tokens, then 3 template tokens."""
-    gen = torch.Generator().manual_seed(1000 * tiles + question + seed)
-
-    def text(n: int) -> list[int]:
-        return torch.randint(1, 290, (n,), generator=gen).tolist()
-
-    head = text(5)
-    ids = head + [IMG] * (NTOK * tiles) + text(1)
-    q0 = len(ids)
-    ids += text(question)
-    q1 = len(ids)
-    ids += text(3)
-    return Request(
-        ids=ids, pixel_values=torch.randn(tiles, 3, 448, 448, generator=gen), image_start=len(head),
-        instruction=(q0, q1), max_new_tokens=max_new, ignore_eos=True, seed=seed, has_thumbnail=tiles > 1,
-    )
+    return synthetic_request(tiles, question, gen_seed=1000 * tiles + question + seed, head=5, gap=1, tail=3,
+                             max_new_tokens=max_new, seed=seed)
 
 
 @pytest.fixture(scope="module")

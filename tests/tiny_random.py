@@ -7,6 +7,7 @@ from dataclasses import replace
 import torch
 
 from ptp_cli.config import TINY
+from ptp_cli.engine import Request
 from ptp_cli.models.internvl import InternVLModel
 
 CFG = replace(TINY, llm=replace(TINY.llm, vocab_size=300))
@@ -21,3 +22,24 @@ def tiny_model(seed: int = 0) -> InternVLModel:
         for p in model.parameters():
             torch.nn.init.normal_(p, std=0.2, generator=gen)
     return model.eval()
+
+
+def synthetic_request(
+    tiles: int, question: int, *, gen_seed: int, head: int, gap: int, tail: int, **kw
+) -> Request:
+    """Random ids around the placeholders: head ids, IMG x 256*tiles, gap ids, the question, tail ids."""
+    gen = torch.Generator().manual_seed(gen_seed)
+
+    def text(n: int) -> list[int]:
+        return torch.randint(1, 290, (n,), generator=gen).tolist()
+
+    start = text(head)
+    ids = start + [IMG] * (256 * tiles) + text(gap)
+    q0 = len(ids)
+    ids += text(question)
+    q1 = len(ids)
+    ids += text(tail)
+    return Request(
+        ids=ids, pixel_values=torch.randn(tiles, 3, 448, 448, generator=gen), image_start=len(start),
+        instruction=(q0, q1), ignore_eos=True, has_thumbnail=tiles > 1, **kw,
+    )

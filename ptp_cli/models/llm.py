@@ -84,7 +84,6 @@ class Rotary:
         """Pick the frequencies for a batch that will reach ``max_len`` tokens."""
         self.inv_freq, self.scale = rope_inv_freq(self.cfg, max_len=max_len)  # [hd/2] on CPU
         self._on_device: dict[torch.device, torch.Tensor] = {}
-        self.max_len = max_len
 
     def __call__(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # positions: [B, S] -> cos, sin [B, 1, S, hd]
