@@ -94,10 +94,6 @@ class ConfiguredMethod(PruningMethod):
         self.cfg = cfg
         self.model_cfg = model_cfg
 
-    @classmethod
-    def from_config(cls, cfg: PruneConfig, model_cfg: ModelConfig) -> PruningMethod:
-        return cls(cfg, model_cfg)
-
     def head_aggregation(self) -> str:
         return self.cfg.head_agg
 
@@ -105,4 +101,7 @@ class ConfiguredMethod(PruningMethod):
 def make_method(cfg: PruneConfig, model_cfg: ModelConfig) -> PruningMethod:
     """Validate the settings against the model and build the method they name."""
     cfg.validate(model_cfg)
-    return METHODS[cfg.method].from_config(cfg, model_cfg)
+    cls = METHODS[cfg.method]
+    if issubclass(cls, ConfiguredMethod):
+        return cls(cfg, model_cfg)
+    return cls()  # a method without settings (none)
