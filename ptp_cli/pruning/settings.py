@@ -1,5 +1,8 @@
 """The user's pruning settings (one frozen dataclass), named presets, and the factory that builds a method.
 
+Depends on the registry (``base.py``), never the other way round; ``ConfiguredMethod`` is the base of every
+method that reads these settings.
+
 Sampling and random pruning are seeded per request (``Request.seed``), so no seed lives here.
 Layer options follow one convention: "after layer K" means the first K decoder layers (0-based 0..K-1) see
 every token and layer K onward sees the pruned sequence; the drop is decided from layer K-1's attention.
