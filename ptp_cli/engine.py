@@ -18,7 +18,7 @@ from ptp_cli import flops as F
 from ptp_cli.models.internvl import InternVLModel
 from ptp_cli.models.llm import LayerCache
 from ptp_cli.pruning.base import LayerState, NoPruning, PruningMethod, VisualContext
-from ptp_cli.pruning.scores import instruction_scores
+from ptp_cli.pruning.scores import instruction_scores, vit_token_scores
 
 
 @dataclass
@@ -115,13 +115,11 @@ class Engine:
         pix = torch.cat([r.pixel_values for r in requests]).to(self.model.device, self.model.dtype)
         feats, cls, scores = [], [], []
         for chunk in pix.split(self.vit_batch):
-            out = self.model.vision_features(
-                chunk, score_layer=m.vit_score_layer(), head_agg=m.head_aggregation()
-            )
+            out = self.model.vision_features(chunk, cls_attn_layer=m.vit_score_layer())
             feats.append(out.features)
             cls.append(out.cls)
-            if out.token_scores is not None:
-                scores.append(out.token_scores)
+            if out.cls_attn is not None:
+                scores.append(vit_token_scores(out.cls_attn, head_agg=m.head_aggregation(), model_cfg=self.cfg))
         return torch.cat(feats), torch.cat(cls), (torch.cat(scores) if scores else None)
 
     def _embed(self, ids: list[torch.Tensor], visual: list[torch.Tensor], starts: list[int]) -> list[torch.Tensor]:

@@ -12,11 +12,12 @@ from transformers import InternVLVisionConfig, InternVLVisionModel, LlamaConfig,
 
 from ptp_cli.engine import Engine, Request, Result
 from ptp_cli.errors import UsageError
-from ptp_cli.models.internvl import InternVLModel
+from ptp_cli.models.internvl import InternVLModel, pixel_shuffle
 from ptp_cli.pruning import METHODS, PRESETS, PruneConfig, PruningMethod, make_method
 from ptp_cli.pruning.base import VisualContext
 from ptp_cli.pruning.baselines import grid_indices
 from ptp_cli.pruning.ptp import PTP
+from ptp_cli.pruning.scores import vit_token_scores
 
 NTOK = 256
 
@@ -167,6 +168,20 @@ def test_instruction_scores_match_transformers_eager(model, recorded):
         ref = probs[r.instruction[0] : r.instruction[1]].amax(0)[v0:v1]  # max over instruction rows
         assert ref.std() / ref.mean() > 1e-2
         torch.testing.assert_close(c, ref, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+@pytest.mark.parametrize("head_agg", ["mean", "max"])
+def test_vit_token_scores_follow_the_models_token_order(version, head_agg):
+    """s of token t sums the patches that pixel_shuffle (the model's own token order) merges into token t."""
+    gen = torch.Generator().manual_seed(0)
+    attn = torch.rand(2, 3, 32 * 32, generator=gen)  # [T, H, P]
+    got = vit_token_scores(attn, head_agg=head_agg, model_cfg=replace(CFG, ps_version=version))
+    per_patch = attn.mean(1) if head_agg == "mean" else attn.amax(1)  # [T, P]
+    ref = pixel_shuffle(per_patch.view(2, 32, 32, 1), factor=2, version=version).sum(-1).flatten(1)  # [T, 256]
+    torch.testing.assert_close(got, ref)
+    if version == "v1":  # the orders differ, so the check can fail
+        assert not torch.allclose(got, vit_token_scores(attn, head_agg=head_agg, model_cfg=CFG))
 
 
 # ---------------------------------------------------------------------------------------------- planted selections

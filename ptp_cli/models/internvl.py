@@ -27,18 +27,24 @@ def pixel_shuffle(x: torch.Tensor, *, factor: int = 2, version: str = "v2") -> t
     return x.permute(0, 2, 1, 3).contiguous()  # [T, rows/f, cols/f, f*f*C]
 
 
-def pool_patch_scores(scores: torch.Tensor, *, factor: int = 2) -> torch.Tensor:
-    """Per-patch scores [T, G*G] -> per-token scores [T, (G/f)^2]: each token sums its f x f patches."""
+def pool_patch_scores(scores: torch.Tensor, *, factor: int = 2, version: str = "v2") -> torch.Tensor:
+    """Per-patch scores [T, G*G] -> per-token scores [T, (G/f)^2]: each token sums its f x f patches.
+
+    Tokens come in ``pixel_shuffle``'s order for ``version`` (v1 tokens are column-major).
+    """
     t, p = scores.shape
     g = round(p**0.5)
-    return scores.view(t, g // factor, factor, g // factor, factor).sum(dim=(2, 4)).flatten(1)
+    pooled = scores.view(t, g // factor, factor, g // factor, factor).sum(dim=(2, 4))  # [T, rows, cols]
+    if version == "v1":
+        pooled = pooled.transpose(1, 2)
+    return pooled.flatten(1)
 
 
 @dataclass
 class VisionOutput:
     features: torch.Tensor  # [T, 256, D] visual tokens in the LLM's width
     cls: torch.Tensor  # [T, Cv] last-layer CLS embedding of every tile
-    token_scores: torch.Tensor | None  # [T, 256] CLS attention pooled onto the tokens (when asked for)
+    cls_attn: torch.Tensor | None  # [T, H, P] CLS -> patch attention per head at the asked ViT layer
 
 
 class InternVLModel(nn.Module):
@@ -71,20 +77,12 @@ class InternVLModel(nn.Module):
         if tied:
             self.language_model.output.weight = self.language_model.tok_embeddings.weight
 
-    def vision_features(
-        self, pixel_values: torch.Tensor, *, score_layer: int | None = None, head_agg: str = "mean"
-    ) -> VisionOutput:
-        """pixel_values [T, 3, 448, 448] -> visual tokens [T, 256, D], CLS embeddings, optional token scores."""
-        out = self.vision_model(
-            pixel_values, select_layer=self.cfg.select_layer, score_layer=score_layer, head_agg=head_agg
-        )
+    def vision_features(self, pixel_values: torch.Tensor, *, cls_attn_layer: int | None = None) -> VisionOutput:
+        """pixel_values [T, 3, 448, 448] -> visual tokens [T, 256, D], CLS embeddings and, with
+        ``cls_attn_layer`` (0-based ViT layer), that layer's per-head CLS -> patch attention."""
+        out = self.vision_model(pixel_values, select_layer=self.cfg.select_layer, cls_attn_layer=cls_attn_layer)
         t, g = out.hidden.shape[0], self.cfg.vision.grid
         grid = out.hidden[:, 1:].reshape(t, g, g, -1)  # [T, 32, 32, Cv]
         merged = pixel_shuffle(grid, factor=self.cfg.shuffle_factor, version=self.cfg.ps_version)
         features = self.mlp1(merged.flatten(1, 2))  # [T, 256, D]
-        scores = None
-        if out.cls_attn is not None:
-            scores = pool_patch_scores(out.cls_attn, factor=self.cfg.shuffle_factor)
-            if self.cfg.ps_version == "v1":  # v1 tokens are column-major
-                scores = scores.view(t, g // 2, g // 2).transpose(1, 2).flatten(1)
-        return VisionOutput(features=features, cls=out.cls, token_scores=scores)
+        return VisionOutput(features=features, cls=out.cls, cls_attn=out.cls_attn)

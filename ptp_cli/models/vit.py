@@ -1,4 +1,4 @@
-"""InternViT: the vision encoder of InternVL2, with PTP's CLS-attention read-out.
+"""InternViT: the vision encoder of InternVL2, with a CLS-attention probe (one layer's CLS row, per head).
 
 Parameter names follow the original InternVL2 checkpoints (``vision_model.*``) so they load unchanged.
 """
@@ -37,15 +37,6 @@ def make_norm(cfg: VisionConfig, dim: int) -> nn.Module:
     raise ValueError(f"unknown ViT norm_type {cfg.norm_type!r}")
 
 
-def aggregate_heads(probs: torch.Tensor, how: str, dim: int = 1) -> torch.Tensor:
-    """Mean or max over the head dimension of attention probabilities."""
-    if how == "mean":
-        return probs.mean(dim)
-    if how == "max":
-        return probs.amax(dim)
-    raise ValueError(f"head aggregation must be 'mean' or 'max', not {how!r}")
-
-
 class VisionEmbeddings(nn.Module):
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
@@ -75,9 +66,9 @@ class VisionAttention(nn.Module):
             self.q_norm = RMSNorm(c, cfg.norm_eps)
             self.k_norm = RMSNorm(c, cfg.norm_eps)
 
-    def forward(self, x: torch.Tensor, *, cls_probs: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x: [T, N, C]. With ``cls_probs`` ("mean"|"max"), also the CLS row of the attention
-        probabilities aggregated over heads, [T, N] -- computed from q of CLS alone, never the full matrix."""
+    def forward(self, x: torch.Tensor, *, cls_row: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x: [T, N, C]. With ``cls_row``, also the CLS query's attention probabilities per head, [T, H, N] in
+        fp32 -- computed from q of CLS alone, never the full matrix."""
         t, n, c = x.shape
         q, k, v = self.qkv(x).split(c, dim=-1)  # each [T, N, C]
         if self.qk_norm:  # over the full width, before the head split (InternViT-6B)
@@ -85,9 +76,9 @@ class VisionAttention(nn.Module):
         q, k, v = (z.view(t, n, self.num_heads, self.head_dim).transpose(1, 2) for z in (q, k, v))  # [T, H, N, hd]
         out = F.scaled_dot_product_attention(q, k, v)  # [T, H, N, hd]
         row = None
-        if cls_probs is not None:
+        if cls_row:
             logits = (q[:, :, :1].float() @ k.float().transpose(-1, -2)) * self.head_dim**-0.5  # [T, H, 1, N]
-            row = aggregate_heads(logits.softmax(-1)[:, :, 0], cls_probs)  # [T, N]
+            row = logits.softmax(-1)[:, :, 0]  # [T, H, N]
         return self.proj(out.transpose(1, 2).reshape(t, n, c)), row
 
 
@@ -114,8 +105,8 @@ class VisionLayer(nn.Module):
         self.mlp = VisionMLP(cfg)
         self.ls2 = nn.Parameter(torch.ones(c))
 
-    def forward(self, x: torch.Tensor, *, cls_probs: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        a, row = self.attn(self.norm1(x), cls_probs=cls_probs)
+    def forward(self, x: torch.Tensor, *, cls_row: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        a, row = self.attn(self.norm1(x), cls_row=cls_row)
         x = x + a * self.ls1
         x = x + self.mlp(self.norm2(x)) * self.ls2
         return x, row
@@ -131,7 +122,7 @@ class VisionEncoder(nn.Module):
 class ViTOutput:
     hidden: torch.Tensor  # [T, 1 + P, C] output of the selected layer
     cls: torch.Tensor  # [T, C] CLS output of the last layer (PTP's region embedding)
-    cls_attn: torch.Tensor | None  # [T, P] CLS -> patch attention at the score layer, CLS key dropped
+    cls_attn: torch.Tensor | None  # [T, H, P] CLS -> patch attention per head at cls_attn_layer, CLS key dropped
 
 
 class InternViT(nn.Module):
@@ -146,18 +137,17 @@ class InternViT(nn.Module):
         pixel_values: torch.Tensor,
         *,
         select_layer: int = -1,
-        score_layer: int | None = None,
-        head_agg: str = "mean",
+        cls_attn_layer: int | None = None,
     ) -> ViTOutput:
-        """pixel_values [T, 3, 448, 448]. ``score_layer`` (0-based) asks for the CLS attention row there."""
+        """pixel_values [T, 3, 448, 448]. ``cls_attn_layer`` (0-based) asks for the CLS attention row there."""
         n_layers = len(self.encoder.layers)
         select = select_layer % n_layers
         x = self.embeddings(pixel_values)
         selected, row = x, None
         for i, layer in enumerate(self.encoder.layers):
-            x, r = layer(x, cls_probs=head_agg if i == score_layer else None)
+            x, r = layer(x, cls_row=i == cls_attn_layer)
             if r is not None:
-                row = r[:, 1:]  # keys: drop CLS itself, keep the 1024 patches
+                row = r[:, :, 1:]  # keys: drop CLS itself, keep the 1024 patches
             if i == select:
                 selected = x
         return ViTOutput(hidden=selected, cls=x[:, 0], cls_attn=row)

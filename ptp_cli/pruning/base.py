@@ -1,5 +1,9 @@
 """The one interface every pruning method implements, and the registry that selects methods by name.
 
+This module imports nothing else from ``ptp_cli.pruning``: the settings (``settings.py``) and every method
+build on it. A method without settings (``none``) is built with no arguments; the methods that read the
+user's settings derive from ``settings.ConfiguredMethod`` and are built by ``settings.make_method``.
+
 A method can act at two points of the engine:
 
 * before the LLM (``select``): it sees each sample's ViT outputs (CLS embeddings, optional CLS->patch
@@ -14,13 +18,9 @@ The engine knows nothing about any method; a method knows nothing about tokeniza
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
-
-if TYPE_CHECKING:
-    from ptp_cli.config import ModelConfig
-    from ptp_cli.pruning.settings import PruneConfig
 
 
 @dataclass
@@ -54,11 +54,6 @@ class PruningMethod:
     """Base class. Subclasses set ``name`` and override the hooks they use."""
 
     name: ClassVar[str]
-
-    @classmethod
-    def from_config(cls, cfg: PruneConfig, model_cfg: ModelConfig) -> PruningMethod:
-        """Build the method from the user's (validated) settings; a method without settings ignores them."""
-        return cls()
 
     def vit_score_layer(self) -> int | None:
         """ViT layer whose CLS attention the method needs (``VisualContext.token_scores``), or None."""
@@ -97,6 +92,7 @@ METHODS: dict[str, type[PruningMethod]] = {}
 
 
 def register(cls: type[PruningMethod]) -> type[PruningMethod]:
+    """Class decorator: make the method selectable by its ``name``."""
     METHODS[cls.name] = cls
     return cls
 

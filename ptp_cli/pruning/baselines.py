@@ -8,8 +8,7 @@ from typing import Any
 import torch
 
 from ptp_cli.pruning.base import VisualContext, register
-from ptp_cli.pruning.budgets import keep_count
-from ptp_cli.pruning.ptp import tile_budgets
+from ptp_cli.pruning.budgets import keep_count, tile_budgets
 from ptp_cli.pruning.settings import ConfiguredMethod
 
 

@@ -1,5 +1,7 @@
 """How many visual tokens each tile keeps (PTP step 2), and the one rounding rule every method uses.
 
+Every budget in ptp is computed here: PTP and the spatial baseline share ``tile_budgets``.
+
 Rounding: ``keep_count`` is Python's ``round`` (ties to even: 128.5 -> 128, 127.5 -> 128), the literal
 ``round()`` of PTP.md and the same rule as ``torch.round``. Every kept count in ptp goes through it.
 """
@@ -9,6 +11,10 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
+
+from ptp_cli.pruning.base import VisualContext
+from ptp_cli.pruning.settings import PruneConfig
 
 
 def keep_count(n: int, ratio: float) -> int:
@@ -78,3 +84,19 @@ def region_budgets(
         scores = [float(v) for v in region_scores.tolist()]
     budgets = _share(rest, scores, tau=tau, cap=tokens_per_tile)
     return [*budgets, b_g] if thumb else budgets
+
+
+def region_importance(cls: torch.Tensor, *, has_thumbnail: bool) -> torch.Tensor | None:
+    """r_i = cos(CLS_i, CLS_thumbnail) for each local tile; cls [T, Cv] -> [T-1], or None without a thumbnail."""
+    if not has_thumbnail or cls.shape[0] < 2:
+        return None
+    return F.cosine_similarity(cls[:-1].float(), cls[-1:].float(), dim=-1)
+
+
+def tile_budgets(ctx: VisualContext, i: int, cfg: PruneConfig) -> list[int]:
+    """PTP step 2 for sample i: per-tile budgets (regions by CLS similarity unless region budgets are off)."""
+    scores = region_importance(ctx.cls[i], has_thumbnail=ctx.has_thumbnail[i]) if cfg.region_budgets else None
+    return region_budgets(
+        scores, tiles=ctx.tiles[i], has_thumbnail=ctx.has_thumbnail[i], ratio=cfg.ratio, tau=cfg.tau,
+        tokens_per_tile=ctx.tokens_per_tile, use_regions=cfg.region_budgets,
+    )

@@ -5,18 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ptp_cli.pruning.base import VisualContext, register
-from ptp_cli.pruning.budgets import region_budgets
-from ptp_cli.pruning.settings import ConfiguredMethod, PruneConfig
-
-
-def region_importance(cls: torch.Tensor, *, has_thumbnail: bool) -> torch.Tensor | None:
-    """r_i = cos(CLS_i, CLS_thumbnail) for each local tile; cls [T, Cv] -> [T-1], or None without a thumbnail."""
-    if not has_thumbnail or cls.shape[0] < 2:
-        return None
-    return F.cosine_similarity(cls[:-1].float(), cls[-1:].float(), dim=-1)
+from ptp_cli.pruning.budgets import tile_budgets
+from ptp_cli.pruning.settings import ConfiguredMethod
 
 
 def minmax(x: torch.Tensor) -> torch.Tensor:
@@ -35,15 +27,6 @@ def top_per_tile(score: torch.Tensor, budgets: list[int]) -> torch.Tensor:
     order = torch.sort(-score, dim=-1, stable=True).indices  # [T, n] best first
     kept = [order[t, :b] + t * n for t, b in enumerate(budgets)]
     return torch.cat(kept).sort().values
-
-
-def tile_budgets(ctx: VisualContext, i: int, cfg: PruneConfig) -> list[int]:
-    """PTP step 2 for sample i: per-tile budgets (regions by CLS similarity unless region budgets are off)."""
-    scores = region_importance(ctx.cls[i], has_thumbnail=ctx.has_thumbnail[i]) if cfg.region_budgets else None
-    return region_budgets(
-        scores, tiles=ctx.tiles[i], has_thumbnail=ctx.has_thumbnail[i], ratio=cfg.ratio, tau=cfg.tau,
-        tokens_per_tile=ctx.tokens_per_tile, use_regions=cfg.region_budgets,
-    )
 
 
 @register

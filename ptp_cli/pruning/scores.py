@@ -1,5 +1,7 @@
 """Attention read-outs that pruning methods need, computed from the rows that are needed only.
 
+The models expose narrow probes only (the ViT's per-head CLS attention row at one layer, an LLM block's
+``project_q`` / ``project_k``); every reduction over heads, tokens or instruction rows happens here.
 Nothing here materialises a layer's full attention matrix or switches the model to eager attention:
 the rows asked for (a few queries against all keys) are recomputed from q and k.
 """
@@ -8,8 +10,25 @@ from __future__ import annotations
 
 import torch
 
+from ptp_cli.config import ModelConfig
+from ptp_cli.models.internvl import pool_patch_scores
 from ptp_cli.models.llm import LLM, apply_rope
-from ptp_cli.models.vit import aggregate_heads
+
+
+def aggregate_heads(probs: torch.Tensor, how: str, dim: int = 1) -> torch.Tensor:
+    """Mean or max over the head dimension of attention probabilities."""
+    if how == "mean":
+        return probs.mean(dim)
+    if how == "max":
+        return probs.amax(dim)
+    raise ValueError(f"head aggregation must be 'mean' or 'max', not {how!r}")
+
+
+def vit_token_scores(cls_attn: torch.Tensor, *, head_agg: str, model_cfg: ModelConfig) -> torch.Tensor:
+    """PTP's token score s: the ViT's CLS -> patch attention [T, H, P] reduced over heads, then each visual
+    token's f x f patches summed (in the model's token order) -> [T, 256]."""
+    row = aggregate_heads(cls_attn, head_agg)  # [T, P]
+    return pool_patch_scores(row, factor=model_cfg.shuffle_factor, version=model_cfg.ps_version)
 
 
 def attention_rows(

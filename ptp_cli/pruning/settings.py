@@ -1,5 +1,8 @@
 """The user's pruning settings (one frozen dataclass), named presets, and the factory that builds a method.
 
+Depends on the registry (``base.py``), never the other way round; ``ConfiguredMethod`` is the base of every
+method that reads these settings.
+
 Sampling and random pruning are seeded per request (``Request.seed``), so no seed lives here.
 Layer options follow one convention: "after layer K" means the first K decoder layers (0-based 0..K-1) see
 every token and layer K onward sees the pruned sequence; the drop is decided from layer K-1's attention.
@@ -94,10 +97,6 @@ class ConfiguredMethod(PruningMethod):
         self.cfg = cfg
         self.model_cfg = model_cfg
 
-    @classmethod
-    def from_config(cls, cfg: PruneConfig, model_cfg: ModelConfig) -> PruningMethod:
-        return cls(cfg, model_cfg)
-
     def head_aggregation(self) -> str:
         return self.cfg.head_agg
 
@@ -105,4 +104,7 @@ class ConfiguredMethod(PruningMethod):
 def make_method(cfg: PruneConfig, model_cfg: ModelConfig) -> PruningMethod:
     """Validate the settings against the model and build the method they name."""
     cfg.validate(model_cfg)
-    return METHODS[cfg.method].from_config(cfg, model_cfg)
+    cls = METHODS[cfg.method]
+    if issubclass(cls, ConfiguredMethod):
+        return cls(cfg, model_cfg)
+    return cls()  # a method without settings (none)
