@@ -48,6 +48,11 @@ class TemplateEncoder:
     tokenizer: Tokenizer  # the checkpoint's
     template: Template  # the template its config names
 
+    @classmethod
+    def for_model(cls, tokenizer: Tokenizer, cfg: ModelConfig) -> TemplateEncoder:
+        """The encoder of a loaded checkpoint: its tokenizer and the template its config names."""
+        return cls(tokenizer, get_template(cfg.template))
+
     def encode(self, question: str, *, num_image_tokens: int, system_message: str | None) -> PromptIds:
         return encode_prompt(
             self.tokenizer, self.template, question=question, num_image_tokens=num_image_tokens,
@@ -87,23 +92,6 @@ class InputProcessor:
         # memory and the host-to-device copy halve in bf16/fp16.
         self.pixel_dtype = pixel_dtype
         self.max_pixels = max_pixels  # decompression-bomb guard
-
-    @classmethod
-    def for_model(
-        cls,
-        tokenizer: Tokenizer,
-        cfg: ModelConfig,
-        *,
-        tiling: TilingOptions,
-        defaults: RequestDefaults = RequestDefaults(),
-        pixel_dtype: torch.dtype = torch.float32,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
-    ) -> InputProcessor:
-        """The processor for a loaded checkpoint: its template, its tokenizer, its tokens per tile."""
-        return cls(
-            encoder=TemplateEncoder(tokenizer, get_template(cfg.template)), tiling=tiling,
-            tokens_per_tile=cfg.tokens_per_tile, defaults=defaults, pixel_dtype=pixel_dtype, max_pixels=max_pixels,
-        )
 
     # ------------------------------------------------------------------------------------------ steps
 

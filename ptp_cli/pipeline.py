@@ -23,7 +23,7 @@ from ptp_cli.devices import resolve_device, resolve_dtype
 from ptp_cli.engine import Engine, Request, Result
 from ptp_cli.errors import PtpError, RecordError, UsageError
 from ptp_cli.image import DEFAULT_MAX_PIXELS, TilingOptions
-from ptp_cli.inputs import InputProcessor, RequestDefaults
+from ptp_cli.inputs import InputProcessor, RequestDefaults, TemplateEncoder
 from ptp_cli.pruning import PruneConfig, make_method
 from ptp_cli.records import BadRecord, Record, error_row, result_row
 
@@ -96,8 +96,9 @@ class Pipeline:
         self.tiling = TilingOptions.from_config(self.cfg, max_tiles=config.max_tiles)
         if config.min_tiles is not None:
             self.tiling = dataclasses.replace(self.tiling, min_tiles=config.min_tiles)
-        self.inputs = InputProcessor.for_model(
-            self.tokenizer, self.cfg, tiling=self.tiling, pixel_dtype=loaded.model.dtype, max_pixels=config.max_pixels,
+        self.inputs = InputProcessor(
+            encoder=TemplateEncoder.for_model(self.tokenizer, self.cfg), tiling=self.tiling,
+            tokens_per_tile=self.cfg.tokens_per_tile, pixel_dtype=loaded.model.dtype, max_pixels=config.max_pixels,
             defaults=RequestDefaults(
                 max_new_tokens=config.max_new_tokens, temperature=config.temperature, seed=config.seed,
                 system_message=config.system_message or self.cfg.system_message,
