@@ -6,6 +6,7 @@ full-size model on a CPU unless forced).
 
 from __future__ import annotations
 
+import math
 import platform
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -19,13 +20,13 @@ from ptp_cli.bench.peer import PEER, SHARE_WEIGHTS_MAX_PARAMS, PeerRunner, build
 from ptp_cli.bench.report import BenchReport, params_text, plural, si
 from ptp_cli.bench.targets import evaluate
 from ptp_cli.bench.workload import SyntheticEncoder, TokenIds, build_workload, load_bench_model, model_config
+from ptp_cli.checkpoint import canonical_shapes
 from ptp_cli.config import ModelConfig
 from ptp_cli.devices import dtype_name
 from ptp_cli.engine import Engine
 from ptp_cli.errors import UsageError
 from ptp_cli.flops import sample_flops
 from ptp_cli.image import TilingOptions
-from ptp_cli.models.internvl import InternVLModel
 from ptp_cli.pruning import PruneConfig, make_method
 
 FULL_SIZE_PARAMS = 100_000_000  # from here on a model is "full-size": hours per batch on a CPU
@@ -63,7 +64,7 @@ class Plan:
 
     @property
     def batches(self) -> int:
-        """Batches run in all (the peer's first-token calls not counted)."""
+        """Batches run in all (the peer's first-token calls not counted; pruned rows do less work)."""
         return len(self.rows) * (self.config.warmup + self.config.repeats)
 
     def describe(self) -> str:
@@ -72,7 +73,7 @@ class Plan:
         return (f"about to run {c.source} ({params_text(self.params)}, {weights}) in {dtype_name(self.dtype)} on "
                 f"{self.device}: batch {c.batch_size}, {plural(self.tiles, 'tile')} and {self.prompt_tokens} prompt tokens per "
                 f"request, {c.new_tokens} new tokens; {len(self.rows)} rows x {plural(c.warmup + c.repeats, 'batch')}; about "
-                f"{si(self.flops['total'], 'FLOP')} per unpruned sample, at most "
+                f"{si(self.flops['total'], 'FLOP')} per unpruned sample, about "
                 f"{si(self.flops['total'] * c.batch_size * self.batches, 'FLOP')} in all")
 
     def refuse_unless_forced(self, *, force: bool) -> None:
@@ -90,12 +91,11 @@ def plan_bench(config: BenchConfig) -> Plan:
     dtype = config.resolved_dtype(device)
     cfg = model_config(config)
     rows = tuple(name for name, _ in row_plan(config, cfg))  # validates every method against the model
-    with torch.device("meta"):
-        params = sum(p.numel() for p in InternVLModel(cfg).parameters())
+    params = sum(math.prod(shape) for shape in canonical_shapes(cfg).values())
     tiles = TilingOptions.from_config(cfg, max_tiles=config.max_tiles).num_tiles(*config.image_size)
     visual = tiles * cfg.tokens_per_tile
-    vocab = max(cfg.llm.vocab_size, 64)  # only the layout's length matters here
-    prompt = SyntheticEncoder(TokenIds.for_vocab(vocab), question_tokens=config.question_tokens, seed=config.seed)
+    prompt = SyntheticEncoder(TokenIds.for_vocab(cfg.llm.vocab_size), question_tokens=config.question_tokens,
+                              seed=config.seed)  # only the layout's length matters here
     prompt_tokens = len(prompt.encode("", num_image_tokens=visual, system_message=None).ids)
     flops = sample_flops(cfg, num_tiles=tiles, text_tokens=prompt_tokens - visual, kept_visual=visual,
                          generated=config.new_tokens).as_dict()

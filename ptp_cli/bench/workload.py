@@ -67,7 +67,10 @@ class TokenIds:
 
 @dataclass(frozen=True)
 class SyntheticEncoder:
-    """A ``PromptEncoder`` of seeded random ids: each question text gets its own ids, the same on every call."""
+    """A ``PromptEncoder`` of seeded random ids: each question text gets its own ids, the same on every call.
+
+    The system message is not used: a fixed-length random system part stands in for it.
+    """
 
     ids: TokenIds
     question_tokens: int  # length of the question span (what PTP's probe scores against)
