@@ -19,15 +19,13 @@ from typing import Any
 import torch
 
 from ptp_cli.checkpoint import LoadedModel, load_model
+from ptp_cli.devices import resolve_device, resolve_dtype
 from ptp_cli.engine import Engine, Request, Result
 from ptp_cli.errors import PtpError, RecordError, UsageError
-from ptp_cli.image import DEFAULT_MAX_PIXELS, TilingOptions, load_image
-from ptp_cli.prompts import encode_prompt, get_template
+from ptp_cli.image import DEFAULT_MAX_PIXELS, TilingOptions
+from ptp_cli.inputs import InputProcessor, RequestDefaults, TemplateEncoder
 from ptp_cli.pruning import PruneConfig, make_method
 from ptp_cli.records import BadRecord, Record, error_row, result_row
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -52,22 +50,10 @@ class RunConfig:
     workers: int = 2  # image loading / tiling threads
 
     def resolved_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        try:
-            dev = torch.device(self.device)
-        except RuntimeError as e:
-            raise UsageError(f"--device: {self.device!r} is not a device ({e})") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise UsageError(f"--device {self.device}: no CUDA device is available here")
-        return dev
+        return resolve_device(self.device)
 
     def resolved_dtype(self, device: torch.device) -> torch.dtype:
-        if self.dtype == "auto":
-            return torch.bfloat16 if device.type == "cuda" else torch.float32
-        if self.dtype not in DTYPES:
-            raise UsageError(f"--dtype must be one of auto, {', '.join(DTYPES)}; got {self.dtype!r}")
-        return DTYPES[self.dtype]
+        return resolve_dtype(self.dtype, device)
 
     def validate(self) -> None:
         checks = [
@@ -107,10 +93,17 @@ class Pipeline:
         self.config = config
         self.cfg = loaded.cfg
         self.tokenizer = loaded.tokenizer
-        self.template = get_template(self.cfg.template)
         self.tiling = TilingOptions.from_config(self.cfg, max_tiles=config.max_tiles)
         if config.min_tiles is not None:
             self.tiling = dataclasses.replace(self.tiling, min_tiles=config.min_tiles)
+        self.inputs = InputProcessor(
+            encoder=TemplateEncoder.for_model(self.tokenizer, self.cfg), tiling=self.tiling,
+            tokens_per_tile=self.cfg.tokens_per_tile, pixel_dtype=loaded.model.dtype, max_pixels=config.max_pixels,
+            defaults=RequestDefaults(
+                max_new_tokens=config.max_new_tokens, temperature=config.temperature, seed=config.seed,
+                system_message=config.system_message or self.cfg.system_message,
+            ),
+        )
         self.engine = Engine(
             loaded.model, image_token_id=loaded.image_token_id, method=make_method(config.prune, self.cfg)
         )
@@ -144,38 +137,7 @@ class Pipeline:
     def prepare(self, record: Record) -> Prepared:
         """Load, tile and tokenise one record (thread-safe). Raises RecordError for bad input."""
         t0 = time.perf_counter()
-        ov = record.overrides
-        tiling = self.tiling
-        if ov.get("max_tiles") is not None or ov.get("min_tiles") is not None:
-            try:
-                tiling = dataclasses.replace(
-                    tiling,
-                    max_tiles=ov.get("max_tiles") or tiling.max_tiles,
-                    min_tiles=ov.get("min_tiles") or tiling.min_tiles,
-                )
-            except ValueError as e:
-                raise RecordError(f"bad tiling override: {e}", kind="invalid_record") from None
-        image = load_image(record.image, max_pixels=self.config.max_pixels)
-        # [T, 3, 448, 448] in the model's dtype: the ViT casts to it anyway, so this changes no number but
-        # halves host memory and the host-to-device copy for bf16/fp16 runs.
-        pixels = tiling.preprocess(image).to(self.loaded.model.dtype)
-        n_tiles = int(pixels.shape[0])
-        prompt = encode_prompt(
-            self.tokenizer, self.template, question=record.question,
-            num_image_tokens=n_tiles * self.cfg.tokens_per_tile,
-            system_message=self.config.system_message or self.cfg.system_message,
-        )
-        request = Request(
-            ids=prompt.ids,
-            pixel_values=pixels,
-            image_start=prompt.image_start,
-            instruction=(prompt.instruction_start, prompt.instruction_end),
-            stop_ids=prompt.stop_ids,
-            max_new_tokens=ov.get("max_new_tokens") or self.config.max_new_tokens,
-            temperature=float(ov["temperature"]) if ov.get("temperature") is not None else self.config.temperature,
-            seed=ov["seed"] if ov.get("seed") is not None else self.config.seed,
-            has_thumbnail=n_tiles > 1 and tiling.use_thumbnail,
-        )
+        request = self.inputs.process(record)
         return Prepared(record, request, time.perf_counter() - t0)
 
     def _row(self, p: Prepared, r: Result, settings: dict[str, Any]) -> dict[str, Any]:

@@ -1,11 +1,15 @@
-"""``ptp bench`` on the tiny model (CPU): every row is there, speedups are the rows' own ratios, the JSON
-schema is stable, and the command runs end to end. Nothing here asserts a timing."""
+"""``ptp bench`` on the tiny model (CPU): every row is there, FLOPs match a count done by hand, speedups match
+the measured wall times, the peer generates ptp's tokens, the targets table decides PASS/FAIL, and the real
+console script says what it will do, refuses a full-size model on a CPU and prints plain headers.
+Nothing here asserts a timing."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,23 +22,31 @@ from ptp_cli.bench import (
     SCHEMA_VERSION,
     BenchConfig,
     BenchReport,
-    TokenIds,
-    build_requests,
+    BenchRow,
+    Stat,
     format_report,
     parse_image_size,
     parse_methods,
     parse_ratios,
     peer_config,
-    random_model,
+    plan_bench,
     run_bench,
 )
+from ptp_cli.bench.report import si, sig
+from ptp_cli.bench.targets import MAIN, Setup, Target, evaluate
+from ptp_cli.bench.workload import SyntheticEncoder, TokenIds, input_processor
+from ptp_cli.checkpoint import build_model
 from ptp_cli.config import SHAPES
 from ptp_cli.errors import UsageError
-from ptp_cli.image import TilingOptions
 from ptp_cli.pruning import METHODS, PruneConfig, make_method
+from ptp_cli.tiny import random_state_dict, tiny_config
 
 RATIOS = (0.5, 0.75)
-SMALL = dict(model="tiny", image_size=(448, 448), max_tiles=1, batch_size=2, new_tokens=2, warmup=0, repeats=1)
+NEW_TOKENS = 2
+SMALL = dict(model="tiny", image_size=(448, 448), max_tiles=1, batch_size=2, new_tokens=NEW_TOKENS, warmup=0,
+             repeats=3)
+PTP = Path(sys.executable).with_name("ptp")  # the installed console script
+TIMEOUT = 300
 
 
 @pytest.fixture(scope="module")
@@ -59,36 +71,54 @@ def expected_rows(cfg) -> list[tuple[str, str | None, float | None]]:
 
 
 def test_every_row_is_there(report: BenchReport) -> None:
-    from ptp_cli.tiny import tiny_config
-
     cfg = tiny_config(8)  # only the layer counts matter for method validation
     assert [(r.name, r.method, r.ratio) for r in report.rows] == expected_rows(cfg)
     assert report.rows[0].engine == "transformers"
     assert all(r.engine == "ptp" for r in report.rows[1:])
 
 
-def test_speedups_are_ratios_of_the_row_medians(report: BenchReport) -> None:
-    peer, none = report.row(PEER), report.row("none")
-    for r in report.rows:
-        assert r.speedup_vs_peer == pytest.approx(r.samples_per_s.median / peer.samples_per_s.median)
-        assert r.speedup_vs_none == pytest.approx(r.samples_per_s.median / none.samples_per_s.median)
-        assert r.samples_per_s.median == pytest.approx(2 / r.wall_s.median)  # batch 2, one repeat
-        assert r.samples_per_s.min <= r.samples_per_s.median <= r.samples_per_s.max
-    assert none.speedup_vs_none == pytest.approx(1.0)
-    assert peer.speedup_vs_peer == pytest.approx(1.0)
+def test_speedups_match_the_measured_wall_times(report: BenchReport) -> None:
+    """From the JSON: with an odd number of repeats, the samples/s median is batch / the median wall time,
+    so a speedup is the inverse ratio of the two rows' median wall times."""
+    rows = {r["name"]: r for r in json.loads(json.dumps(report.to_dict()))["rows"]}
+    peer_wall, none_wall = rows[PEER]["wall_s"]["median"], rows["none"]["wall_s"]["median"]
+    for r in rows.values():
+        assert r["wall_s"]["n"] == 3
+        assert r["speedup_vs_peer"] == pytest.approx(peer_wall / r["wall_s"]["median"])
+        assert r["speedup_vs_none"] == pytest.approx(none_wall / r["wall_s"]["median"])
+        assert min(2 / w for w in (r["wall_s"]["min"], r["wall_s"]["max"])) == pytest.approx(r["samples_per_s"]["min"])
 
 
-def test_flops_and_tokens_follow_the_ratio(report: BenchReport) -> None:
+def _tiny_vit_flops(tiles: int) -> int:
+    """The tiny ViT (C=32, 12 layers, MLP 64, 1024 patches + CLS) and projector (4C=128 -> 64 -> 64), by hand."""
+    patches, tokens, c, mlp, layers = 1024, 1025, 32, 64, 12
+    conv = 2 * patches * (3 * 14 * 14) * c
+    per_layer = 2 * tokens * (c * 3 * c + c * c + 2 * c * mlp) + 2 * 2 * tokens * tokens * c  # linears + QK^T, PV
+    projector = 2 * 256 * (4 * c * 64 + 64 * 64)
+    return tiles * (conv + layers * per_layer + projector)
+
+
+def _tiny_prefill_flops(tokens: int, vocab: int) -> int:
+    """The tiny LLM (D=64, 4 heads of 16, 2 KV heads, MLP 128, 4 layers), causal, LM head on one position."""
+    d, q, kv, mlp, layers = 64, 64, 32, 128, 4
+    linears = 2 * tokens * (d * q + 2 * d * kv + q * d + 3 * d * mlp)
+    attention = 2 * 2 * q * tokens * (tokens + 1) // 2
+    return layers * (linears + attention) + 2 * d * vocab
+
+
+def test_flops_match_a_count_by_hand(report: BenchReport, ptp_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PTP_HOME", str(ptp_home))
+    vocab = plan_bench(BenchConfig(**SMALL)).cfg.llm.vocab_size
     none, peer = report.row("none"), report.row(PEER)
-    assert peer.flops_per_sample == none.flops_per_sample  # the peer does ptp none's work
+    assert none.flops_per_sample["vit"] == _tiny_vit_flops(1)
+    assert none.flops_per_sample["prefill"] == _tiny_prefill_flops(report.workload["prompt_tokens"], vocab)
+    # The peer's count comes from the workload's shape, ptp none's from what the engine ran: the same work.
+    assert peer.flops_per_sample == none.flops_per_sample
     assert none.visual_tokens == peer.visual_tokens == 256
     assert report.row("ptp@0.5").visual_tokens == 128
     assert report.row("ptp@0.75").visual_tokens == 64
     for r in report.rows[1:]:
-        total = r.flops_per_sample["total"]
-        assert total == sum(r.flops_per_sample[k] for k in ("vit", "probe", "prefill", "decode"))
-        assert r.flops_ratio_vs_none == pytest.approx(none.flops_per_sample["total"] / total)
-        assert r.ttft_s.median == pytest.approx(sum(r.stages_s[k].median for k in ("vit", "probe", "prefill")))
+        assert r.flops_per_sample["total"] == sum(r.flops_per_sample[k] for k in ("vit", "probe", "prefill", "decode"))
     assert report.row("ptp@0.75").flops_per_sample["prefill"] < report.row("ptp@0.5").flops_per_sample["prefill"]
 
 
@@ -97,13 +127,42 @@ def test_peer_shares_weights_and_generates_the_same_tokens(report: BenchReport) 
     assert report.peer_tokens_match is True
 
 
-def test_workload_and_checks(report: BenchReport) -> None:
-    assert report.workload["tiles"] == 1 and report.workload["thumbnail"] is False
-    assert report.workload["visual_tokens"] == 256
-    assert {c.status for c in report.checks} == {"n.a."}  # CPU, tiny: not the issue's setup
-    text = format_report(report)
-    assert all(r.name in text for r in report.rows)
-    assert "n.a." in text
+def test_targets_are_not_applicable_here_and_opt_in(report: BenchReport) -> None:
+    assert {c.status for c in report.checks} == {"n.a."}  # CPU, tiny: not the targets' setup
+    plain = format_report(report)
+    assert all(r.name in plain for r in report.rows)
+    assert "target" not in plain.lower()
+    assert "not applicable" in format_report(report, targets=True)
+
+
+def _row(name: str, *, samples: float, peak: int | None = None, probe: float = 0.0) -> BenchRow:
+    one = Stat(1.0, 1.0, 1.0, 1)
+    return BenchRow(
+        name=name, engine="ptp", method=name, ratio=None, settings={}, samples_per_s=Stat(samples, samples, samples, 1),
+        wall_s=one, ttft_s=one, stages_s={"probe": Stat(probe, probe, probe, 1)}, peak_memory_bytes=peak,
+        visual_tokens=0.0, flops_per_sample={}, prefill_tflops=None, prefill_pct_of_matmul=None,
+    )
+
+
+def test_targets_decide_from_the_table() -> None:
+    """Made-up rows and thresholds: PASS and FAIL follow the table, n.a. outside the setup."""
+    run = {"source": "internvl2-2b", "dtype": "bfloat16", "device_type": "cuda", "tiles": 7, "batch_size": 32,
+           "new_tokens": 16}
+    rows = [_row("none", samples=3.0, peak=30 << 30), _row("ptp@0.5", samples=5.0, peak=50 << 30, probe=0.05)]
+    for r in rows:
+        r.speedup_vs_peer = r.samples_per_s.median / 2.0
+    targets = (
+        Target("none over transformers", "speedup_vs_transformers", "none", ">=", 1.5, "x", MAIN),
+        Target("ptp over transformers", "speedup_vs_transformers", "ptp@0.5", ">=", 2.6, "x", MAIN),
+        Target("scoring share", "probe_pct_of_batch_time", "ptp@0.5", "<=", 10, "%", MAIN),
+        Target("memory", "peak_memory_gib", None, "<=", 40, "GiB", MAIN),
+        Target("memory, big batches", "peak_memory_gib", None, "<=", 40, "GiB", Setup("big", batch_size=(64, None))),
+    )
+    checks = evaluate(rows, run, targets)
+    assert [(c.status, c.value) for c in checks] == [
+        ("PASS", 1.5), ("FAIL", 2.5), ("PASS", pytest.approx(5.0)), ("FAIL", 50.0), ("n.a.", 50.0)]
+    assert checks[1].target == ">= 2.6x"
+    assert {c.status for c in evaluate(rows, {**run, "dtype": "float32"}, targets)} == {"n.a."}
 
 
 def test_json_schema(report: BenchReport) -> None:
@@ -124,14 +183,19 @@ def test_json_schema(report: BenchReport) -> None:
         assert row["samples_per_s"].keys() == stat and row["ttft_s"].keys() == stat
         assert row["peak_memory_bytes"] is None  # CPU
         assert isinstance(row["speedup_vs_peer"], float) and math.isfinite(row["speedup_vs_peer"])
+        assert row["flops_per_sample"].keys() == {"vit", "probe", "prefill", "decode", "total"}
         if row["engine"] == "ptp":
             assert row["stages_s"].keys() == {"vit", "probe", "prefill", "decode"}
             assert all(v.keys() == stat for v in row["stages_s"].values())
-            assert row["flops_per_sample"].keys() == {"vit", "probe", "prefill", "decode", "total"}
             assert row["prefill_tflops"].keys() == stat
     for check in data["checks"]:
-        assert check.keys() == {"name", "value", "target", "status", "note"}
+        assert check.keys() == {"name", "value", "target", "status", "note", "unit"}
         assert check["status"] in {"PASS", "FAIL", "n.a."}
+
+
+def test_numbers_keep_significant_figures() -> None:
+    assert [sig(v) for v in (0.000123456, 0.0042, 12.345, 1234.5, 0.0)] == ["0.000123", "0.00420", "12.3", "1234", "0"]
+    assert si(3.1e12, "FLOP") == "3.10 TFLOP" and si(0.004) == "0.00400" and si(2.2e9) == "2.20 G"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -164,31 +228,30 @@ def test_config_errors_name_the_option(kwargs: dict, option: str) -> None:
     assert "\n" not in str(err.value)
 
 
-def test_synthetic_requests() -> None:
+def test_synthetic_requests_come_from_the_input_processor() -> None:
     cfg = SHAPES["internvl2-2b"]
-    tiling = TilingOptions.from_config(cfg, max_tiles=6)
-    assert tiling.num_tiles(1344, 896) == 7  # the issue's 6 tiles + thumbnail
+    config = BenchConfig(shape="internvl2-2b", question_tokens=20, new_tokens=4)
     ids = TokenIds.for_vocab(cfg.llm.vocab_size)
-    pixels = torch.zeros(7, 3, 448, 448)
-    reqs = build_requests(pixels, ids, batch_size=3, tokens_per_tile=256, question_tokens=20, new_tokens=4, seed=0)
+    processor = input_processor(config, cfg, ids, dtype=torch.bfloat16)
+    assert processor.tiling.num_tiles(1344, 896) == 7  # 6 tiles + thumbnail
+    assert isinstance(processor.encoder, SyntheticEncoder)
+    pixels = torch.zeros(7, 3, 448, 448, dtype=torch.bfloat16)
+    reqs = [processor.request(f"sample {i}", pixels) for i in range(3)]
     assert len({tuple(r.ids) for r in reqs}) == 3  # each sample its own text
+    assert processor.request("sample 1", pixels).ids == reqs[1].ids  # and the same on every call
+    n = 7 * 256
     for r in reqs:
-        n = 7 * 256
         assert r.ids[r.image_start : r.image_start + n] == [ids.image] * n
         assert r.ids.count(ids.image) == n  # no stray placeholder in the text (the peer counts them all)
         assert r.ids[r.image_start - 1] == ids.img_start and r.ids[r.image_start + n] == ids.img_end
-        assert r.instruction[1] - r.instruction[0] == 20 and r.ids[0] == ids.bos
+        assert r.instruction == (r.image_start + n + 1, r.image_start + n + 21) and r.ids[0] == ids.bos
         assert r.ignore_eos and r.max_new_tokens == 4 and r.has_thumbnail
 
 
-def test_random_model_is_built_in_place() -> None:
-    import dataclasses
-
-    from ptp_cli.tiny import tiny_config
-
+def test_random_weights_are_built_in_place_with_tied_embeddings() -> None:
     cfg = tiny_config(64)
     cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, tie_word_embeddings=True))
-    model = random_model(cfg, dtype=torch.bfloat16, device=torch.device("cpu"), seed=0)
+    model = build_model(cfg, random_state_dict(cfg, seed=0, dtype=torch.bfloat16))
     tensors = [*model.parameters(), *model.buffers()]
     assert all(not t.is_meta and t.dtype == torch.bfloat16 for t in tensors)
     lm = model.language_model
@@ -209,22 +272,48 @@ def test_peer_has_the_same_parameter_count(shape: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The command
+# The command (the installed console script, in a subprocess)
 
 
-def test_cli_runs_and_writes_json(tmp_path: Path, ptp_home: Path) -> None:
+def ptp(*args: str, home: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PTP_")}
+    if home is not None:
+        env["PTP_HOME"] = str(home)
+    return subprocess.run([str(PTP), *args], capture_output=True, text=True, env=env, timeout=TIMEOUT, check=False)
+
+
+def test_cli_says_what_it_runs_and_prints_plain_columns(tmp_path: Path, ptp_home: Path) -> None:
     out = tmp_path / "bench.json"
-    args = ["bench", "--model", "tiny", "--image-size", "448x448", "--max-tiles", "1", "--batch-size", "2",
-            "--new-tokens", "2", "--warmup", "0", "--repeats", "1", "--methods", "ptp", "--ratios", "0.5",
-            "--no-peer", "--json", str(out)]  # the peer is covered in-process above
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PTP_")} | {"PTP_HOME": str(ptp_home)}
-    proc = subprocess.run([sys.executable, "-m", "ptp_cli.cli.main", *args], capture_output=True, text=True,
-                          env=env, timeout=300, check=False)
+    proc = ptp("bench", "--model", "tiny", "--image-size", "448x448", "--max-tiles", "1", "--batch-size", "2",
+               "--new-tokens", "2", "--warmup", "0", "--repeats", "1", "--methods", "ptp", "--ratios", "0.5",
+               "--no-peer", "--targets", "--json", str(out), home=ptp_home)  # the peer is covered in-process above
     assert proc.returncode == 0, proc.stderr
+    first = proc.stderr.splitlines()[0]
+    for fact in ("tiny", "float32", "cpu", "batch 2", "1 tile and", "FLOP"):
+        assert fact in first, first
+    assert "warm-up" not in proc.stderr
     data = json.loads(out.read_text())
     assert [r["name"] for r in data["rows"]] == ["none", "ptp@0.5"]
     assert data["rows"][1]["speedup_vs_peer"] is None and data["peer_tokens_match"] is None
-    assert "ptp@0.5" in proc.stdout and "samples/s" in proc.stdout
+    table = proc.stdout.split("\n\n")[1].splitlines()
+    names, units = table[0], table[1]  # a plain name, then its unit
+    for plain in ("samples/s", "speedup vs", "first token", "FLOPs", "peak memory"):
+        assert plain in names
+    for unit in ("ms", "per sample", "FLOP/s", "GiB"):
+        assert unit in units
+    for jargon in ("% mm", "TFLOP/smp", "vs peer", "smp"):
+        assert jargon not in proc.stdout
+    cells = [c for line in table[3:] for c in line.split()]
+    assert not [c for c in cells if re.fullmatch(r"0\.0*", c)], table  # nothing measured rounds to zero
+    assert "Performance targets" in proc.stdout and "not applicable" in proc.stdout
+
+
+def test_cli_refuses_a_full_size_model_on_cpu() -> None:
+    proc = ptp("bench", "--shape", "internvl2-2b", "--device", "cpu")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ptp: error: ")
+    assert "--model tiny" in lines[0] and "--force" in lines[0] and "full-size" in lines[0]
 
 
 @pytest.mark.parametrize(
@@ -232,14 +321,8 @@ def test_cli_runs_and_writes_json(tmp_path: Path, ptp_home: Path) -> None:
     [(["--shape", "internvl2-3b"], "--shape: unknown shape 'internvl2-3b'"),
      (["--image-size", "12by3"], "--image-size must be WIDTHxHEIGHT")],
 )
-def test_cli_usage_errors_exit_2_with_one_line(
-    args: list[str], message: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    from ptp_cli.cli import main as cli_main
-
-    monkeypatch.setattr(sys, "argv", ["ptp", "bench", *args])
-    with pytest.raises(SystemExit) as exit_:
-        cli_main.main()
-    assert exit_.value.code == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and message in err
+def test_cli_usage_errors_exit_2_with_one_line(args: list[str], message: str) -> None:
+    proc = ptp("bench", *args)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ptp: error: ") and message in lines[0]

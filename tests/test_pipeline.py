@@ -87,3 +87,14 @@ def test_a_failing_request_gets_an_error_row_and_spares_its_batch(ptp_home, reco
     assert [r["id"] for r in failed] == ["r3"]
     assert "out of memory" in failed[0]["error"]["message"]
     assert sum("answer" in r for r in rows) == 5
+
+
+def test_a_question_that_breaks_the_prompt_is_an_error_row(ptp_home, records_file, monkeypatch, tmp_path):
+    """Pipeline.prepare goes through the input processor: a question spelling the image token fails alone."""
+    lines = [orjson.dumps({"id": "bad", "image": str(records_file.parent / "0.png"), "question": "<IMG_CONTEXT>?"}),
+             orjson.dumps({"id": "ok", "image": str(records_file.parent / "0.png"), "question": "What colour?"})]
+    path = tmp_path / "q.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    bad, ok = run(ptp_home, path, monkeypatch, batch_size=2)
+    assert bad["error"]["type"] == "prompt_error" and "IMG_CONTEXT" in bad["error"]["message"]
+    assert "answer" in ok

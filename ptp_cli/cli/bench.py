@@ -1,4 +1,5 @@
-"""``ptp bench``: parse the options, run ``ptp_cli.bench.run_bench``, print the table, write the JSON."""
+"""``ptp bench``: parse the options, say what will run, run ``ptp_cli.bench.run_bench``, print the table,
+write the JSON."""
 
 from __future__ import annotations
 
@@ -32,6 +33,10 @@ def bench_command(
     peer: Annotated[bool, typer.Option("--peer/--no-peer", help="Include the transformers generate() row.")] = True,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic image, token ids and random weights.")] = 0,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON here.")] = None,
+    targets: Annotated[bool, typer.Option(
+        "--targets", help="Also print the project's performance targets and whether this run meets them.")] = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Run a full-size model on a CPU anyway (hours; refused without it).")] = False,
 ) -> None:
     """Measure ptp (no pruning, and each method at each ratio) against transformers on the same requests."""
     from ptp_cli import bench  # imports torch: keep `ptp --help` fast
@@ -44,8 +49,11 @@ def bench_command(
     ).validate()
     if json_out is not None and json_out.is_dir():
         raise UsageError(f"--json {json_out} is a directory; give a file name")
+    plan = bench.plan_bench(config)
+    plan.refuse_unless_forced(force=force)  # before anything else is printed: a usage error is one line
+    typer.echo(plan.describe(), err=True)
     report = bench.run_bench(config, log=lambda msg: typer.echo(msg, err=True))
-    typer.echo(bench.format_report(report))
+    typer.echo(bench.format_report(report, targets=targets))
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")

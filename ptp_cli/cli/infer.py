@@ -204,7 +204,7 @@ def run_infer(source: str, resolved: opt.Resolved) -> int:
                 stream.flush()
             bar.close()
             hint = "; run again with --resume to finish" if output is not None else ""
-            log.info(f"interrupted: {writer.written} rows written{hint}")
+            log.info(f"interrupted: {writer.written} row{'' if writer.written == 1 else 's'} written{hint}")
             return EXIT_INTERRUPTED
         except BrokenPipeError:
             _silence_stdout()

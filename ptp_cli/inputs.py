@@ -1,0 +1,152 @@
+"""One way from an input record to an engine ``Request``: image -> tiles -> prompt ids -> spans -> request.
+
+``InputProcessor`` is used by ``Pipeline`` (``ptp infer``), by ``ptp bench`` (synthetic requests) and by
+anything else that builds requests. Its steps are separate methods, so a caller can time or reuse one of
+them (``bench`` tiles one image once and builds every request of a batch on those tiles):
+
+- ``tiling_for``: the run's tiling with a record's ``max_tiles``/``min_tiles`` overrides;
+- ``load_tiles``: read the image and cut it into tiles (``[T, 3, 448, 448]``);
+- ``encode``: the prompt ids, where the image placeholders start, the question's span and the stop ids.
+  This step is delegated to a ``PromptEncoder`` (``TemplateEncoder`` for ptp's built-in templates); another
+  encoder (a checkpoint's own chat template, synthetic ids for benchmarks) is a drop-in replacement;
+- ``request``: the ``Request``, with the record's generation overrides over the run's defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from ptp_cli.config import ModelConfig
+from ptp_cli.engine import Request
+from ptp_cli.errors import RecordError
+from ptp_cli.image import DEFAULT_MAX_PIXELS, TilingOptions, load_image
+from ptp_cli.prompts import PromptIds, Template, encode_prompt, get_template
+from ptp_cli.records import Record
+from ptp_cli.tokenization import Tokenizer
+
+Overrides = Mapping[str, int | float]
+
+
+class PromptEncoder(Protocol):
+    """Turns a question and a count of image placeholders into prompt ids with their spans."""
+
+    def encode(self, question: str, *, num_image_tokens: int, system_message: str | None) -> PromptIds:
+        """Raise ``ValueError`` when this question cannot make a valid prompt (it becomes an error row)."""
+        ...
+
+
+@dataclass(frozen=True)
+class TemplateEncoder:
+    """Prompts from one of ptp's built-in templates (``prompts.TEMPLATES``) and the checkpoint's tokenizer."""
+
+    tokenizer: Tokenizer  # the checkpoint's
+    template: Template  # the template its config names
+
+    @classmethod
+    def for_model(cls, tokenizer: Tokenizer, cfg: ModelConfig) -> TemplateEncoder:
+        """The encoder of a loaded checkpoint: its tokenizer and the template its config names."""
+        return cls(tokenizer, get_template(cfg.template))
+
+    def encode(self, question: str, *, num_image_tokens: int, system_message: str | None) -> PromptIds:
+        return encode_prompt(
+            self.tokenizer, self.template, question=question, num_image_tokens=num_image_tokens,
+            system_message=system_message,
+        )
+
+
+@dataclass(frozen=True)
+class RequestDefaults:
+    """What every request gets unless its record overrides it."""
+
+    max_new_tokens: int = 64  # generation length cap (record override: max_new_tokens)
+    temperature: float = 0.0  # 0: greedy (record override: temperature)
+    seed: int = 0  # sampling and random-pruning seed (record override: seed)
+    system_message: str | None = None  # None: the encoder's own (the template's)
+    ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
+
+
+class InputProcessor:
+    """Records to engine requests for one model. Thread-safe: it holds no mutable state."""
+
+    def __init__(
+        self,
+        *,
+        encoder: PromptEncoder,
+        tiling: TilingOptions,
+        tokens_per_tile: int,
+        defaults: RequestDefaults = RequestDefaults(),
+        pixel_dtype: torch.dtype = torch.float32,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        self.encoder = encoder  # the prompt step (see PromptEncoder)
+        self.tiling = tiling  # the run's tiling; records may override max_tiles/min_tiles
+        self.tokens_per_tile = tokens_per_tile  # visual placeholders per tile (256 for InternVL2)
+        self.defaults = defaults
+        # Tiles are kept in the model's dtype: the ViT casts to it anyway, so no number changes, but host
+        # memory and the host-to-device copy halve in bf16/fp16.
+        self.pixel_dtype = pixel_dtype
+        self.max_pixels = max_pixels  # decompression-bomb guard
+
+    # ------------------------------------------------------------------------------------------ steps
+
+    def tiling_for(self, overrides: Overrides) -> TilingOptions:
+        """The run's tiling with a record's overrides; a bad combination is the record's error."""
+        if overrides.get("max_tiles") is None and overrides.get("min_tiles") is None:
+            return self.tiling
+        try:
+            return dataclasses.replace(
+                self.tiling,
+                max_tiles=int(overrides.get("max_tiles") or self.tiling.max_tiles),
+                min_tiles=int(overrides.get("min_tiles") or self.tiling.min_tiles),
+            )
+        except ValueError as e:
+            raise RecordError(f"bad tiling override: {e}", kind="invalid_record") from None
+
+    def load_tiles(self, image: Path, tiling: TilingOptions) -> torch.Tensor:
+        """Read ``image`` and tile it: ``[T, 3, S, S]`` in ``pixel_dtype``. Raises ``ImageError``."""
+        return tiling.preprocess(load_image(image, max_pixels=self.max_pixels)).to(self.pixel_dtype)
+
+    def encode(self, question: str, *, num_image_tokens: int, system_message: str | None = None) -> PromptIds:
+        """The prompt step, done by ``self.encoder``; a question that makes no valid prompt is a RecordError."""
+        system = self.defaults.system_message if system_message is None else system_message
+        try:
+            return self.encoder.encode(question, num_image_tokens=num_image_tokens, system_message=system)
+        except ValueError as e:
+            raise RecordError(str(e), kind="prompt_error") from None
+
+    def request(
+        self, question: str, pixels: torch.Tensor, *, tiling: TilingOptions | None = None,
+        overrides: Overrides | None = None,
+    ) -> Request:
+        """A request on ``pixels`` (tiles cut with ``tiling``, default the run's) for ``question``."""
+        ov = overrides or {}
+        tiling = tiling or self.tiling
+        n_tiles = int(pixels.shape[0])  # pixels: [T, 3, S, S]
+        prompt = self.encode(question, num_image_tokens=n_tiles * self.tokens_per_tile)
+        d = self.defaults
+        return Request(
+            ids=prompt.ids,
+            pixel_values=pixels,
+            image_start=prompt.image_start,
+            instruction=(prompt.instruction_start, prompt.instruction_end),
+            stop_ids=prompt.stop_ids,
+            max_new_tokens=int(ov.get("max_new_tokens") or d.max_new_tokens),
+            temperature=float(ov["temperature"]) if ov.get("temperature") is not None else d.temperature,
+            seed=int(ov["seed"]) if ov.get("seed") is not None else d.seed,
+            has_thumbnail=n_tiles > 1 and tiling.use_thumbnail,
+            ignore_eos=d.ignore_eos,
+        )
+
+    # ------------------------------------------------------------------------------------------ all of it
+
+    def process(self, record: Record) -> Request:
+        """Load, tile and encode one record. Raises ``RecordError`` (or a subclass) for bad input only."""
+        tiling = self.tiling_for(record.overrides)
+        pixels = self.load_tiles(record.image, tiling)
+        return self.request(record.question, pixels, tiling=tiling, overrides=record.overrides)
