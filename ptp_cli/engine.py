@@ -3,7 +3,12 @@
 The engine knows nothing about tokenization, images on disk or prompt text: a ``Request`` carries
 prompt token ids with one placeholder id per visual token, the tiles' pixel values, and the spans
 the pruning methods need. ``Engine.generate`` runs one batch (any mix of tile counts) and returns one
-``Result`` per request, in order.
+``Result`` per request, in order, through named stages that can also be called one by one:
+
+    encode_images -> select (probe + pruning method) -> build_prompts -> prefill -> decode (step by step)
+
+Every row is computed as it would be alone: prompts are right-padded (exactly causal for real tokens), and RoPE
+scaling is chosen per row from that row's own length (``models/llm.py``), never for the batch as a whole.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import torch
 
 from ptp_cli import flops as F
 from ptp_cli.models.internvl import InternVLModel
-from ptp_cli.models.llm import LayerCache
+from ptp_cli.models.llm import LayerCache, sequence_lengths
 from ptp_cli.pruning.base import LayerState, NoPruning, PruningMethod, VisualContext
 from ptp_cli.pruning.scores import instruction_scores, vit_token_scores
 
@@ -91,6 +96,38 @@ def _right_pad(rows: list[torch.Tensor], length: int, value) -> torch.Tensor:
     return out
 
 
+@dataclass
+class VisualFeatures:
+    """The ViT stage's output for a batch, per sample."""
+
+    features: list[torch.Tensor]  # [T_i * 256, D] projected visual tokens, in tile order
+    cls: list[torch.Tensor]  # [T_i, Cv] last-layer CLS embedding of each tile
+    token_scores: list[torch.Tensor] | None  # [T_i, 256] CLS->patch attention at the method's ViT layer
+
+
+@dataclass
+class Prompts:
+    """A batch of (pruned) prompts, embedded and right-padded: the input of prefill (and of the probe)."""
+
+    ids: list[torch.Tensor]  # [S_i] each sample's prompt ids, discarded visual placeholders removed
+    kept: list[torch.Tensor]  # [K_i] kept visual token indices in [0, T_i * 256)
+    x: torch.Tensor  # [B, S, D] embeddings, visual features written over their placeholders
+    valid: torch.Tensor  # [B, S] real tokens (padding at the end of each row)
+    positions: torch.Tensor  # [B, S] contiguous positions per sample
+    visual: torch.Tensor  # [B, S] kept visual tokens
+    instruction: torch.Tensor  # [B, S] the question's tokens
+
+
+@dataclass
+class DecodeState:
+    """What decoding continues from; ``Engine.step`` advances it by one token per row."""
+
+    caches: list[LayerCache]  # one per LLM layer (a layer that kept fewer tokens has a shorter one)
+    logits: torch.Tensor  # [B, V] fp32 logits of each row's next token
+    next_pos: torch.Tensor  # [B] position of each row's next token
+    layer_tokens: torch.Tensor  # [B, L] real tokens each layer processed in prefill
+
+
 class Engine:
     def __init__(
         self,
@@ -106,175 +143,194 @@ class Engine:
         self.vit_batch = vit_batch  # tiles per ViT call: bounds activation memory
         self.cfg = model.cfg
 
-    # ------------------------------------------------------------------------------------------ stages
-
-    @torch.inference_mode()
-    def encode_images(self, requests: Sequence[Request]):
-        """ViT + projector over every tile of the batch, in chunks. Returns concatenated outputs."""
-        m = self.method
-        pix = torch.cat([r.pixel_values for r in requests]).to(self.model.device, self.model.dtype)
-        feats, cls, scores = [], [], []
-        for chunk in pix.split(self.vit_batch):
-            out = self.model.vision_features(chunk, cls_attn_layer=m.vit_score_layer())
-            feats.append(out.features)
-            cls.append(out.cls)
-            if out.cls_attn is not None:
-                scores.append(vit_token_scores(out.cls_attn, head_agg=m.head_aggregation(), model_cfg=self.cfg))
-        return torch.cat(feats), torch.cat(cls), (torch.cat(scores) if scores else None)
-
-    def _embed(self, ids: list[torch.Tensor], visual: list[torch.Tensor], starts: list[int]) -> list[torch.Tensor]:
-        """Token embeddings with visual features written over the placeholders."""
-        emb = self.model.language_model.tok_embeddings
-        out = []
-        for row, v, s in zip(ids, visual, starts, strict=True):
-            e = emb(row)  # [S, D]
-            e[s : s + v.shape[0]] = v.to(e.dtype)
-            out.append(e)
-        return out
-
-    @torch.inference_mode()
-    def probe(self, requests: Sequence[Request], visual: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Instruction scores of every visual token, from LLM layer M on the unpruned sequences."""
-        m = self.method
-        layer = m.probe_layer()
-        assert layer is not None
-        dev = self.model.device
-        ids = [torch.tensor(r.ids, device=dev) for r in requests]
-        x = _right_pad(self._embed(ids, visual, [r.image_start for r in requests]), max(len(i) for i in ids), 0.0)
-        b, s = x.shape[:2]
-        valid = _right_pad([torch.ones(len(i), dtype=torch.bool, device=dev) for i in ids], s, False)
-        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
-        instr = torch.zeros(b, s, dtype=torch.bool, device=dev)
-        for i, r in enumerate(requests):
-            instr[i, r.instruction[0] : r.instruction[1]] = True
-        scores = instruction_scores(
-            self.model.language_model, x, positions, valid, instr,
-            layer=layer, head_agg=m.head_aggregation(), instr_agg=m.instruction_aggregation(),
-        )  # [B, S]
-        out = []
-        for i, r in enumerate(requests):
-            out.append(scores[i, r.image_start : r.image_start + visual[i].shape[0]])
-        return out
-
-    # ------------------------------------------------------------------------------------------ generate
-
     @torch.inference_mode()
     def generate(self, requests: Sequence[Request]) -> list[Result]:
+        """Run one batch through every stage; one ``Result`` per request, in order."""
         if not requests:
             return []
-        lm, dev = self.model.language_model, self.model.device
+        self.check(requests)
+        clock = _Clock(self.model.device)
+        visual = self.encode_images(requests)
+        clock.lap("vit")
+        keep = self.select(requests, visual)
+        clock.lap("probe")
+        prompts = self.build_prompts(requests, visual.features, keep)
+        state = self.prefill(prompts, room=max(r.max_new_tokens for r in requests))
+        clock.lap("prefill")
+        tokens, logps = self.decode(requests, state)
+        clock.lap("decode")
+        return self._results(requests, prompts, state.layer_tokens, tokens, logps, clock.times)
+
+    # ------------------------------------------------------------------------------------------ stages
+
+    def check(self, requests: Sequence[Request]) -> None:
+        """Every request carries one placeholder id per visual token, from its image_start on."""
         ntok = self.cfg.tokens_per_tile
         for r in requests:
             n = r.num_tiles * ntok
             placeholders = sum(1 for t in r.ids[r.image_start : r.image_start + n] if t == self.image_token_id)
             if placeholders != n:
                 raise ValueError(f"request has {placeholders} image placeholders at image_start, expected {n}")
-        clock = _Clock(dev)
 
-        # ViT and projector over all tiles of the batch.
-        feats, cls, tscores = self.encode_images(requests)
-        splits = [r.num_tiles for r in requests]
-        visual = [f.flatten(0, 1) for f in feats.split(splits)]  # per sample [T_i*256, D]
-        clock.lap("vit")
-
-        # Pre-LLM selection (PTP and the pre-LLM baselines).
+    @torch.inference_mode()
+    def encode_images(self, requests: Sequence[Request]) -> VisualFeatures:
+        """ViT + projector over every tile of the batch, in chunks of ``vit_batch`` tiles."""
         m = self.method
-        instr_scores = self.probe(requests, visual) if m.probe_layer() is not None else None
-        ctx = VisualContext(
-            tiles=splits,
-            has_thumbnail=[r.has_thumbnail and r.num_tiles > 1 for r in requests],
-            tokens_per_tile=ntok,
-            cls=list(cls.split(splits)),
-            token_scores=list(tscores.split(splits)) if tscores is not None else None,
-            instruction_scores=instr_scores,
-            seeds=[r.seed for r in requests],
+        pix = torch.cat([r.pixel_values for r in requests]).to(self.model.device, self.model.dtype)
+        feats, cls, scores = [], [], []
+        for chunk in pix.split(self.vit_batch):
+            out = self.model.vision_features(chunk, cls_attn_layer=m.vit_score_layer())
+            feats.append(out.features)  # [t, 256, D]
+            cls.append(out.cls)
+            if out.cls_attn is not None:
+                scores.append(vit_token_scores(out.cls_attn, head_agg=m.head_aggregation(), model_cfg=self.cfg))
+        splits = [r.num_tiles for r in requests]
+        return VisualFeatures(
+            features=[f.flatten(0, 1) for f in torch.cat(feats).split(splits)],
+            cls=list(torch.cat(cls).split(splits)),
+            token_scores=list(torch.cat(scores).split(splits)) if scores else None,
         )
-        keep = m.select(ctx)
-        clock.lap("probe")
 
-        # Pruned prompts: drop the placeholders (and features) of discarded visual tokens.
-        ids, vis, spans, kept_all = [], [], [], []
-        for r, v, k in zip(requests, visual, keep, strict=True):
+    @torch.inference_mode()
+    def probe(self, requests: Sequence[Request], features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Instruction scores of every visual token [T_i * 256], from LLM layer M on the unpruned prompts."""
+        m = self.method
+        layer = m.probe_layer()
+        assert layer is not None
+        p = self.build_prompts(requests, features, [None] * len(requests))
+        scores = instruction_scores(
+            self.model.language_model, p.x, p.positions, p.valid, p.instruction,
+            layer=layer, head_agg=m.head_aggregation(), instr_agg=m.instruction_aggregation(),
+        )  # [B, S]
+        return [scores[i, r.image_start : r.image_start + f.shape[0]] for i, (r, f) in
+                enumerate(zip(requests, features, strict=True))]
+
+    @torch.inference_mode()
+    def select(self, requests: Sequence[Request], visual: VisualFeatures) -> list[torch.Tensor | None]:
+        """The pre-LLM pruning decision: kept visual token indices per sample (None: all of them)."""
+        m = self.method
+        return m.select(VisualContext(
+            tiles=[r.num_tiles for r in requests],
+            has_thumbnail=[r.has_thumbnail and r.num_tiles > 1 for r in requests],
+            tokens_per_tile=self.cfg.tokens_per_tile,
+            cls=visual.cls,
+            token_scores=visual.token_scores,
+            instruction_scores=self.probe(requests, visual.features) if m.probe_layer() is not None else None,
+            seeds=[r.seed for r in requests],
+        ))
+
+    def build_prompts(
+        self, requests: Sequence[Request], features: list[torch.Tensor], keep: Sequence[torch.Tensor | None]
+    ) -> Prompts:
+        """Drop the placeholders (and features) of discarded visual tokens, embed, right-pad."""
+        dev = self.model.device
+        ids, kept, spans = [], [], []
+        for r, v, k in zip(requests, features, keep, strict=True):
             n = v.shape[0]
             k = torch.arange(n, device=dev) if k is None else k.to(dev)
             row = torch.tensor(r.ids, device=dev)
             ids.append(torch.cat([row[: r.image_start], row[r.image_start + k], row[r.image_start + n :]]))
-            vis.append(v[k])
-            kept_all.append(k)
+            kept.append(k)
             dropped = n - k.numel()
             spans.append((r.image_start, r.image_start + k.numel(), r.instruction[0] - dropped,
                           r.instruction[1] - dropped))
         b, s = len(requests), max(len(i) for i in ids)
-        x = _right_pad(self._embed(ids, vis, [r.image_start for r in requests]), s, 0.0)  # [B, S, D]
+        emb = self.model.language_model.tok_embeddings
+        rows = []
+        for row, v, k, (v0, _, _, _) in zip(ids, features, kept, spans, strict=True):
+            e = emb(row)  # [S_i, D]
+            e[v0 : v0 + k.numel()] = v[k].to(e.dtype)
+            rows.append(e)
         valid = _right_pad([torch.ones(len(i), dtype=torch.bool, device=dev) for i in ids], s, False)
-        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)  # contiguous positions per sample
-        visual_mask = torch.zeros(b, s, dtype=torch.bool, device=dev)
-        instr_mask = torch.zeros_like(visual_mask)
+        visual = torch.zeros(b, s, dtype=torch.bool, device=dev)
+        instruction = torch.zeros_like(visual)
         for i, (v0, v1, q0, q1) in enumerate(spans):
-            visual_mask[i, v0:v1] = True
-            instr_mask[i, q0:q1] = True
+            visual[i, v0:v1] = True
+            instruction[i, q0:q1] = True
+        return Prompts(
+            ids=ids, kept=kept, x=_right_pad(rows, s, 0.0), valid=valid,
+            positions=(valid.long().cumsum(-1) - 1).clamp(min=0), visual=visual, instruction=instruction,
+        )
 
-        # Prefill, layer by layer; in-LLM methods may drop tokens between layers.
-        max_new = max(r.max_new_tokens for r in requests)
-        lm.rotary.prepare(int(positions.max()) + 1 + max_new)
+    @torch.inference_mode()
+    def prefill(self, p: Prompts, *, room: int) -> DecodeState:
+        """Every LLM layer over the prompts; in-LLM methods may drop tokens between layers.
+
+        Each layer's KV cache holds its prompt tokens plus ``room`` decoding steps.
+        """
+        lm, m = self.model.language_model, self.method
+        x, valid, positions, visual, instr = p.x, p.valid, p.positions, p.visual, p.instruction
+        b = x.shape[0]
+        # Each row's own prompt length picks its RoPE scaling; dropping tokens keeps positions, so it stays.
+        lengths = sequence_lengths(positions, valid)  # [B]
+        cos, sin = lm.rotary(positions, x.dtype, lengths=lengths)
         drops = m.drop_layers()
         caches: list[LayerCache] = []
         layer_tokens = []  # per layer, real tokens of each sample [B] (kept on device: no sync per layer)
-        cos, sin = lm.rotary(positions, x.dtype)
         for j, layer in enumerate(lm.layers):
-            cache = lm.new_cache(b, x.shape[1] + max_new)
-            caches.append(cache)
+            caches.append(lm.new_cache(b, x.shape[1] + room))
             layer_tokens.append(valid.sum(-1))
-            out = layer(x, cos, sin, cache, valid, causal=True)  # right-padded: causal is exact
+            out = layer(x, cos, sin, caches[-1], valid, causal=True)  # right-padded: causal is exact
             x = out.hidden
             if j in drops and j + 1 < len(lm.layers):
-                state = LayerState(
-                    layer=j, hidden=x, q=out.q, keys=out.keys, valid=valid, visual=visual_mask,
-                    instruction=instr_mask, last=valid.sum(-1) - 1,
-                )
-                mask = m.after_layer(state)
+                mask = m.after_layer(LayerState(
+                    layer=j, hidden=x, q=out.q, keys=out.keys, valid=valid, visual=visual,
+                    instruction=instr, last=valid.sum(-1) - 1,
+                ))
                 if mask is not None:
-                    x, valid, positions, visual_mask, instr_mask = self._compact(
-                        mask & valid, x, valid, positions, visual_mask, instr_mask
+                    x, valid, positions, visual, instr = self._compact(
+                        mask & valid, x, valid, positions, visual, instr
                     )
-                    cos, sin = lm.rotary(positions, x.dtype)
+                    cos, sin = lm.rotary(positions, x.dtype, lengths=lengths)
         last = valid.sum(-1) - 1  # [B] each row's last real token
-        rows = torch.arange(b, device=dev)
-        logits = lm.logits(x[rows, last])  # [B, V]
-        clock.lap("prefill")
+        rows = torch.arange(b, device=x.device)
+        return DecodeState(
+            caches=caches, logits=lm.logits(x[rows, last]), next_pos=positions[rows, last] + 1,
+            layer_tokens=torch.stack(layer_tokens, 1),
+        )
 
-        # Decode: one token per step for the whole batch; each layer attends to what it kept.
-        next_pos = positions[rows, last] + 1  # [B]
+    @torch.inference_mode()
+    def step(self, state: DecodeState, tok: torch.Tensor) -> None:
+        """Feed one token per row (tok [B]) through every layer, appending to the caches; updates ``state``."""
+        lm = self.model.language_model
+        h = lm.tok_embeddings(tok)[:, None]  # [B, 1, D]
+        # The row's length with this token picks its RoPE scaling; cached keys keep the one they were rotated with.
+        cos, sin = lm.rotary(state.next_pos[:, None], h.dtype, lengths=state.next_pos + 1)
+        ones = torch.ones(h.shape[0], 1, dtype=torch.bool, device=h.device)
+        for layer, cache in zip(lm.layers, state.caches, strict=True):
+            h = layer(h, cos, sin, cache, ones).hidden
+        state.logits = lm.logits(h[:, -1])
+        state.next_pos = state.next_pos + 1
+
+    @torch.inference_mode()
+    def decode(self, requests: Sequence[Request], state: DecodeState) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token per step for the whole batch until every row has stopped or reached its limit.
+
+        Returns the tokens and their log-probabilities [B, steps]; rows that stopped earlier are cut later.
+        """
+        dev = state.logits.device
         gens = [torch.Generator(device=dev).manual_seed(r.seed) for r in requests]
         temps = [r.temperature for r in requests]
-        stop = torch.zeros(b, max(1, max(len(r.stop_ids) for r in requests)), dtype=torch.long, device=dev) - 1
+        stop = torch.full((len(requests), max(1, *(len(r.stop_ids) for r in requests))), -1, device=dev)
         for i, r in enumerate(requests):
             if not r.ignore_eos and r.stop_ids:
                 stop[i, : len(r.stop_ids)] = torch.tensor(list(r.stop_ids), device=dev)
         limits = torch.tensor([r.max_new_tokens for r in requests], device=dev)
+        max_new = max(r.max_new_tokens for r in requests)
         done = limits <= 0
         tokens, logps = [], []
-        ones = torch.ones(b, 1, dtype=torch.bool, device=dev)
         steps = 0
         while True:
-            tok = self._pick(logits, temps, gens)  # [B]
-            logp = torch.log_softmax(logits, -1).gather(1, tok[:, None])[:, 0]
+            tok = self._pick(state.logits, temps, gens)  # [B]
             tokens.append(tok)
-            logps.append(logp)
+            logps.append(torch.log_softmax(state.logits, -1).gather(1, tok[:, None])[:, 0])
             steps += 1
             done = done | (tok[:, None] == stop).any(-1) | (steps >= limits)
             # Reading `done` syncs with the device: do it every few steps (extra tokens are cut off later).
             if steps >= max_new or (steps % 4 == 0 and bool(done.all())):
                 break
-            h = lm.tok_embeddings(tok)[:, None]  # [B, 1, D]
-            cos, sin = lm.rotary(next_pos[:, None], h.dtype)
-            for layer, cache in zip(lm.layers, caches, strict=True):
-                h = layer(h, cos, sin, cache, ones).hidden
-            logits = lm.logits(h[:, -1])
-            next_pos = next_pos + 1
-        clock.lap("decode")
-
-        return self._results(requests, tokens, logps, kept_all, ids, torch.stack(layer_tokens, 1).cpu(), clock.times)
+            self.step(state, tok)
+        return torch.stack(tokens, 1), torch.stack(logps, 1)
 
     # ------------------------------------------------------------------------------------------ helpers
 
@@ -303,9 +359,13 @@ class Engine:
             out.append(o)
         return out
 
-    def _results(self, requests, tokens, logps, kept_all, ids, layer_tokens, times) -> list[Result]:
-        tok = torch.stack(tokens, 1).tolist()  # [B, steps]
-        lp = torch.stack(logps, 1).tolist()
+    def _results(
+        self, requests: Sequence[Request], prompts: Prompts, layer_tokens: torch.Tensor, tokens: torch.Tensor,
+        logps: torch.Tensor, times: dict[str, float],
+    ) -> list[Result]:
+        """Cut each row at its stop token or limit; count tokens and FLOPs."""
+        tok, lp = tokens.tolist(), logps.tolist()  # [B, steps]
+        layer_tokens = layer_tokens.cpu()
         ntok = self.cfg.tokens_per_tile
         results = []
         for i, r in enumerate(requests):
@@ -317,7 +377,7 @@ class Engine:
                     break
                 out.append(t)
                 outp.append(p)
-            kept = kept_all[i].tolist()
+            kept = prompts.kept[i].tolist()
             per_tile = [0] * r.num_tiles
             for k in kept:
                 per_tile[k // ntok] += 1
@@ -326,7 +386,7 @@ class Engine:
             fl = F.sample_flops(
                 self.cfg,
                 num_tiles=r.num_tiles,
-                text_tokens=len(ids[i]) - len(kept),
+                text_tokens=len(prompts.ids[i]) - len(kept),
                 kept_visual=len(kept),
                 generated=generated,
                 probe=(self.method.probe_layer(), r.instruction[1] - r.instruction[0])
@@ -335,7 +395,7 @@ class Engine:
                 vit_score=self.method.vit_score_layer() is not None,
             )
             results.append(Result(
-                tokens=out, logprobs=outp, finish_reason=reason, prompt_tokens=len(ids[i]),
+                tokens=out, logprobs=outp, finish_reason=reason, prompt_tokens=len(prompts.ids[i]),
                 visual_before=r.num_tiles * ntok, visual_after=len(kept), visual_after_per_tile=per_tile,
                 kept=kept, layer_lengths=lengths, flops=fl.as_dict(), timing=dict(times),
                 batch_size=len(requests),

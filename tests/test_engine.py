@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from tiny_random import IMG, tiny_model
+from tiny_random import IMG, forced_logits, tiny_model
 
 from ptp_cli.engine import Engine, Request
 from ptp_cli.models.internvl import InternVLModel
@@ -60,6 +60,31 @@ def test_greedy_matches_full_recompute(model):
     assert res.finish_reason == "length"
     assert res.visual_before == res.visual_after == 3 * 256
     assert res.prompt_tokens == len(req.ids)
+
+
+def test_cached_decode_logits_match_full_recompute(model):
+    """Every decoding step's logits (right-padded batch of different prompt lengths, per-layer KV caches, the
+    grouped decode attention) equal a no-cache recompute of that row's whole sequence alone, in fp32."""
+    reqs = [make_request(1, question=3), make_request(2, question=12), make_request(1, question=30)]
+    engine = Engine(model, image_token_id=IMG)
+    steps = 6
+    tokens = torch.randint(0, 290, (len(reqs), steps), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        got = forced_logits(engine, reqs, tokens)  # steps x [B, V]
+        lm = model.language_model
+        worst = 0.0
+        for i, req in enumerate(reqs):
+            feats = model.vision_features(req.pixel_values).features.flatten(0, 1)
+            x = lm.tok_embeddings(torch.tensor(req.ids))
+            x[req.image_start : req.image_start + feats.shape[0]] = feats
+            for j in range(steps):
+                s = x.shape[0]
+                h = lm.run_layers(x[None], torch.arange(s)[None], torch.ones(1, s, dtype=torch.bool))
+                expected = lm.logits(h[0, -1])  # [V]
+                assert expected.std() > 0.1
+                worst = max(worst, (got[j][i] - expected).abs().max().item())
+                x = torch.cat([x, lm.tok_embeddings(tokens[i, j : j + 1])])
+    assert worst < 1e-5
 
 
 def test_batch_of_mixed_tile_counts_equals_each_alone(model):

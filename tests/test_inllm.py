@@ -153,7 +153,7 @@ def run(model: InternVLModel, cfg: PruneConfig | None, reqs: list[Request]) -> l
 
 @pytest.mark.parametrize("cfg", CASES, ids=lambda c: f"{c.method}-{c.ratio}-{c.fastv_layer}-{c.vtw_layer}-{c.pdrop_layers}")
 def test_matches_naive_reference(model, requests_, prompts, cfg):
-    batch = run(model, cfg, requests_)  # a left-padded batch of two lengths
+    batch = run(model, cfg, requests_)  # a right-padded batch of two lengths
     for req, prompt, got in zip(requests_, prompts, batch, strict=True):
         tokens, logps, lengths = reference(model, req, prompt, cfg)
         assert got.layer_lengths == lengths

@@ -132,7 +132,7 @@ def pooled_cls_row(attn: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def recorded(model: InternVLModel) -> tuple[list[Request], VisualContext]:
-    """A left-padded batch of two samples (3 tiles and a short question; 1 tile and a longer one)."""
+    """A right-padded batch of two samples (3 tiles and a short question; 1 tile and a longer one)."""
     reqs = [make_request(3, 7, max_new=1), make_request(1, 12, max_new=1)]
     method = Recorder(PruneConfig(llm_layer=2), CFG)
     Engine(model, image_token_id=IMG, method=method).generate(reqs)

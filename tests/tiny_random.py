@@ -7,7 +7,7 @@ from dataclasses import replace
 import torch
 
 from ptp_cli.config import TINY
-from ptp_cli.engine import Request
+from ptp_cli.engine import Engine, Request
 from ptp_cli.models.internvl import InternVLModel
 
 CFG = replace(TINY, llm=replace(TINY.llm, vocab_size=300))
@@ -43,3 +43,16 @@ def synthetic_request(
         ids=ids, pixel_values=torch.randn(tiles, 3, 448, 448, generator=gen), image_start=len(start),
         instruction=(q0, q1), ignore_eos=True, has_thumbnail=tiles > 1, **kw,
     )
+
+
+def forced_logits(engine: Engine, requests: list[Request], tokens: torch.Tensor) -> list[torch.Tensor]:
+    """The engine's next-token logits [B, V] before each of the tokens [B, n] it is fed (prefill, then one cached
+    decoding step per token but the last), every stage unpruned: n logits, each row following the given tokens."""
+    visual = engine.encode_images(requests)
+    prompts = engine.build_prompts(requests, visual.features, [None] * len(requests))
+    state = engine.prefill(prompts, room=tokens.shape[1])
+    out = [state.logits]
+    for t in tokens.unbind(1)[:-1]:
+        engine.step(state, t)
+        out.append(state.logits)
+    return out

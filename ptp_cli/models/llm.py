@@ -24,38 +24,55 @@ from ptp_cli.models.vit import RMSNorm
 # ---------------------------------------------------------------------------------------------- RoPE
 
 
-def rope_inv_freq(cfg: LLMConfig, *, max_len: int) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies [hd/2] and the attention scale applied to cos/sin, from the checkpoint's rope_scaling.
+def _freq_shape(hd: int) -> torch.Tensor:
+    """Exponents 2i/hd [hd/2], as the reference computes them (int64 arange, then float32)."""
+    return torch.arange(0, hd, 2, dtype=torch.int64, device="cpu").float() / hd
 
-    ``max_len`` is the longest sequence the batch will reach; Phi-3's longrope picks its long factors past the
-    original context (as the reference does once the sequence grows that long).
+
+@dataclass(frozen=True)
+class RopeTables:
+    """Everything RoPE needs, precomputed on the CPU from the checkpoint's rope_scaling.
+
+    Position-dependent scalings choose frequencies from a sequence's length ``L`` (its largest position + 1, the
+    reference's ``max(position_ids) + 1`` for that sequence alone): Phi-3's longrope uses ``long_inv_freq`` once
+    ``L > threshold`` (``original_max_position_embeddings``) and ``inv_freq`` up to it; dynamic NTK rescales the
+    base for ``L > threshold`` (``max_position_embeddings``). Every other scaling has one table.
     """
-    hd = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device="cpu").float() / hd))
+
+    inv_freq: torch.Tensor  # [hd/2] frequencies (longrope: short factors; dynamic: within the trained context)
+    head_dim: int  # hd
+    theta: float  # RoPE base (dynamic NTK rescales it per length)
+    scale: float = 1.0  # multiplies cos and sin (longrope's attention factor)
+    long_inv_freq: torch.Tensor | None = None  # [hd/2] longrope's frequencies for sequences longer than threshold
+    threshold: int | None = None  # longest sequence that keeps inv_freq (None: every length does)
+    ntk_factor: float | None = None  # dynamic NTK's factor (None: not dynamic)
+
+
+def rope_tables(cfg: LLMConfig) -> RopeTables:
+    """The RoPE tables of a checkpoint, following transformers' rope initialisers for each rope_scaling type."""
+    hd, theta = cfg.head_dim, cfg.rope_theta
+    inv = 1.0 / (theta ** _freq_shape(hd))
     scaling = dict(cfg.rope_scaling or {})
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind in (None, "default"):
-        return inv, 1.0
+        return RopeTables(inv_freq=inv, theta=theta, head_dim=hd)
     if kind == "linear":
-        return inv / float(scaling["factor"]), 1.0
+        return RopeTables(inv_freq=inv / float(scaling["factor"]), theta=theta, head_dim=hd)
     if kind == "dynamic":
-        # Dynamic NTK only changes anything past the trained context (InternLM2's 32k); prompts here are shorter.
-        if max_len <= cfg.max_position_embeddings:
-            return inv, 1.0
-        factor = float(scaling["factor"])
-        base = cfg.rope_theta * (
-            (factor * max_len / cfg.max_position_embeddings) - (factor - 1)
-        ) ** (hd / (hd - 2))
-        return 1.0 / (base ** (torch.arange(0, hd, 2, dtype=torch.int64, device="cpu").float() / hd)), 1.0
+        return RopeTables(inv_freq=inv, head_dim=hd, theta=theta, threshold=cfg.max_position_embeddings,
+                          ntk_factor=float(scaling["factor"]))
     if kind in ("longrope", "su"):
         original = int(scaling.get("original_max_position_embeddings") or cfg.max_position_embeddings)
-        factors = scaling["long_factor"] if max_len > original else scaling["short_factor"]
-        ext = torch.tensor(factors, dtype=torch.float32, device="cpu")
         factor = scaling.get("factor") or cfg.max_position_embeddings / original
         attn = scaling.get("attention_factor")
         if attn is None:
             attn = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
-        return inv / ext, float(attn)
+
+        def table(factors: list[float]) -> torch.Tensor:
+            return 1.0 / (torch.tensor(factors, dtype=torch.float32, device="cpu") * theta ** _freq_shape(hd))
+
+        return RopeTables(inv_freq=table(scaling["short_factor"]), long_inv_freq=table(scaling["long_factor"]),
+                          threshold=original, scale=float(attn), theta=theta, head_dim=hd)
     if kind == "llama3":
         factor = float(scaling["factor"])
         low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
@@ -65,34 +82,58 @@ def rope_inv_freq(cfg: LLMConfig, *, max_len: int) -> tuple[torch.Tensor, float]
         scaled = torch.where(wavelen > old / low, inv / factor, inv)
         mid = (1 - smooth) * scaled / factor + smooth * scaled
         is_mid = (wavelen <= old / low) & (wavelen >= old / high)
-        return torch.where(is_mid, mid, scaled), 1.0
+        return RopeTables(inv_freq=torch.where(is_mid, mid, scaled), theta=theta, head_dim=hd)
     raise ValueError(f"unsupported rope_scaling type {kind!r}")
 
 
-class Rotary:
-    """cos/sin for arbitrary per-token positions (left padding and dropped tokens keep their own positions).
+def sequence_lengths(positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Each row's length as RoPE scaling sees it: its largest real position + 1. positions/valid [B, S] -> [B]."""
+    return positions.masked_fill(~valid, -1).amax(-1) + 1
 
-    Holds no tensors of the module's own (so a model built on the meta device needs nothing rebuilt): the
-    frequencies are computed on the CPU and copied once per device.
+
+class Rotary:
+    """cos/sin for arbitrary per-token positions, with frequencies chosen per row from that row's own length.
+
+    Every row is treated as the reference treats that sequence alone, so a row's numbers never depend on its
+    batch-mates; the caller passes each row's length for this forward pass (prefill: its prompt; a decoding step:
+    its length with the new token), so keys already cached keep the frequencies they were rotated with. Holds no
+    module tensors (a model built on the meta device needs nothing rebuilt): the tables are copied once per device.
     """
 
     def __init__(self, cfg: LLMConfig) -> None:
-        self.cfg = cfg
-        self.prepare(0)
+        self.tables = rope_tables(cfg)
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
 
-    def prepare(self, max_len: int) -> None:
-        """Pick the frequencies for a batch that will reach ``max_len`` tokens."""
-        self.inv_freq, self.scale = rope_inv_freq(self.cfg, max_len=max_len)  # [hd/2] on CPU
-        self._on_device: dict[torch.device, torch.Tensor] = {}
+    def _device_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        if device not in self._on_device:
+            t = self.tables
+            long = t.long_inv_freq.to(device) if t.long_inv_freq is not None else None
+            self._on_device[device] = (t.inv_freq.to(device), _freq_shape(t.head_dim).to(device), long)
+        return self._on_device[device]
 
-    def __call__(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions: [B, S] -> cos, sin [B, 1, S, hd]
-        inv = self._on_device.get(positions.device)
-        if inv is None:
-            inv = self._on_device[positions.device] = self.inv_freq.to(positions.device)
-        freqs = positions.float()[..., None] * inv  # [B, S, hd/2]
+    def inv_freq(self, lengths: torch.Tensor) -> torch.Tensor:
+        """Frequencies [B, hd/2] for rows of the given lengths [B] (a select between precomputed tables)."""
+        t = self.tables
+        inv, shape, long = self._device_tables(lengths.device)
+        if t.threshold is None:
+            return inv.expand(lengths.shape[0], -1)
+        past = (lengths > t.threshold)[:, None]  # [B, 1]
+        if long is not None:
+            return torch.where(past, long, inv)
+        # Dynamic NTK: the base grows with the row's length (float32, as the reference computes it).
+        f = t.ntk_factor
+        hd = t.head_dim
+        base = t.theta * ((f * lengths.float() / t.threshold) - (f - 1)) ** (hd / (hd - 2))  # [B]
+        return torch.where(past, 1.0 / (base[:, None] ** shape), inv)
+
+    def __call__(
+        self, positions: torch.Tensor, dtype: torch.dtype, *, lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [B, S], lengths [B] -> cos, sin [B, 1, S, hd]."""
+        freqs = positions.float()[..., None] * self.inv_freq(lengths)[:, None, :]  # [B, S, hd/2]
         emb = torch.cat([freqs, freqs], dim=-1)
-        return (emb.cos() * self.scale).to(dtype)[:, None], (emb.sin() * self.scale).to(dtype)[:, None]
+        s = self.tables.scale
+        return (emb.cos() * s).to(dtype)[:, None], (emb.sin() * s).to(dtype)[:, None]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -110,7 +151,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class LayerCache:
     """One layer's keys and values, preallocated [B, Hkv, capacity, hd] and written by index.
 
-    ``valid`` [B, capacity] marks slots that hold real tokens (False for left padding), so attention
+    ``valid`` [B, capacity] marks slots that hold real tokens (False for padding), so attention
     masks are built from it; ``length`` is the number of slots written (the same for every row).
     """
 
@@ -171,6 +212,24 @@ def decode_attention(
     return out.reshape(b, hq, 1, hd)
 
 
+def grouped_sdpa(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, *,
+    causal: bool, repeat_kv: bool,
+) -> torch.Tensor:
+    """SDPA for q [B, Hq, S, hd] against keys/values [B, Hkv, K, hd] (Hkv divides Hq); returns [B, Hq, S, hd].
+
+    ``repeat_kv`` copies the key/value heads up to Hq instead of passing ``enable_gqa``: not every CUDA kernel
+    takes enable_gqa (the masked memory-efficient one does not), and full heads beat a fall-back to the math
+    kernel there. The engine sets it on CUDA; both ways compute the same attention.
+    """
+    g = q.shape[1] // keys.shape[1]
+    if g > 1 and repeat_kv:
+        keys, values = keys.repeat_interleave(g, 1), values.repeat_interleave(g, 1)
+    return F.scaled_dot_product_attention(
+        q, keys, values, attn_mask=mask, is_causal=causal, enable_gqa=g > 1 and not repeat_kv
+    )
+
+
 # ---------------------------------------------------------------------------------------------- modules
 
 
@@ -184,7 +243,6 @@ class Attention(nn.Module):
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
         self.wqkv = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
         self.wo = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
-        self.expand_kv: bool | None = None  # repeat k/v heads for SDPA (None: on CUDA only; see forward)
 
     def project_q(self, h: torch.Tensor) -> torch.Tensor:
         """Queries only (for probing a few rows): h [B, S, D] -> [B, Hq, S, hd], before RoPE."""
@@ -237,15 +295,7 @@ class Attention(nn.Module):
             mask = None
         elif mask is None:
             mask = attention_mask(valid if cache is None else cache.valid[:, : cache.length], start, s)
-        k_att, v_att, gqa = keys, values, self.num_kv_heads != self.num_heads
-        if gqa and (h.is_cuda if self.expand_kv is None else self.expand_kv):
-            # Not every CUDA SDPA kernel takes enable_gqa (the masked memory-efficient one does not):
-            # give it full heads rather than fall back to the math kernel.
-            g = self.num_heads // self.num_kv_heads
-            k_att, v_att, gqa = keys.repeat_interleave(g, 1), values.repeat_interleave(g, 1), False
-        out = F.scaled_dot_product_attention(
-            q, k_att, v_att, attn_mask=mask, is_causal=causal, enable_gqa=gqa
-        )  # [B, Hq, S, hd]
+        out = grouped_sdpa(q, keys, values, mask, causal=causal, repeat_kv=h.is_cuda)  # [B, Hq, S, hd]
         return self.wo(out.transpose(1, 2).reshape(b, s, self.q_size)), q, keys
 
 
@@ -324,8 +374,7 @@ class LLM(nn.Module):
         self, x: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, *, end: int | None = None
     ) -> torch.Tensor:
         """Hidden states after layers [0, end) on x [B, S, D], keeping no KV cache."""
-        self.rotary.prepare(int(positions.max()) + 1)
-        cos, sin = self.rotary(positions, x.dtype)
+        cos, sin = self.rotary(positions, x.dtype, lengths=sequence_lengths(positions, valid))
         causal = right_padded(valid)
         mask = None if causal else attention_mask(valid, 0, x.shape[1])
         for layer in self.layers[:end]:

@@ -12,7 +12,7 @@ import torch
 
 from ptp_cli.config import ModelConfig
 from ptp_cli.models.internvl import pool_patch_scores
-from ptp_cli.models.llm import LLM, apply_rope
+from ptp_cli.models.llm import LLM, apply_rope, sequence_lengths
 
 
 def aggregate_heads(probs: torch.Tensor, how: str, dim: int = 1) -> torch.Tensor:
@@ -83,8 +83,9 @@ def instruction_scores(
     hn = block.attention_norm(h)
     rows, real = gather_rows(instruction)  # [B, R]
     hq = hn.gather(1, rows[..., None].expand(-1, -1, hn.shape[-1]))  # [B, R, D]
-    cos_q, sin_q = lm.rotary(positions.gather(1, rows), hn.dtype)
-    cos_k, sin_k = lm.rotary(positions, hn.dtype)
+    lengths = sequence_lengths(positions, valid)  # [B] RoPE scaling per row, from its own length (as run_layers)
+    cos_q, sin_q = lm.rotary(positions.gather(1, rows), hn.dtype, lengths=lengths)
+    cos_k, sin_k = lm.rotary(positions, hn.dtype, lengths=lengths)
     q = apply_rope(block.attention.project_q(hq), cos_q, sin_q)  # [B, Hq, R, hd]
     k = apply_rope(block.attention.project_k(hn), cos_k, sin_k)  # [B, Hkv, S, hd]
     probs = aggregate_heads(attention_rows(q, k, rows, valid), head_agg)  # [B, R, S]
