@@ -28,15 +28,16 @@ import torch
 from PIL import Image
 
 import ptp_cli
-from ptp_cli.checkpoint import load_model, save_hf_layout
-from ptp_cli.config import SHAPES, ModelConfig
+from ptp_cli.builders.tiny import random_state_dict
+from ptp_cli.builders.writers import save_hf_layout
+from ptp_cli.config import MAX_TILES, SHAPES, ModelConfig
 from ptp_cli.engine import Engine, Request, Result, sync_device
 from ptp_cli.errors import UsageError
 from ptp_cli.image import TilingOptions
 from ptp_cli.models.internvl import InternVLModel
 from ptp_cli.pruning import METHODS, PruneConfig, make_method
-from ptp_cli.tiny import random_state_dict
 from ptp_cli.tokenization import IMG_END_TOKEN, IMG_START_TOKEN
+from ptp_cli.zoo import load_model
 
 SCHEMA_VERSION = 1
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -109,7 +110,7 @@ class BenchConfig:
         w, h = self.image_size
         checks = [
             (w >= 1 and h >= 1, "--image-size must be positive"),
-            (1 <= self.max_tiles <= 40, "--max-tiles must be in 1..40"),
+            (1 <= self.max_tiles <= MAX_TILES, f"--max-tiles must be in 1..{MAX_TILES}"),
             (self.batch_size >= 1, "--batch-size must be at least 1"),
             (self.new_tokens >= 1, "--new-tokens must be at least 1"),
             (self.question_tokens >= 1, "--question-tokens must be at least 1"),

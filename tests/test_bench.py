@@ -59,7 +59,7 @@ def expected_rows(cfg) -> list[tuple[str, str | None, float | None]]:
 
 
 def test_every_row_is_there(report: BenchReport) -> None:
-    from ptp_cli.tiny import tiny_config
+    from ptp_cli.builders.tiny import tiny_config
 
     cfg = tiny_config(8)  # only the layer counts matter for method validation
     assert [(r.name, r.method, r.ratio) for r in report.rows] == expected_rows(cfg)
@@ -184,7 +184,7 @@ def test_synthetic_requests() -> None:
 def test_random_model_is_built_in_place() -> None:
     import dataclasses
 
-    from ptp_cli.tiny import tiny_config
+    from ptp_cli.builders.tiny import tiny_config
 
     cfg = tiny_config(64)
     cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, tie_word_embeddings=True))

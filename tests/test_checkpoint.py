@@ -12,19 +12,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ptp_cli.checkpoint import (
-    canonical_shapes,
-    load_config,
-    load_model,
-    load_state_dict,
-    resolve_model,
-    save_hf_layout,
-    save_original_layout,
-)
-from ptp_cli.config import SHAPES, TINY, LLMConfig, ModelConfig, VisionConfig
+from ptp_cli.builders.tiny import TINY, TINY_VERSION, build_random_checkpoint, ensure_tiny, random_state_dict
+from ptp_cli.builders.writers import save_hf_layout, save_original_layout
+from ptp_cli.config import SHAPES, LLMConfig, ModelConfig, VisionConfig
 from ptp_cli.errors import ModelLoadError
+from ptp_cli.loading import canonical_shapes, load_config, load_state_dict, resolve_model
 from ptp_cli.models.internvl import InternVLModel
-from ptp_cli.tiny import TINY_VERSION, build_random_checkpoint, ensure_tiny, random_state_dict
+from ptp_cli.zoo import load_model
 
 # ---------------------------------------------------------------------------------------------------------
 # Config files modelled on the published checkpoints (abridged: fields ptp does not read are mostly left out)
