@@ -7,7 +7,8 @@ Three loaders, tried in order by ``load_tokenizer``:
     it on top of ``sentencepiece`` (``InternLM2Tokenizer`` below);
 (c) anything else: transformers' ``AutoTokenizer`` with ``trust_remote_code=False``.
 
-The built-in tiny model's tokenizer is written by ``ptp_cli.builders.bpe``.
+The tokenizer config files are read by ``ptp_cli.tokenizer_files``; the built-in tiny model's tokenizer is
+written by ``ptp_cli.builders.bpe``.
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from ptp_cli.errors import ModelLoadError
+from ptp_cli.tokenizer_files import AddedToken, TokenizerFiles, clean_up_tokenization, read_tokenizer_files
 
 BOS_TOKEN = "<s>"
 EOS_TOKEN = "</s>"
@@ -34,8 +35,6 @@ INTERNVL2_SPECIAL_TOKENS: tuple[str, ...] = (
     IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN,
     "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>",
 )
-
-_SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 
 @runtime_checkable
@@ -63,91 +62,6 @@ class Tokenizer(Protocol):
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str: ...
 
     def token_to_id(self, token: str) -> int | None: ...
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Checkpoint tokenizer config (tokenizer_config.json, special_tokens_map.json, added_tokens.json)
-
-
-@dataclass(frozen=True)
-class _AddedToken:
-    content: str
-    special: bool = True
-    lstrip: bool = False  # eat whitespace on the left when splitting
-    rstrip: bool = False  # eat whitespace on the right when splitting
-
-
-@dataclass
-class _TokenizerFiles:
-    """The parts of a checkpoint's tokenizer config that ptp honours."""
-
-    config: dict[str, Any] = field(default_factory=dict)  # tokenizer_config.json as read
-    special: dict[str, str] = field(default_factory=dict)  # bos_token/eos_token/unk_token/pad_token -> text
-    additional: list[str] = field(default_factory=list)  # additional_special_tokens
-    added: dict[int, _AddedToken] = field(default_factory=dict)  # added_tokens_decoder (+ added_tokens.json)
-
-    def flag(self, key: str) -> bool | None:
-        value = self.config.get(key)
-        return value if isinstance(value, bool) else None
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"cannot read tokenizer file {path}: {exc}") from exc
-
-
-def _content(value: Any) -> str | None:
-    """A special token as written in a config: a string or an AddedToken dict."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, dict) and isinstance(value.get("content"), str):
-        return value["content"]
-    return None
-
-
-def _read_tokenizer_files(model_dir: Path) -> _TokenizerFiles:
-    files = _TokenizerFiles()
-    cfg_path = model_dir / "tokenizer_config.json"
-    if cfg_path.is_file():
-        cfg = _read_json(cfg_path)
-        if not isinstance(cfg, dict):
-            raise ModelLoadError(f"{cfg_path} is not a JSON object")
-        files.config = cfg
-    maps = [files.config]
-    map_path = model_dir / "special_tokens_map.json"
-    if map_path.is_file() and isinstance(m := _read_json(map_path), dict):
-        maps.append(m)  # special_tokens_map.json wins over tokenizer_config.json, as in transformers
-    for m in maps:
-        for key in _SPECIAL_KEYS:
-            if (text := _content(m.get(key))) is not None:
-                files.special[key] = text
-        extra = m.get("additional_special_tokens") or m.get("extra_special_tokens")
-        if isinstance(extra, list):
-            files.additional = [t for t in map(_content, extra) if t is not None]
-    for key, entry in (files.config.get("added_tokens_decoder") or {}).items():
-        if isinstance(entry, dict) and isinstance(entry.get("content"), str):
-            files.added[int(key)] = _AddedToken(
-                entry["content"], special=bool(entry.get("special", False)),
-                lstrip=bool(entry.get("lstrip", False)), rstrip=bool(entry.get("rstrip", False)),
-            )
-    legacy_path = model_dir / "added_tokens.json"
-    if legacy_path.is_file() and isinstance(legacy := _read_json(legacy_path), dict):
-        known = {t.content for t in files.added.values()}
-        specials = set(files.special.values()) | set(files.additional)
-        for text, idx in legacy.items():
-            if text not in known and isinstance(idx, int):
-                files.added[idx] = _AddedToken(text, special=text in specials)
-    return files
-
-
-def clean_up_tokenization(text: str) -> str:
-    """transformers' ``clean_up_tokenization``: drop the space before punctuation and English contractions."""
-    for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
-                          (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
-        text = text.replace(before, after)
-    return text
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -182,7 +96,7 @@ class FastTokenizer(_SpecialIds):
     tokenizer.json does.
     """
 
-    def __init__(self, backend: Any, files: _TokenizerFiles) -> None:
+    def __init__(self, backend: Any, files: TokenizerFiles) -> None:
         self._tok = backend
         self._add_bos = files.flag("add_bos_token")
         self._add_eos = files.flag("add_eos_token")
@@ -225,7 +139,7 @@ class FastTokenizer(_SpecialIds):
         return self._tok.token_to_id(token)
 
 
-def _load_fast(model_dir: Path, files: _TokenizerFiles) -> FastTokenizer:
+def _load_fast(model_dir: Path, files: TokenizerFiles) -> FastTokenizer:
     from tokenizers import Tokenizer as BackendTokenizer
 
     path = model_dir / "tokenizer.json"
@@ -263,7 +177,7 @@ class InternLM2Tokenizer(_SpecialIds):
     Ids outside the vocabulary (a random-weight model can emit them) decode to nothing.
     """
 
-    def __init__(self, sp: Any, files: _TokenizerFiles) -> None:
+    def __init__(self, sp: Any, files: TokenizerFiles) -> None:
         self._sp = sp
         self._sp_size = sp.get_piece_size()
         self._add_bos = files.flag("add_bos_token") is not False
@@ -276,7 +190,7 @@ class InternLM2Tokenizer(_SpecialIds):
         special.update(files.special)
         self._all_special = frozenset([*special.values(), *files.additional])
 
-        added: dict[int, _AddedToken] = dict(files.added)
+        added: dict[int, AddedToken] = dict(files.added)
         encoder = {tok.content: idx for idx, tok in added.items()}
         next_id = max([self._sp_size - 1, *added]) + 1
         # Special tokens not listed as added: their sentencepiece id, else a new id (as transformers does).
@@ -288,7 +202,7 @@ class InternLM2Tokenizer(_SpecialIds):
                 idx = sp_id
             else:
                 idx, next_id = next_id, next_id + 1
-            added[idx] = _AddedToken(text)
+            added[idx] = AddedToken(text)
             encoder[text] = idx
         self._added = added
         self._encoder = encoder
@@ -377,7 +291,7 @@ class InternLM2Tokenizer(_SpecialIds):
         return clean_up_tokenization(text) if self._clean_up_flag else text
 
 
-def _needs_internlm2(files: _TokenizerFiles) -> bool:
+def _needs_internlm2(files: TokenizerFiles) -> bool:
     names = [files.config.get("tokenizer_class")]
     auto_map = files.config.get("auto_map")
     if isinstance(auto_map, dict):
@@ -386,7 +300,7 @@ def _needs_internlm2(files: _TokenizerFiles) -> bool:
     return any(isinstance(n, str) and n.rsplit(".", 1)[-1].startswith("InternLM2Tokenizer") for n in names)
 
 
-def _load_internlm2(model_dir: Path, files: _TokenizerFiles) -> InternLM2Tokenizer:
+def _load_internlm2(model_dir: Path, files: TokenizerFiles) -> InternLM2Tokenizer:
     import sentencepiece as spm
 
     path = model_dir / "tokenizer.model"
@@ -440,7 +354,7 @@ class HFTokenizer:
         return self._vocab.get(token)
 
 
-def _load_auto(model_dir: Path, files: _TokenizerFiles) -> HFTokenizer:
+def _load_auto(model_dir: Path, files: TokenizerFiles) -> HFTokenizer:
     from transformers import AutoTokenizer
 
     try:
@@ -462,7 +376,7 @@ def load_tokenizer(model_dir: Path) -> Tokenizer:
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ModelLoadError(f"tokenizer folder not found: {model_dir}")
-    files = _read_tokenizer_files(model_dir)
+    files = read_tokenizer_files(model_dir)
     if (model_dir / "tokenizer.json").is_file():
         return _load_fast(model_dir, files)
     if _needs_internlm2(files):

@@ -1,0 +1,115 @@
+"""The shape of the package, read from its source: no import cycles, and the loading path free of builders."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import ptp_cli
+
+ROOT = Path(ptp_cli.__file__).parent
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in ROOT.rglob("*.py"):
+        parts = path.relative_to(ROOT.parent).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    return isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+
+
+def _imports(tree: ast.AST, package: str, known: dict[str, Path], *, top_level_only: bool) -> set[str]:
+    """ptp_cli modules a module imports at run time (``if TYPE_CHECKING:`` blocks skipped), function bodies
+    included unless ``top_level_only``."""
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and _is_type_checking(node):
+            return
+        if top_level_only and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            return
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            for alias in node.names:  # `from ptp_cli import loading` imports the module ptp_cli.loading
+                found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    return {m for m in found if m in known}
+
+
+def _graph(*, top_level_only: bool) -> dict[str, set[str]]:
+    known = _modules()
+    graph = {}
+    for name, path in known.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        graph[name] = _imports(tree, package, known, top_level_only=top_level_only) - {name}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    cycles, done, stack = [], set(), []
+
+    def walk(node: str) -> None:
+        if node in stack:
+            cycles.append(stack[stack.index(node):])
+            return
+        if node in done:
+            return
+        stack.append(node)
+        for dep in sorted(graph[node]):
+            walk(dep)
+        stack.pop()
+        done.add(node)
+
+    for node in sorted(graph):
+        walk(node)
+    return cycles
+
+
+def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        if (node := todo.pop()) not in seen:
+            seen.add(node)
+            todo.extend(graph[node])
+    return seen
+
+
+def test_no_import_cycles() -> None:
+    """Function-level imports count: a lazy import that closes a loop is still a loop."""
+    cycles = _cycles(_graph(top_level_only=False))
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join([*c, c[0]]) for c in cycles)
+
+
+def test_loading_path_never_imports_builders() -> None:
+    graph = _graph(top_level_only=True)
+    for start in ("ptp_cli.loading", "ptp_cli.pipeline"):
+        assert not {m for m in _reachable(graph, start) if m.startswith("ptp_cli.builders")}, start
+    assert not any(m.startswith(("ptp_cli.zoo", "ptp_cli.builders")) for m in _reachable(graph, "ptp_cli.loading"))
+    # And at run time: importing the library and loading a checkpoint's config leaves the builders unloaded.
+    code = (
+        "import sys, ptp_cli.pipeline, ptp_cli.loading, ptp_cli.zoo\n"
+        "print(sorted(m for m in sys.modules if m.startswith('ptp_cli.builders')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_only_entry_points_import_the_zoo() -> None:
+    importers = {name for name, deps in _graph(top_level_only=False).items() if "ptp_cli.zoo" in deps}
+    assert importers, "nothing resolves built-in names"
+    assert all(m == "ptp_cli.pipeline" or m.startswith(("ptp_cli.bench", "ptp_cli.cli")) for m in importers), importers
