@@ -1,4 +1,4 @@
-"""ptp's model, loaded through checkpoint.py, against transformers' reference implementations (fp32, CPU).
+"""ptp's model, loaded through ptp_cli.loading, against transformers' reference implementations (fp32, CPU).
 
 Every reference is a transformers model with seeded random weights (the stock init leaves norms at 1, LayerScale
 at 0.1 and embeddings at 0, which would hide mistakes). Its own weights, written in its own naming, are what
