@@ -34,6 +34,13 @@ def resolve_builtin(name: str) -> Path | None:
     return make() if make is not None else None
 
 
+def resolve_model(name_or_path: str, *, offline: bool | None = None) -> Path:
+    """``ptp_cli.loading.resolve_model`` that also takes the built-in names (a built-in wins over a directory of
+    the same name)."""
+    path = resolve_builtin(str(name_or_path))
+    return path if path is not None else loading.resolve_model(str(name_or_path), offline=offline)
+
+
 def load_model(
     name_or_path: str,
     *,
@@ -41,8 +48,7 @@ def load_model(
     device: str | torch.device = "cpu",
     offline: bool | None = None,
 ) -> loading.LoadedModel:
-    """``ptp_cli.loading.load_model`` that also takes the built-in names (a built-in wins over a directory of
-    the same name). ``cfg.name`` is what was asked for, e.g. ``"tiny"``."""
-    path = resolve_builtin(str(name_or_path))
-    where = str(name_or_path) if path is None else str(path)
-    return loading.load_model(where, dtype=dtype, device=device, offline=offline, name=str(name_or_path))
+    """``ptp_cli.loading.load_model`` that also takes the built-in names. ``cfg.name`` is what was asked for,
+    e.g. ``"tiny"``."""
+    path = resolve_model(name_or_path, offline=offline)
+    return loading.load_model(str(path), dtype=dtype, device=device, offline=offline, name=str(name_or_path))

@@ -13,7 +13,7 @@ from test_loading import assert_same_state, small_cfg
 
 from ptp_cli.builders.tiny import TINY, TINY_VERSION, build_random_checkpoint, ensure_tiny, random_state_dict
 from ptp_cli.loading import load_config
-from ptp_cli.zoo import BUILTINS, load_model, resolve_builtin
+from ptp_cli.zoo import BUILTINS, load_model, resolve_builtin, resolve_model
 
 
 def test_tiny_is_deterministic(tmp_path: Path) -> None:
@@ -88,6 +88,7 @@ def test_builtin_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert "tiny" in BUILTINS
     assert resolve_builtin("tiny") == tmp_path / "models" / TINY_VERSION
     assert resolve_builtin("OpenGVLab/InternVL2-2B") is None and resolve_builtin(str(tmp_path)) is None
+    assert resolve_model("tiny") == resolve_builtin("tiny") and resolve_model(str(tmp_path)) == tmp_path
     ckpt = tmp_path / "models" / TINY_VERSION
     loaded = load_model(str(ckpt))  # a path goes straight to the loader and keeps its own name
     assert loaded.path == ckpt and loaded.cfg.name == str(ckpt)
