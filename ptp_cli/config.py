@@ -1,6 +1,6 @@
-"""Model shapes as dataclasses, and a table of named sizes (the InternVL2 family and the tiny test model).
+"""Model shapes as dataclasses, and a table of named sizes (the InternVL2 family).
 
-Checkpoint parsing (``checkpoint.py``) turns a config.json into these; the model code only ever sees these.
+Checkpoint parsing (``ptp_cli.loading``) turns a config.json into these; the model code only ever sees these.
 """
 
 from __future__ import annotations
@@ -9,6 +9,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 LLM_ARCHS = ("internlm2", "qwen2", "llama", "phi3")
+# Most tiles an image may be cut into, whatever the checkpoint's max_dynamic_patch: InternVL2 was trained with
+# up to 40; more only costs memory. Here, not in image.py, so that record validation and `ptp --help` can read
+# it without importing numpy and torch.
+MAX_TILES = 40
 
 
 @dataclass(frozen=True)
@@ -144,17 +148,3 @@ SHAPES: dict[str, ModelConfig] = {
         template="internlm2-chat",
     ),
 }
-
-# The built-in test model: real tiling geometry (448 px, patch 14, 256 tokens a tile), tiny widths.
-# 12 ViT layers so PTP's default score layer (11) exists; 4 LLM layers so layer 1 and in-LLM drops exist.
-TINY = ModelConfig(
-    vision=VisionConfig(hidden_size=32, num_layers=12, num_heads=2, intermediate_size=64),
-    llm=LLMConfig(
-        arch="internlm2", vocab_size=0, hidden_size=64, intermediate_size=128, num_layers=4,
-        num_heads=4, num_kv_heads=2, rope_theta=1_000_000.0, rms_norm_eps=1e-5,
-        max_position_embeddings=32768,
-    ),
-    template="internlm2-chat",
-    max_dynamic_patch=12,
-    name="tiny",
-)

@@ -18,14 +18,16 @@ from typing import Any
 
 import torch
 
-from ptp_cli.checkpoint import LoadedModel, load_model
+from ptp_cli.config import MAX_TILES
 from ptp_cli.devices import resolve_device, resolve_dtype
 from ptp_cli.engine import Engine, Request, Result
 from ptp_cli.errors import PtpError, RecordError, UsageError
 from ptp_cli.image import DEFAULT_MAX_PIXELS, TilingOptions
 from ptp_cli.inputs import InputProcessor, RequestDefaults, TemplateEncoder
+from ptp_cli.loading import LoadedModel
 from ptp_cli.pruning import PruneConfig, make_method
 from ptp_cli.records import BadRecord, Record, error_row, result_row
+from ptp_cli.zoo import load_model
 
 
 @dataclass(frozen=True)
@@ -61,8 +63,8 @@ class RunConfig:
             (self.temperature >= 0, "--temperature must be >= 0"),
             (self.batch_size >= 1, "--batch-size must be at least 1"),
             (self.max_batch_tokens is None or self.max_batch_tokens >= 1, "--max-batch-tokens must be >= 1"),
-            (self.max_tiles is None or 1 <= self.max_tiles <= 40, "--max-tiles must be in 1..40"),
-            (self.min_tiles is None or 1 <= self.min_tiles <= 40, "--min-tiles must be in 1..40"),
+            (self.max_tiles is None or 1 <= self.max_tiles <= MAX_TILES, f"--max-tiles must be in 1..{MAX_TILES}"),
+            (self.min_tiles is None or 1 <= self.min_tiles <= MAX_TILES, f"--min-tiles must be in 1..{MAX_TILES}"),
             (self.workers >= 1, "--workers must be at least 1"),
         ]
         for ok, msg in checks:

@@ -11,7 +11,7 @@ Input record fields:
 - ``image``: a path; ``~`` is expanded; a relative path resolves against the JSONL file's folder (for stdin,
   the current directory), or against ``base_dir`` when given. URLs are refused.
 - ``question`` (or ``prompt``; not both): a string that is not empty after stripping; stored stripped.
-- optional overrides of the run's options: ``max_tiles``, ``min_tiles`` (int in 1..40),
+- optional overrides of the run's options: ``max_tiles``, ``min_tiles`` (int in 1..``config.MAX_TILES``),
   ``max_new_tokens`` (int >= 1), ``temperature`` (number >= 0), ``seed`` (int in 0..2**64-1). ``null`` means
   "use the run's value".
 - any other field is echoed into the record's result row under the same name, except names in
@@ -40,6 +40,7 @@ from typing import IO, Any, BinaryIO
 
 import orjson
 
+from ptp_cli.config import MAX_TILES
 from ptp_cli.errors import InvalidRecordError, RecordError, UsageError
 
 JsonScalar = str | int | float | bool
@@ -66,7 +67,6 @@ OUTPUT_FIELDS: frozenset[str] = frozenset(
 INPUT_FIELDS: frozenset[str] = frozenset(
     {"id", "image", "question", "prompt", "max_tiles", "min_tiles", "max_new_tokens", "temperature", "seed"}
 )
-MAX_TILES_LIMIT = 40  # InternVL2 was trained with up to 40 tiles; more only costs memory
 _SEED_LIMIT = 2**64  # torch.manual_seed takes seeds below 2**64
 
 _BOM = b"\xef\xbb\xbf"
@@ -269,10 +269,10 @@ def _overrides(obj: dict[str, Any], problems: list[str]) -> dict[str, int | floa
     out: dict[str, int | float] = {}
     for name in ("max_tiles", "min_tiles"):
         if (v := obj.get(name)) is not None:
-            if _int_in(v, 1, MAX_TILES_LIMIT):
+            if _int_in(v, 1, MAX_TILES):
                 out[name] = v
             else:
-                problems.append(f"{name} must be an integer in 1..{MAX_TILES_LIMIT}, not {_show(v)}")
+                problems.append(f"{name} must be an integer in 1..{MAX_TILES}, not {_show(v)}")
     if "min_tiles" in out and "max_tiles" in out and out["min_tiles"] > out["max_tiles"]:
         problems.append(f"min_tiles ({out['min_tiles']}) is larger than max_tiles ({out['max_tiles']})")
     if (v := obj.get("max_new_tokens")) is not None:

@@ -7,20 +7,20 @@ Three loaders, tried in order by ``load_tokenizer``:
     it on top of ``sentencepiece`` (``InternLM2Tokenizer`` below);
 (c) anything else: transformers' ``AutoTokenizer`` with ``trust_remote_code=False``.
 
-``build_tiny_tokenizer`` writes the deterministic byte-level BPE tokenizer of the built-in tiny model.
+The tokenizer config files are read by ``ptp_cli.tokenizer_files``; the built-in tiny model's tokenizer is
+written by ``ptp_cli.builders.bpe``.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from itertools import pairwise
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from ptp_cli.errors import ModelLoadError
+from ptp_cli.tokenizer_files import AddedToken, TokenizerFiles, clean_up_tokenization, read_tokenizer_files
 
 BOS_TOKEN = "<s>"
 EOS_TOKEN = "</s>"
@@ -35,8 +35,6 @@ INTERNVL2_SPECIAL_TOKENS: tuple[str, ...] = (
     IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN,
     "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>",
 )
-
-_SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 
 @runtime_checkable
@@ -64,91 +62,6 @@ class Tokenizer(Protocol):
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str: ...
 
     def token_to_id(self, token: str) -> int | None: ...
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Checkpoint tokenizer config (tokenizer_config.json, special_tokens_map.json, added_tokens.json)
-
-
-@dataclass(frozen=True)
-class _AddedToken:
-    content: str
-    special: bool = True
-    lstrip: bool = False  # eat whitespace on the left when splitting
-    rstrip: bool = False  # eat whitespace on the right when splitting
-
-
-@dataclass
-class _TokenizerFiles:
-    """The parts of a checkpoint's tokenizer config that ptp honours."""
-
-    config: dict[str, Any] = field(default_factory=dict)  # tokenizer_config.json as read
-    special: dict[str, str] = field(default_factory=dict)  # bos_token/eos_token/unk_token/pad_token -> text
-    additional: list[str] = field(default_factory=list)  # additional_special_tokens
-    added: dict[int, _AddedToken] = field(default_factory=dict)  # added_tokens_decoder (+ added_tokens.json)
-
-    def flag(self, key: str) -> bool | None:
-        value = self.config.get(key)
-        return value if isinstance(value, bool) else None
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"cannot read tokenizer file {path}: {exc}") from exc
-
-
-def _content(value: Any) -> str | None:
-    """A special token as written in a config: a string or an AddedToken dict."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, dict) and isinstance(value.get("content"), str):
-        return value["content"]
-    return None
-
-
-def _read_tokenizer_files(model_dir: Path) -> _TokenizerFiles:
-    files = _TokenizerFiles()
-    cfg_path = model_dir / "tokenizer_config.json"
-    if cfg_path.is_file():
-        cfg = _read_json(cfg_path)
-        if not isinstance(cfg, dict):
-            raise ModelLoadError(f"{cfg_path} is not a JSON object")
-        files.config = cfg
-    maps = [files.config]
-    map_path = model_dir / "special_tokens_map.json"
-    if map_path.is_file() and isinstance(m := _read_json(map_path), dict):
-        maps.append(m)  # special_tokens_map.json wins over tokenizer_config.json, as in transformers
-    for m in maps:
-        for key in _SPECIAL_KEYS:
-            if (text := _content(m.get(key))) is not None:
-                files.special[key] = text
-        extra = m.get("additional_special_tokens") or m.get("extra_special_tokens")
-        if isinstance(extra, list):
-            files.additional = [t for t in map(_content, extra) if t is not None]
-    for key, entry in (files.config.get("added_tokens_decoder") or {}).items():
-        if isinstance(entry, dict) and isinstance(entry.get("content"), str):
-            files.added[int(key)] = _AddedToken(
-                entry["content"], special=bool(entry.get("special", False)),
-                lstrip=bool(entry.get("lstrip", False)), rstrip=bool(entry.get("rstrip", False)),
-            )
-    legacy_path = model_dir / "added_tokens.json"
-    if legacy_path.is_file() and isinstance(legacy := _read_json(legacy_path), dict):
-        known = {t.content for t in files.added.values()}
-        specials = set(files.special.values()) | set(files.additional)
-        for text, idx in legacy.items():
-            if text not in known and isinstance(idx, int):
-                files.added[idx] = _AddedToken(text, special=text in specials)
-    return files
-
-
-def clean_up_tokenization(text: str) -> str:
-    """transformers' ``clean_up_tokenization``: drop the space before punctuation and English contractions."""
-    for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
-                          (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
-        text = text.replace(before, after)
-    return text
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -183,7 +96,7 @@ class FastTokenizer(_SpecialIds):
     tokenizer.json does.
     """
 
-    def __init__(self, backend: Any, files: _TokenizerFiles) -> None:
+    def __init__(self, backend: Any, files: TokenizerFiles) -> None:
         self._tok = backend
         self._add_bos = files.flag("add_bos_token")
         self._add_eos = files.flag("add_eos_token")
@@ -226,13 +139,19 @@ class FastTokenizer(_SpecialIds):
         return self._tok.token_to_id(token)
 
 
-def _load_fast(model_dir: Path, files: _TokenizerFiles) -> FastTokenizer:
+def _load_fast(model_dir: Path, files: TokenizerFiles) -> FastTokenizer:
     from tokenizers import Tokenizer as BackendTokenizer
 
     path = model_dir / "tokenizer.json"
     try:
-        backend = BackendTokenizer.from_file(str(path))
-    except Exception as exc:  # the Rust side raises plain Exception subclasses
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"cannot read tokenizer file {path}: {exc}") from exc
+    try:
+        backend = BackendTokenizer.from_str(text)
+    except Exception as exc:
+        if type(exc) is not Exception:  # the Rust parser reports a bad file as a bare Exception, nothing else
+            raise
         raise ModelLoadError(f"cannot load {path} with the tokenizers library: {exc}") from exc
     return FastTokenizer(backend, files)
 
@@ -258,7 +177,7 @@ class InternLM2Tokenizer(_SpecialIds):
     Ids outside the vocabulary (a random-weight model can emit them) decode to nothing.
     """
 
-    def __init__(self, sp: Any, files: _TokenizerFiles) -> None:
+    def __init__(self, sp: Any, files: TokenizerFiles) -> None:
         self._sp = sp
         self._sp_size = sp.get_piece_size()
         self._add_bos = files.flag("add_bos_token") is not False
@@ -271,7 +190,7 @@ class InternLM2Tokenizer(_SpecialIds):
         special.update(files.special)
         self._all_special = frozenset([*special.values(), *files.additional])
 
-        added: dict[int, _AddedToken] = dict(files.added)
+        added: dict[int, AddedToken] = dict(files.added)
         encoder = {tok.content: idx for idx, tok in added.items()}
         next_id = max([self._sp_size - 1, *added]) + 1
         # Special tokens not listed as added: their sentencepiece id, else a new id (as transformers does).
@@ -283,7 +202,7 @@ class InternLM2Tokenizer(_SpecialIds):
                 idx = sp_id
             else:
                 idx, next_id = next_id, next_id + 1
-            added[idx] = _AddedToken(text)
+            added[idx] = AddedToken(text)
             encoder[text] = idx
         self._added = added
         self._encoder = encoder
@@ -372,7 +291,7 @@ class InternLM2Tokenizer(_SpecialIds):
         return clean_up_tokenization(text) if self._clean_up_flag else text
 
 
-def _needs_internlm2(files: _TokenizerFiles) -> bool:
+def _needs_internlm2(files: TokenizerFiles) -> bool:
     names = [files.config.get("tokenizer_class")]
     auto_map = files.config.get("auto_map")
     if isinstance(auto_map, dict):
@@ -381,7 +300,7 @@ def _needs_internlm2(files: _TokenizerFiles) -> bool:
     return any(isinstance(n, str) and n.rsplit(".", 1)[-1].startswith("InternLM2Tokenizer") for n in names)
 
 
-def _load_internlm2(model_dir: Path, files: _TokenizerFiles) -> InternLM2Tokenizer:
+def _load_internlm2(model_dir: Path, files: TokenizerFiles) -> InternLM2Tokenizer:
     import sentencepiece as spm
 
     path = model_dir / "tokenizer.model"
@@ -435,12 +354,14 @@ class HFTokenizer:
         return self._vocab.get(token)
 
 
-def _load_auto(model_dir: Path, files: _TokenizerFiles) -> HFTokenizer:
+def _load_auto(model_dir: Path, files: TokenizerFiles) -> HFTokenizer:
     from transformers import AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False, local_files_only=True)
-    except Exception as exc:  # transformers raises many types here (ValueError, OSError, ImportError, ...)
+    except (OSError, ValueError, ImportError, RuntimeError) as exc:
+        # OSError: files missing or unreadable; ValueError: no tokenizer class for this config; ImportError: a
+        # backend (sentencepiece, protobuf) not installed; RuntimeError: sentencepiece rejecting its model file.
         if auto_map := files.config.get("auto_map"):
             raise ModelLoadError(
                 f"the tokenizer in {model_dir} is remote code ({json.dumps(auto_map)}), which ptp never runs; "
@@ -455,7 +376,7 @@ def load_tokenizer(model_dir: Path) -> Tokenizer:
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ModelLoadError(f"tokenizer folder not found: {model_dir}")
-    files = _read_tokenizer_files(model_dir)
+    files = read_tokenizer_files(model_dir)
     if (model_dir / "tokenizer.json").is_file():
         return _load_fast(model_dir, files)
     if _needs_internlm2(files):
@@ -467,124 +388,3 @@ def load_tokenizer(model_dir: Path) -> Tokenizer:
             f"no tokenizer in {model_dir}: expected tokenizer.json, tokenizer_config.json or tokenizer.model"
         )
     return _load_auto(model_dir, files)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The built-in tiny model's tokenizer
-
-_TINY_CORPUS = """\
-What is in the image? Describe the image in detail. How many people are in the picture?
-What colour is the car on the left? The car on the left is red and the bus behind it is yellow.
-Read the text on the sign. The sign says OPEN from 9 to 5. What time does the clock show?
-There are three cats and two dogs sitting on a green sofa next to the window.
-Is the man wearing a hat? Yes, he is wearing a black hat and a blue coat.
-Which animal is the largest? The elephant is the largest animal in the photo.
-Answer the question using a single word or phrase. Please answer yes or no.
-The chart shows the number of visitors per year. Which year had the most visitors?
-A woman is riding a bicycle down a quiet street, and a child is walking a small dog.
-Where is the cup? The cup is on the table, between the plate and the book.
-What is written at the top of the page? The title of the document is printed in large letters.
-How much does the coffee cost? The menu lists the price of the coffee as three dollars.
-"""
-
-_TINY_MERGES = 256  # BPE merges learnt from _TINY_CORPUS
-
-
-def _byte_alphabet() -> list[str]:
-    """GPT-2's byte-level alphabet: the character standing for each byte value 0..255, in byte order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
-    chars: dict[int, str] = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in chars:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return [chars[b] for b in range(256)]
-
-
-def _train_bpe(words: Iterable[str], num_merges: int) -> list[tuple[str, str]]:
-    """Plain BPE on pre-tokenised words; ties go to the lexicographically smallest pair (deterministic)."""
-    counts: dict[tuple[str, ...], int] = {}
-    for w in words:
-        key = tuple(w)
-        counts[key] = counts.get(key, 0) + 1
-    merges: list[tuple[str, str]] = []
-    for _ in range(num_merges):
-        pairs: dict[tuple[str, str], int] = {}
-        for symbols, n in counts.items():
-            for pair in pairwise(symbols):
-                pairs[pair] = pairs.get(pair, 0) + n
-        if not pairs:
-            break
-        best = min(pairs, key=lambda p: (-pairs[p], p))
-        merges.append(best)
-        merged: dict[tuple[str, ...], int] = {}
-        for symbols, n in counts.items():
-            out: list[str] = []
-            i = 0
-            while i < len(symbols):
-                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
-                    out.append(symbols[i] + symbols[i + 1])
-                    i += 2
-                else:
-                    out.append(symbols[i])
-                    i += 1
-            merged[tuple(out)] = merged.get(tuple(out), 0) + n
-        counts = merged
-    return merges
-
-
-def build_tiny_tokenizer(out_dir: Path, *, extra_special_tokens: Sequence[str] = ()) -> None:
-    """Write ``tokenizer.json`` and ``tokenizer_config.json`` for the built-in tiny model into ``out_dir``.
-
-    Byte-level BPE: ids 0-2 are ``<unk>``, ``<s>``, ``</s>`` (as in InternLM2), then the 256 byte tokens,
-    then merges learnt from a fixed corpus, then the other InternVL2-2B special tokens and
-    ``extra_special_tokens`` (e.g. another template's role tokens, for tests). BOS is added on encode.
-    Byte-for-byte deterministic.
-    """
-    from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
-    from tokenizers import Tokenizer as BackendTokenizer
-
-    pre = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    words = [w for line in _TINY_CORPUS.splitlines() for w, _ in pre.pre_tokenize_str(line)]
-    merges = _train_bpe(words, _TINY_MERGES)
-    vocab: dict[str, int] = {}
-    for tok in (UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, *_byte_alphabet(), *(a + b for a, b in merges)):
-        vocab.setdefault(tok, len(vocab))
-    specials = list(dict.fromkeys([*INTERNVL2_SPECIAL_TOKENS, *extra_special_tokens]))
-    for tok in specials:
-        if tok in vocab and vocab[tok] >= 3:
-            raise ValueError(f"special token {tok!r} collides with a learnt merge")
-        vocab.setdefault(tok, len(vocab))
-
-    backend = BackendTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=UNK_TOKEN))
-    backend.pre_tokenizer = pre
-    backend.decoder = decoders.ByteLevel()
-    backend.post_processor = processors.TemplateProcessing(
-        single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A $B", special_tokens=[(BOS_TOKEN, vocab[BOS_TOKEN])]
-    )
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
-
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": BOS_TOKEN,
-        "eos_token": EOS_TOKEN,
-        "unk_token": UNK_TOKEN,
-        "pad_token": EOS_TOKEN,
-        "add_bos_token": True,
-        "add_eos_token": False,
-        "clean_up_tokenization_spaces": False,
-        "additional_special_tokens": [t for t in specials if t not in (UNK_TOKEN, BOS_TOKEN, EOS_TOKEN)],
-        "added_tokens_decoder": {
-            str(vocab[t]): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                            "single_word": False, "special": True}
-            for t in specials
-        },
-        "model_max_length": 32768,
-    }
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "tokenizer.json").write_text(backend.to_str(pretty=True) + "\n", encoding="utf-8")
-    (out_dir / "tokenizer_config.json").write_text(
-        json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-    )

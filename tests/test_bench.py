@@ -35,11 +35,11 @@ from ptp_cli.bench import (
 from ptp_cli.bench.report import si, sig
 from ptp_cli.bench.targets import MAIN, Setup, Target, evaluate
 from ptp_cli.bench.workload import SyntheticEncoder, TokenIds, input_processor
-from ptp_cli.checkpoint import build_model
+from ptp_cli.builders.tiny import random_state_dict, tiny_config
 from ptp_cli.config import SHAPES
 from ptp_cli.errors import UsageError
+from ptp_cli.loading import build_model
 from ptp_cli.pruning import METHODS, PruneConfig, make_method
-from ptp_cli.tiny import random_state_dict, tiny_config
 
 RATIOS = (0.5, 0.75)
 NEW_TOKENS = 2

@@ -11,11 +11,12 @@ import torch
 from PIL import Image
 from transformers import InternVLForConditionalGeneration
 
-from ptp_cli.checkpoint import load_model, load_state_dict, save_hf_layout
+from ptp_cli.builders.tiny import ensure_tiny
+from ptp_cli.builders.writers import save_hf_layout
 from ptp_cli.engine import Engine, Request
 from ptp_cli.image import TilingOptions
+from ptp_cli.loading import load_model, load_state_dict
 from ptp_cli.prompts import encode_prompt, get_template
-from ptp_cli.tiny import ensure_tiny
 
 NEW = 6
 

@@ -20,7 +20,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from ptp_cli.config import SHAPES, TINY
+from ptp_cli.builders.tiny import TINY
+from ptp_cli.config import SHAPES
 from ptp_cli.errors import ImageError
 from ptp_cli.image import (
     IMAGENET_MEAN,

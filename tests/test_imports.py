@@ -1,90 +1,159 @@
-"""The import graph of ptp_cli, read from the source: every import statement (function-level and
-TYPE_CHECKING ones included), so a cycle hidden behind a lazy import is still a cycle."""
+"""The shape of the package, read from its source: no import cycles, and the loading path free of builders."""
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 import ptp_cli
 
 ROOT = Path(ptp_cli.__file__).parent
-ACYCLIC = ("ptp_cli.pruning", "ptp_cli.models")  # packages that take part in no import cycle
-ABOVE_MODELS = ("ptp_cli.engine", "ptp_cli.pruning", "ptp_cli.pipeline", "ptp_cli.cli")
 
 
-def module_name(path: Path) -> str:
-    parts = path.relative_to(ROOT.parent).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-def import_graph() -> dict[str, set[str]]:
-    """Module -> the ptp_cli modules it imports (``from pkg import mod`` counts as importing pkg.mod)."""
-    files = {module_name(p): p for p in ROOT.rglob("*.py")}
-    graph: dict[str, set[str]] = {}
-    for name, path in files.items():
-        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        found: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.Import):
-                found.update(a.name for a in node.names)
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:  # relative: climb from this module's package
-                    anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
-                    base = ".".join([*anchor, base] if base else anchor)
-                found.update(f"{base}.{a.name}" if f"{base}.{a.name}" in files else base for a in node.names)
-        graph[name] = {m for m in found if m in files and m != name}
-    return graph
-
-
-def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """Strongly connected components with more than one module (Tarjan's algorithm, iterative)."""
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    stack: list[str] = []
-    out: list[list[str]] = []
-    for start in sorted(graph):
-        if start in index:
-            continue
-        work = [(start, iter(sorted(graph[start])))]
-        index[start] = low[start] = len(index)
-        stack.append(start)
-        while work:
-            v, edges = work[-1]
-            w = next(edges, None)
-            if w is not None:
-                if w not in index:
-                    index[w] = low[w] = len(index)
-                    stack.append(w)
-                    work.append((w, iter(sorted(graph[w]))))
-                elif w in stack:
-                    low[v] = min(low[v], index[w])
-                continue
-            work.pop()
-            if work:
-                low[work[-1][0]] = min(low[work[-1][0]], low[v])
-            if low[v] == index[v]:
-                comp = stack[stack.index(v):]
-                del stack[stack.index(v):]
-                if len(comp) > 1:
-                    out.append(sorted(comp))
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in ROOT.rglob("*.py"):
+        parts = path.relative_to(ROOT.parent).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     return out
 
 
-def test_cycle_finder_finds_a_cycle():
+def _is_type_checking(node: ast.If) -> bool:
+    return isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+
+
+def _imports(tree: ast.AST, package: str, known: dict[str, Path], *, top_level_only: bool) -> set[str]:
+    """ptp_cli modules a module imports at run time (``if TYPE_CHECKING:`` blocks skipped), function bodies
+    included unless ``top_level_only``."""
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and _is_type_checking(node):
+            return
+        if top_level_only and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            return
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            for alias in node.names:  # `from ptp_cli import loading` imports the module ptp_cli.loading
+                found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    return {m for m in found if m in known}
+
+
+def _graph(*, top_level_only: bool) -> dict[str, set[str]]:
+    known = _modules()
+    graph = {}
+    for name, path in known.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        graph[name] = _imports(tree, package, known, top_level_only=top_level_only) - {name}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    cycles, done, stack = [], set(), []
+
+    def walk(node: str) -> None:
+        if node in stack:
+            cycles.append(stack[stack.index(node):])
+            return
+        if node in done:
+            return
+        stack.append(node)
+        for dep in sorted(graph[node]):
+            walk(dep)
+        stack.pop()
+        done.add(node)
+
+    for node in sorted(graph):
+        walk(node)
+    return cycles
+
+
+def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        if (node := todo.pop()) not in seen:
+            seen.add(node)
+            todo.extend(graph[node])
+    return seen
+
+
+def test_no_import_cycles() -> None:
+    """Function-level imports count: a lazy import that closes a loop is still a loop."""
+    cycles = _cycles(_graph(top_level_only=False))
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join([*c, c[0]]) for c in cycles)
+
+
+def test_loading_path_never_imports_builders() -> None:
+    graph = _graph(top_level_only=True)
+    for start in ("ptp_cli.loading", "ptp_cli.pipeline"):
+        assert not {m for m in _reachable(graph, start) if m.startswith("ptp_cli.builders")}, start
+    assert not any(m.startswith(("ptp_cli.zoo", "ptp_cli.builders")) for m in _reachable(graph, "ptp_cli.loading"))
+    # And at run time: importing the library and loading a checkpoint's config leaves the builders unloaded.
+    code = (
+        "import sys, ptp_cli.pipeline, ptp_cli.loading, ptp_cli.zoo\n"
+        "print(sorted(m for m in sys.modules if m.startswith('ptp_cli.builders')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_only_entry_points_import_the_zoo() -> None:
+    importers = {name for name, deps in _graph(top_level_only=False).items() if "ptp_cli.zoo" in deps}
+    assert importers, "nothing resolves built-in names"
+    assert all(m == "ptp_cli.pipeline" or m.startswith(("ptp_cli.bench", "ptp_cli.cli")) for m in importers), importers
+
+
+# (importer, forbidden): no module under the first imports one under the second, lazily or not.
+LAYERS = [
+    *(("ptp_cli.models", above) for above in ("ptp_cli.engine", "ptp_cli.pruning", "ptp_cli.pipeline",
+                                                "ptp_cli.inputs", "ptp_cli.loading", "ptp_cli.cli")),
+    ("ptp_cli.pruning", "ptp_cli.engine"),
+    ("ptp_cli.pruning", "ptp_cli.pipeline"),
+    ("ptp_cli.engine", "ptp_cli.pipeline"),
+    ("ptp_cli.engine", "ptp_cli.tokenization"),  # the engine works on token ids only
+    ("ptp_cli.engine", "ptp_cli.image"),
+]
+
+
+def _under(module: str, prefix: str) -> bool:
+    return module == prefix or module.startswith(prefix + ".")
+
+
+@pytest.mark.parametrize(("importer", "forbidden"), LAYERS)
+def test_layers_point_one_way(importer: str, forbidden: str) -> None:
+    graph = _graph(top_level_only=False)
+    offenders = sorted(f"{m} -> {d}" for m, deps in graph.items() if _under(m, importer)
+                       for d in deps if _under(d, forbidden))
+    assert offenders == []
+
+
+def test_only_the_cli_imports_the_cli() -> None:
+    graph = _graph(top_level_only=False)
+    offenders = sorted(f"{m} -> {d}" for m, deps in graph.items() if not _under(m, "ptp_cli.cli")
+                       for d in deps if _under(d, "ptp_cli.cli"))
+    assert offenders == []
+
+
+def test_no_module_is_too_long() -> None:
+    long = {name: n for name, path in _modules().items() if (n := len(path.read_text().splitlines())) > 450}
+    assert long == {}
+
+
+def test_cycle_finder_finds_a_planted_cycle() -> None:
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": set()}
-    assert cycles(graph) == [["a", "b", "c"]]
-    assert cycles({"a": {"b"}, "b": set()}) == []
-
-
-def test_pruning_and_models_take_part_in_no_import_cycle():
-    graph = import_graph()
-    assert "ptp_cli.pruning.base" in graph and "ptp_cli.models.vit" in graph  # the walk did read the package
-    assert [c for c in cycles(graph) if any(m.startswith(ACYCLIC) for m in c)] == []
-
-
-def test_models_import_nothing_above_them():
-    graph = import_graph()
-    bad = {m: sorted(t for t in ts if t.startswith(ABOVE_MODELS)) for m, ts in graph.items() if m.startswith("ptp_cli.models")}
-    assert {m: ts for m, ts in bad.items() if ts} == {}
+    assert [sorted(c) for c in _cycles(graph)] == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []

@@ -8,11 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from ptp_cli.checkpoint import load_config
 from ptp_cli.devices import resolve_device, resolve_dtype
 from ptp_cli.errors import ImageError, RecordError, UsageError
 from ptp_cli.image import TilingOptions
 from ptp_cli.inputs import InputProcessor, RequestDefaults, TemplateEncoder
+from ptp_cli.loading import load_config
 from ptp_cli.prompts import PromptIds
 from ptp_cli.records import Record
 from ptp_cli.tokenization import IMG_CONTEXT_TOKEN, load_tokenizer

@@ -1,4 +1,4 @@
-"""ptp's model, loaded through checkpoint.py, against transformers' reference implementations (fp32, CPU).
+"""ptp's model, loaded through ptp_cli.loading, against transformers' reference implementations (fp32, CPU).
 
 Every reference is a transformers model with seeded random weights (the stock init leaves norms at 1, LayerScale
 at 0.1 and embeddings at 0, which would hide mistakes). Its own weights, written in its own naming, are what
@@ -27,10 +27,12 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from ptp_cli.checkpoint import load_model, save_hf_layout, save_original_layout
+from ptp_cli.builders.bpe import build_tiny_tokenizer
+from ptp_cli.builders.tiny import random_state_dict
+from ptp_cli.builders.writers import save_hf_layout, save_original_layout
 from ptp_cli.config import LLMConfig, ModelConfig, VisionConfig
-from ptp_cli.tiny import random_state_dict
-from ptp_cli.tokenization import IMG_CONTEXT_TOKEN, build_tiny_tokenizer, load_tokenizer
+from ptp_cli.loading import load_model
+from ptp_cli.tokenization import IMG_CONTEXT_TOKEN, load_tokenizer
 
 VISION_ATOL = 1e-5
 LOGITS_ATOL = 1e-4

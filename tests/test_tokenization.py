@@ -21,13 +21,13 @@ import sentencepiece as spm
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ptp_cli.builders.bpe import build_tiny_tokenizer
 from ptp_cli.errors import ModelLoadError
 from ptp_cli.tokenization import (
     INTERNVL2_SPECIAL_TOKENS,
     FastTokenizer,
     InternLM2Tokenizer,
     Tokenizer,
-    build_tiny_tokenizer,
     load_tokenizer,
 )
 
@@ -68,7 +68,7 @@ def test_tiny_build_is_deterministic(tmp_path: Path, tiny_dir: Path) -> None:
     # Another process with another hash seed writes the same bytes.
     code = (
         "import sys; from pathlib import Path; "
-        "from ptp_cli.tokenization import build_tiny_tokenizer as b; b(Path(sys.argv[1]))"
+        "from ptp_cli.builders.bpe import build_tiny_tokenizer as b; b(Path(sys.argv[1]))"
     )
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "other")], check=True, env=env)

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import torch
 
-from ptp_cli.config import TINY
+from ptp_cli.builders.tiny import TINY
 from ptp_cli.engine import Engine, Request
 from ptp_cli.models.internvl import InternVLModel
 

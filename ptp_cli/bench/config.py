@@ -6,12 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ptp_cli.config import SHAPES
+from ptp_cli.config import MAX_TILES, SHAPES
 from ptp_cli.devices import resolve_device, resolve_dtype
 from ptp_cli.errors import UsageError
 from ptp_cli.pruning import METHODS
-
-MAX_TILES = 40  # InternVL2's largest tile grid
 
 
 @dataclass(frozen=True)

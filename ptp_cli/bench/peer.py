@@ -14,7 +14,7 @@ import torch
 
 from ptp_cli.bench.measurement import BenchRow, PeakMemory, Stat, timed
 from ptp_cli.bench.workload import BenchModel
-from ptp_cli.checkpoint import save_hf_layout
+from ptp_cli.builders.writers import save_hf_layout
 from ptp_cli.config import ModelConfig
 from ptp_cli.engine import Request
 

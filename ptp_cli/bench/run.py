@@ -20,13 +20,13 @@ from ptp_cli.bench.peer import PEER, SHARE_WEIGHTS_MAX_PARAMS, PeerRunner, build
 from ptp_cli.bench.report import BenchReport, params_text, plural, si
 from ptp_cli.bench.targets import evaluate
 from ptp_cli.bench.workload import SyntheticEncoder, TokenIds, build_workload, load_bench_model, model_config
-from ptp_cli.checkpoint import canonical_shapes
 from ptp_cli.config import ModelConfig
 from ptp_cli.devices import dtype_name
 from ptp_cli.engine import Engine
 from ptp_cli.errors import UsageError
 from ptp_cli.flops import sample_flops
 from ptp_cli.image import TilingOptions
+from ptp_cli.loading import canonical_shapes
 from ptp_cli.pruning import PruneConfig, make_method
 
 FULL_SIZE_PARAMS = 100_000_000  # from here on a model is "full-size": hours per batch on a CPU

@@ -20,15 +20,16 @@ import torch
 from PIL import Image
 
 from ptp_cli.bench.config import BenchConfig
-from ptp_cli.checkpoint import build_model, load_model
+from ptp_cli.builders.tiny import random_state_dict
 from ptp_cli.config import SHAPES, ModelConfig
 from ptp_cli.engine import Request
 from ptp_cli.image import TilingOptions
 from ptp_cli.inputs import InputProcessor, RequestDefaults
+from ptp_cli.loading import build_model
 from ptp_cli.models.internvl import InternVLModel
 from ptp_cli.prompts import PromptIds
-from ptp_cli.tiny import random_state_dict
 from ptp_cli.tokenization import IMG_END_TOKEN, IMG_START_TOKEN, Tokenizer
+from ptp_cli.zoo import load_model
 
 SYSTEM_TOKENS = 40  # synthetic system-message length (InternVL2's Chinese system message is ~40 tokens)
 SUFFIX_TOKENS = 5  # "<|im_end|><|im_start|>assistant\n"
@@ -118,7 +119,8 @@ def model_config(config: BenchConfig) -> ModelConfig:
     """The model's config without building it (a checkpoint's config.json is read, no weights)."""
     if config.model is None:
         return SHAPES[config.source].with_name(config.source)
-    from ptp_cli.checkpoint import load_config, resolve_model
+    from ptp_cli.loading import load_config
+    from ptp_cli.zoo import resolve_model
 
     return load_config(resolve_model(config.model)).with_name(config.model)
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import typer
 import yaml
 
+from ptp_cli.config import MAX_TILES
 from ptp_cli.errors import UsageError
 
 if TYPE_CHECKING:
@@ -123,9 +124,9 @@ Workers = Annotated[int | None, typer.Option(
 MaxPixels = Annotated[int | None, typer.Option(
     help="Refuse images with more pixels (decompression-bomb guard). (default: 89478485)", rich_help_panel=_RUN)]
 MaxTiles = Annotated[int | None, typer.Option(
-    help="Most 448-px tiles per image, 1..40. (default: the checkpoint's, 12 for InternVL2)", rich_help_panel=_RUN)]
+    help=f"Most 448-px tiles per image, 1..{MAX_TILES}. (default: the checkpoint's, 12 for InternVL2)", rich_help_panel=_RUN)]
 MinTiles = Annotated[int | None, typer.Option(
-    help="Fewest tiles per image, 1..40. (default: the checkpoint's)", rich_help_panel=_RUN)]
+    help=f"Fewest tiles per image, 1..{MAX_TILES}. (default: the checkpoint's)", rich_help_panel=_RUN)]
 MaxNewTokens = Annotated[int | None, typer.Option(help="Generation length cap. (default: 64)", rich_help_panel=_GEN)]
 Temperature = Annotated[float | None, typer.Option(help="0 = greedy. (default: 0)", rich_help_panel=_GEN)]
 Seed = Annotated[int | None, typer.Option(

@@ -67,7 +67,7 @@ class InternVLModel(nn.Module):
         return self.mlp1[1].weight.device
 
     def load_weights(self, state: dict[str, torch.Tensor]) -> None:
-        """Load a canonical state dict (see checkpoint.py), strictly, keeping tied embeddings tied."""
+        """Load a canonical state dict (see ptp_cli.loading.weights), strictly, keeping tied embeddings tied."""
         state = dict(state)
         tied = self.cfg.llm.tie_word_embeddings
         if tied:

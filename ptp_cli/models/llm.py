@@ -2,7 +2,7 @@
 
 All four are the same network: pre-norm RMSNorm, RoPE (rotate-half), GQA attention with a fused
 q|k|v projection, SwiGLU MLP with a fused gate|up projection. Checkpoint quirks (InternLM2's grouped
-wqkv, Phi-3's fused projections, Qwen2's qkv bias) are resolved once, at load (``checkpoint.py``).
+wqkv, Phi-3's fused projections, Qwen2's qkv bias) are resolved once, at load (``ptp_cli.loading.weights``).
 
 The caller drives the layers one by one (``embed`` -> ``layers[j]`` -> ``logits``), so it can read
 q and k inside any layer and drop tokens between layers; each layer owns its KV cache, so a layer

@@ -1,30 +1,25 @@
-"""Checkpoint finding, config parsing (both layouts), weight conversion round trips, errors, and the tiny model."""
+"""Checkpoint finding, config parsing (both layouts), weight conversion round trips, and loading errors."""
 
 from __future__ import annotations
 
 import json
-import threading
+import os
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from ptp_cli.checkpoint import (
-    canonical_shapes,
-    load_config,
-    load_model,
-    load_state_dict,
-    resolve_model,
-    save_hf_layout,
-    save_original_layout,
-)
-from ptp_cli.config import SHAPES, TINY, LLMConfig, ModelConfig, VisionConfig
+from ptp_cli.builders.tiny import random_state_dict
+from ptp_cli.builders.writers import save_hf_layout, save_original_layout
+from ptp_cli.config import SHAPES, LLMConfig, ModelConfig, VisionConfig
 from ptp_cli.errors import ModelLoadError
-from ptp_cli.models.internvl import InternVLModel
-from ptp_cli.tiny import TINY_VERSION, build_random_checkpoint, ensure_tiny, random_state_dict
+from ptp_cli.image import TilingOptions
+from ptp_cli.loading import canonical_shapes, load_config, load_state_dict, resolve_model
 
 # ---------------------------------------------------------------------------------------------------------
 # Config files modelled on the published checkpoints (abridged: fields ptp does not read are mostly left out)
@@ -159,6 +154,27 @@ def test_parse_hf_v5_text_config(tmp_path: Path) -> None:
     assert (cfg.llm.arch, cfg.llm.rope_theta, cfg.llm.rope_scaling, cfg.llm.head_dim) == ("llama", 5e5, None, 128)
     assert not cfg.llm.qkv_bias
     assert cfg.max_dynamic_patch == 12  # no preprocessor_config.json: transformers' default
+
+
+@pytest.mark.parametrize(
+    "preprocessor",
+    [{"crop_to_patches": True, "min_patches": 2, "max_patches": 6}, {"crop_to_patches": True, "max_patches": 3},
+     {"crop_to_patches": False, "max_patches": 6}],
+)
+def test_hf_tiling_follows_preprocessor_config(tmp_path: Path, preprocessor: dict) -> None:
+    """A -hf checkpoint tiles as transformers' image processor reads the same preprocessor_config.json."""
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    write_config(tmp_path, INTERNVL3_1B_HF)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(
+        {"image_processor_type": "GotOcr2ImageProcessor", "size": {"height": 448, "width": 448}, **preprocessor}
+    ))
+    tiling = TilingOptions.from_config(load_config(tmp_path))
+    theirs = GotOcr2ImageProcessorPil.from_pretrained(str(tmp_path))
+    for width, height in [(448, 448), (1000, 700), (5000, 20), (300, 2000)]:
+        image = Image.new("RGB", (width, height))
+        expected = int(theirs(images=image, return_tensors="np")["num_patches"][0])
+        assert tiling.num_tiles(width, height) == expected, (width, height)
 
 
 @pytest.mark.parametrize(
@@ -352,15 +368,33 @@ def test_pickle_only_checkpoint(tmp_path: Path) -> None:
         load_state_dict(tmp_path, load_config(tmp_path))
 
 
-def test_canonical_shapes_match_the_model() -> None:
-    for cfg in (small_cfg("internlm2"), small_cfg("qwen2", tie=True, vit6b=True), replace(
-            TINY, llm=replace(TINY.llm, vocab_size=300))):
-        with torch.device("meta"):
-            model = InternVLModel(cfg)
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        if cfg.llm.tie_word_embeddings:
-            expected.pop("language_model.output.weight")
-        assert canonical_shapes(cfg) == expected
+def test_corrupt_weights(tmp_path: Path) -> None:
+    cfg = small_cfg("qwen2")
+    save_original_layout(random_state_dict(cfg, seed=9), cfg, tmp_path, llm_arch="qwen2")
+    file = tmp_path / "model.safetensors"
+    file.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
+    with pytest.raises(ModelLoadError, match=r"cannot read .*model\.safetensors"):
+        load_state_dict(tmp_path, cfg)
+
+
+def test_canonical_shapes() -> None:
+    """The shapes read off the model agree with the architecture's arithmetic; a tied head is not listed."""
+    cfg = small_cfg("qwen2", tie=True, vit6b=True)
+    v, m = cfg.vision, cfg.llm  # ViT: C 16, 2 layers, 1024 patches; LLM: D 32, 4 q + 2 kv heads of 8, I 48
+    shapes = canonical_shapes(cfg)
+    assert shapes["vision_model.embeddings.position_embedding"] == (1, 1025, 16)
+    assert shapes["vision_model.encoder.layers.1.attn.q_norm.weight"] == (16,)
+    assert shapes["mlp1.1.weight"] == (32, 4 * 16)  # pixel shuffle merges 2x2 patches
+    assert shapes["language_model.layers.1.attention.wqkv.weight"] == ((4 + 2 * 2) * 8, 32)
+    assert shapes["language_model.layers.1.attention.wqkv.bias"] == ((4 + 2 * 2) * 8,)
+    assert shapes["language_model.layers.0.feed_forward.w13.weight"] == (2 * 48, 32)
+    # 4 embedding tensors, 13 per ViT-6B-style block (no qkv bias, q/k norms, RMSNorm), 6 projector tensors,
+    # the token table, 7 per Qwen2 block (q/k/v bias), the final norm; no output.weight (tied).
+    assert len(shapes) == 4 + 13 * v.num_layers + 6 + 1 + 7 * m.num_layers + 1
+    assert "vision_model.encoder.layers.0.attn.qkv.bias" not in shapes
+    assert "language_model.output.weight" not in shapes
+    untied = canonical_shapes(small_cfg("internlm2"))
+    assert untied["language_model.output.weight"] == (50, 32)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -391,6 +425,16 @@ def test_offline_hub_id_not_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         resolve_model("OpenGVLab/InternVL2-2B", offline=True)
 
 
+def test_hub_unreachable(tmp_path: Path) -> None:
+    """A download that cannot connect (a closed local port as the hub) is a one-line error, not a traceback."""
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "0"}
+    code = "from ptp_cli.loading import resolve_model; resolve_model('OpenGVLab/InternVL2-2B')"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("ptp_cli.errors.ModelLoadError: cannot download model 'OpenGVLab/InternVL2-2B'"), last
+    assert "hf download OpenGVLab/InternVL2-2B" in last
+
+
 def test_offline_hub_id_from_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
@@ -403,70 +447,3 @@ def test_offline_hub_id_from_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     path = resolve_model("OpenGVLab/InternVL2-2B")
     assert path == repo / "snapshots" / commit
     assert load_config(path).llm.arch == "internlm2"
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The tiny model
-
-
-def test_tiny_is_deterministic(tmp_path: Path) -> None:
-    a, b = ensure_tiny(cache_dir=tmp_path / "a"), ensure_tiny(cache_dir=tmp_path / "b")
-    assert a == tmp_path / "a" / TINY_VERSION
-    for name in ("model.safetensors", "config.json", "tokenizer.json"):
-        assert (a / name).read_bytes() == (b / name).read_bytes()
-    cfg = load_config(a)
-    assert cfg.llm == replace(TINY.llm, vocab_size=cfg.llm.vocab_size) and cfg.vision == TINY.vision
-    assert cfg.template == "internlm2-chat"
-    with safe_open(a / "model.safetensors", framework="pt") as f:
-        assert "language_model.model.layers.0.attention.wqkv.weight" in set(f.keys())
-
-
-def test_tiny_race(tmp_path: Path) -> None:
-    results: list[Path] = []
-    threads = [threading.Thread(target=lambda: results.append(ensure_tiny(cache_dir=tmp_path))) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert results == [tmp_path / TINY_VERSION] * 3
-    assert [p.name for p in tmp_path.iterdir()] == [TINY_VERSION]  # no temporary folder left behind
-    load_config(results[0])
-
-
-def test_load_model_tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PTP_HOME", str(tmp_path))
-    loaded = load_model("tiny", dtype=torch.bfloat16)
-    assert loaded.path == tmp_path / "models" / TINY_VERSION
-    assert loaded.cfg.name == "tiny"
-    assert loaded.image_token_id == loaded.tokenizer.token_to_id("<IMG_CONTEXT>") < loaded.cfg.llm.vocab_size
-    model = loaded.model
-    assert not model.training
-    assert all(p.dtype == torch.bfloat16 and not p.requires_grad and not p.is_meta for p in model.parameters())
-    assert all(not b.is_meta for b in model.buffers())
-    prompts = ["What is in the image?", "Read the sign.", "How many cats?", "Which year had the most visitors?"]
-    ids = torch.tensor([loaded.tokenizer.encode(p)[:4] for p in prompts])
-    logits = model.language_model(ids)
-    assert logits.shape == (4, 4, loaded.cfg.llm.vocab_size) and torch.isfinite(logits).all()
-    # Random weights that still say something: different prompts, different greedy next tokens.
-    assert len(set(logits[:, -1].argmax(-1).tolist())) >= 3
-
-
-def test_random_state_dict_scales() -> None:
-    cfg = small_cfg("qwen2")
-    a = random_state_dict(cfg, seed=9, dtype=torch.bfloat16)
-    b = random_state_dict(cfg, seed=9, dtype=torch.bfloat16)
-    assert_same_state(a, b)
-    ls = a["vision_model.encoder.layers.0.ls1"].float()
-    assert ls.min() >= 0.099 and ls.max() <= 1.004  # [0.1, 1.0], rounded to bf16
-    with pytest.raises(ValueError, match="vocab_size"):
-        random_state_dict(TINY, seed=0)
-
-
-@pytest.mark.parametrize("layout", ["original", "hf"])
-def test_build_random_checkpoint(tmp_path: Path, layout: str) -> None:
-    cfg = small_cfg("qwen2", tie=True, vocab_size=600)
-    build_random_checkpoint(cfg, tmp_path, seed=10, layout=layout, dtype=torch.bfloat16)
-    loaded = load_model(str(tmp_path), dtype=torch.bfloat16)
-    assert loaded.cfg.llm == cfg.llm and loaded.image_token_id == loaded.tokenizer.token_to_id("<IMG_CONTEXT>")
-    assert_same_state({k: v for k, v in loaded.model.state_dict().items() if k != "language_model.output.weight"},
-                      random_state_dict(cfg, seed=10, dtype=torch.bfloat16))

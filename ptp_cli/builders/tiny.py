@@ -12,16 +12,31 @@ import shutil
 import tempfile
 from dataclasses import replace
 from pathlib import Path
-from typing import Literal
 
 import torch
 
-from ptp_cli.checkpoint import canonical_shapes, save_hf_layout, save_original_layout
-from ptp_cli.config import TINY, ModelConfig
-from ptp_cli.tokenization import build_tiny_tokenizer, load_tokenizer
+from ptp_cli.builders.bpe import build_tiny_tokenizer
+from ptp_cli.builders.writers import save_hf_layout, save_original_layout
+from ptp_cli.config import LLMConfig, ModelConfig, VisionConfig
+from ptp_cli.loading import Layout, canonical_shapes
+from ptp_cli.tokenization import load_tokenizer
 
-TINY_VERSION = "tiny-v1"  # bump when the tiny model's weights or files change
+TINY_VERSION = "tiny-v2"  # bump when the tiny model's weights or files change
 TINY_SEED = 0
+
+# The built-in test model: real tiling geometry (448 px, patch 14, 256 tokens a tile), tiny widths.
+# 12 ViT layers so PTP's default score layer (11) exists; 4 LLM layers so layer 1 and in-LLM drops exist.
+TINY = ModelConfig(
+    vision=VisionConfig(hidden_size=32, num_layers=12, num_heads=2, intermediate_size=64),
+    llm=LLMConfig(
+        arch="internlm2", vocab_size=0, hidden_size=64, intermediate_size=128, num_layers=4,
+        num_heads=4, num_kv_heads=2, rope_theta=1_000_000.0, rms_norm_eps=1e-5,
+        max_position_embeddings=32768,
+    ),
+    template="internlm2-chat",
+    max_dynamic_patch=12,
+    name="tiny",
+)
 
 
 def ptp_home() -> Path:
@@ -77,7 +92,7 @@ def build_random_checkpoint(
     out_dir: Path,
     *,
     seed: int,
-    layout: Literal["original", "hf"] = "original",
+    layout: Layout = "original",
     dtype: torch.dtype = torch.float32,
     tokenizer_dir: Path | None = None,
 ) -> Path:
