@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from ptp_cli.builders.tiny import TINY_VERSION
 from ptp_cli.devices import resolve_device, resolve_dtype
 from ptp_cli.errors import ImageError, RecordError, UsageError
 from ptp_cli.image import TilingOptions
@@ -22,7 +23,7 @@ QUESTION = "What colour is the sky?"
 
 @pytest.fixture(scope="module")
 def tiny(ptp_home: Path):
-    path = ptp_home / "models" / "tiny-v1"
+    path = ptp_home / "models" / TINY_VERSION
     return load_tokenizer(path), load_config(path)
 
 
