@@ -18,10 +18,13 @@ from typing import Any
 
 import torch
 
-from ptp_cli.checkpoint import LoadedModel, load_model
+from ptp_cli.checkpoint import LoadedModel, load_config, load_model, resolve_model
+from ptp_cli.config import ModelConfig
+from ptp_cli.dryrun import record_tiling
 from ptp_cli.engine import Engine, Request, Result
 from ptp_cli.errors import PtpError, RecordError, UsageError
 from ptp_cli.image import DEFAULT_MAX_PIXELS, TilingOptions, load_image
+from ptp_cli.limits import check_values
 from ptp_cli.prompts import encode_prompt, get_template
 from ptp_cli.pruning import PruneConfig, make_method
 from ptp_cli.records import BadRecord, Record, error_row, result_row
@@ -69,19 +72,50 @@ class RunConfig:
             raise UsageError(f"--dtype must be one of auto, {', '.join(DTYPES)}; got {self.dtype!r}")
         return DTYPES[self.dtype]
 
-    def validate(self) -> None:
-        checks = [
-            (self.max_new_tokens >= 1, "--max-new-tokens must be at least 1"),
-            (self.temperature >= 0, "--temperature must be >= 0"),
-            (self.batch_size >= 1, "--batch-size must be at least 1"),
-            (self.max_batch_tokens is None or self.max_batch_tokens >= 1, "--max-batch-tokens must be >= 1"),
-            (self.max_tiles is None or 1 <= self.max_tiles <= 40, "--max-tiles must be in 1..40"),
-            (self.min_tiles is None or 1 <= self.min_tiles <= 40, "--min-tiles must be in 1..40"),
-            (self.workers >= 1, "--workers must be at least 1"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise UsageError(msg)
+    def validate(self) -> RunConfig:
+        """Every check that needs no model (run and pruning settings); raise UsageError, else return self."""
+        check_values({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+        if self.min_tiles is not None and self.max_tiles is not None and self.min_tiles > self.max_tiles:
+            raise UsageError(f"--min-tiles ({self.min_tiles}) is larger than --max-tiles ({self.max_tiles})")
+        self.prune.check()
+        return self
+
+    def tiling(self, model_cfg: ModelConfig) -> TilingOptions:
+        """The checkpoint's tiling with --max-tiles / --min-tiles on top."""
+        tiling = TilingOptions.from_config(model_cfg, max_tiles=self.max_tiles)
+        try:
+            return dataclasses.replace(tiling, min_tiles=self.min_tiles or tiling.min_tiles)
+        except ValueError as e:  # e.g. --min-tiles above the checkpoint's cap
+            raise UsageError(f"--min-tiles/--max-tiles: {e}") from None
+
+
+def read_model_config(config: RunConfig, *, offline: bool | None = None) -> ModelConfig:
+    """The checkpoint's config, read without its weights, with every setting checked against it.
+
+    Cheap next to loading the weights: a run calls it first, so a bad layer index fails before they load.
+    ``offline``: as for ``resolve_model`` (True: only a local directory or the local hub cache).
+    """
+    model_cfg = load_config(resolve_model(config.model, offline=offline)).with_name(config.model)
+    config.validate().prune.check_layers(model_cfg)
+    config.tiling(model_cfg)
+    return model_cfg
+
+
+def run_settings(config: RunConfig, model_cfg: ModelConfig, *, dtype: torch.dtype) -> dict[str, Any]:
+    """What decides the results (echoed in every row, fingerprinted by --resume), from the config alone."""
+    method = make_method(config.prune, model_cfg)
+    tiling = config.tiling(model_cfg)
+    return {
+        "model": model_cfg.name or config.model,
+        **method.settings(),
+        "method": method.name,
+        "max_tiles": tiling.max_tiles,
+        "min_tiles": tiling.min_tiles,
+        "max_new_tokens": config.max_new_tokens,
+        "temperature": float(config.temperature),
+        "seed": config.seed,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
 
 
 def _free_device_memory() -> None:
@@ -108,9 +142,7 @@ class Pipeline:
         self.cfg = loaded.cfg
         self.tokenizer = loaded.tokenizer
         self.template = get_template(self.cfg.template)
-        self.tiling = TilingOptions.from_config(self.cfg, max_tiles=config.max_tiles)
-        if config.min_tiles is not None:
-            self.tiling = dataclasses.replace(self.tiling, min_tiles=config.min_tiles)
+        self.tiling = config.tiling(self.cfg)
         self.engine = Engine(
             loaded.model, image_token_id=loaded.image_token_id, method=make_method(config.prune, self.cfg)
         )
@@ -126,18 +158,7 @@ class Pipeline:
 
     def settings(self) -> dict[str, Any]:
         """What decides the results; echoed in every row and fingerprinted by --resume."""
-        c = self.config
-        return {
-            "model": self.cfg.name or c.model,
-            **self.engine.method.settings(),
-            "method": self.engine.method.name,
-            "max_tiles": self.tiling.max_tiles,
-            "min_tiles": self.tiling.min_tiles,
-            "max_new_tokens": c.max_new_tokens,
-            "temperature": float(c.temperature),
-            "seed": c.seed,
-            "dtype": str(self.loaded.model.dtype).removeprefix("torch."),
-        }
+        return run_settings(self.config, self.cfg, dtype=self.loaded.model.dtype)
 
     # ------------------------------------------------------------------------------------------ stages
 
@@ -145,16 +166,7 @@ class Pipeline:
         """Load, tile and tokenise one record (thread-safe). Raises RecordError for bad input."""
         t0 = time.perf_counter()
         ov = record.overrides
-        tiling = self.tiling
-        if ov.get("max_tiles") is not None or ov.get("min_tiles") is not None:
-            try:
-                tiling = dataclasses.replace(
-                    tiling,
-                    max_tiles=ov.get("max_tiles") or tiling.max_tiles,
-                    min_tiles=ov.get("min_tiles") or tiling.min_tiles,
-                )
-            except ValueError as e:
-                raise RecordError(f"bad tiling override: {e}", kind="invalid_record") from None
+        tiling = record_tiling(self.tiling, ov)
         image = load_image(record.image, max_pixels=self.config.max_pixels)
         # [T, 3, 448, 448] in the model's dtype: the ViT casts to it anyway, so this changes no number but
         # halves host memory and the host-to-device copy for bf16/fp16 runs.

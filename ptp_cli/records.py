@@ -40,7 +40,8 @@ from typing import IO, Any, BinaryIO
 
 import orjson
 
-from ptp_cli.errors import InvalidRecordError, RecordError, UsageError
+from ptp_cli.errors import ImageError, InvalidRecordError, RecordError, UsageError
+from ptp_cli.limits import MAX_TILES_LIMIT
 
 JsonScalar = str | int | float | bool
 
@@ -66,7 +67,6 @@ OUTPUT_FIELDS: frozenset[str] = frozenset(
 INPUT_FIELDS: frozenset[str] = frozenset(
     {"id", "image", "question", "prompt", "max_tiles", "min_tiles", "max_new_tokens", "temperature", "seed"}
 )
-MAX_TILES_LIMIT = 40  # InternVL2 was trained with up to 40 tiles; more only costs memory
 _SEED_LIMIT = 2**64  # torch.manual_seed takes seeds below 2**64
 
 _BOM = b"\xef\xbb\xbf"
@@ -84,6 +84,7 @@ class Record:
     question: str  # stripped, never empty
     overrides: dict[str, int | float] = field(default_factory=dict)  # per-record option overrides, validated
     extra: dict[str, Any] = field(default_factory=dict)  # unknown fields to echo; never an OUTPUT_FIELDS name
+    image_relative: bool = False  # the record gave a relative path (resolved against the image root)
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,12 +197,14 @@ def parse_line(raw: bytes, *, line: int, root: Path) -> Record | BadRecord:
 
     question = _question(obj, problems)
     image = _image(obj, root, problems)
+    relative = isinstance(obj.get("image"), str) and not Path(obj["image"]).expanduser().is_absolute()
     overrides = _overrides(obj, problems)
     if problems:
         return BadRecord(line, rid, InvalidRecordError("; ".join(problems)))
     assert image is not None and question is not None
     extra = {k: v for k, v in obj.items() if k not in INPUT_FIELDS and k not in OUTPUT_FIELDS}
-    return Record(line=line, id=rid, image=image, question=question, overrides=overrides, extra=extra)
+    return Record(line=line, id=rid, image=image, question=question, overrides=overrides, extra=extra,
+                  image_relative=relative)
 
 
 def _json_type(value: object) -> str:
@@ -319,6 +322,11 @@ def error_row(
     if settings is not None:
         row["settings"] = dict(settings)
     return row
+
+
+def is_missing_image(error_type: str, message: str) -> bool:
+    """Whether an error row's ``type`` and ``message`` say the image file does not exist (``load_image``'s)."""
+    return error_type == ImageError.kind and message.startswith("image not found")
 
 
 def result_row(
@@ -491,7 +499,8 @@ class ResumeState:
 def scan_output(
     path: str | os.PathLike[str],
     *,
-    settings_fingerprint: str | None,
+    settings_fingerprint: str | None = None,
+    settings: Mapping[str, Any] | None = None,
     force: bool = False,
     retry_errors: bool = False,
 ) -> ResumeState:
@@ -503,12 +512,15 @@ def scan_output(
       ``UsageError`` naming it: the file is not a ptp output, and we do not touch it.
     - Error rows count as done. With ``retry_errors``, they do not, and the file is rewritten without them
       (atomically), so after the retry every line has exactly one row.
-    - Rows carry ``settings``; if their ``fingerprint`` differs from ``settings_fingerprint``, raise
-      ``UsageError`` unless ``force``. ``None`` skips the check.
+    - Rows carry ``settings``; if their ``fingerprint`` differs from ``settings_fingerprint`` (or from that of
+      ``settings``, and then the message lists what differs), raise ``UsageError`` unless ``force``.
+      ``None`` for both skips the check.
 
     Nothing is modified before every check has passed.
     """
     path = Path(path)
+    if settings is not None:
+        settings_fingerprint = fingerprint(settings)
     try:
         f = path.open("rb")
     except FileNotFoundError:
@@ -518,6 +530,7 @@ def scan_output(
 
     done: set[int] = set()
     fingerprints: set[str] = set()
+    other: dict[str, Any] | None = None  # the settings of a row whose fingerprint differs
     error_at: set[int] = set()  # physical lines (of the output file) holding error rows
     retried: set[int] = set()  # input lines with an error row
     rows = 0
@@ -549,8 +562,10 @@ def scan_output(
                 )
             good_end = offset
             rows += 1
-            if isinstance(settings := row.get("settings"), dict):
-                fingerprints.add(fingerprint(settings))
+            if isinstance(row_settings := row.get("settings"), dict):
+                fingerprints.add(fp := fingerprint(row_settings))
+                if other is None and fp != settings_fingerprint:
+                    other = row_settings
             if row.get("error") is not None:
                 error_at.add(n)
                 retried.add(line)
@@ -559,9 +574,12 @@ def scan_output(
         size = offset
 
     if settings_fingerprint is not None and not force and fingerprints - {settings_fingerprint}:
-        found = ", ".join(sorted(fingerprints))
+        if settings is not None and other is not None:
+            what = "; ".join(settings_diff(other, settings))
+        else:
+            what = f"fingerprints {', '.join(sorted(fingerprints))} -> {settings_fingerprint}"
         raise UsageError(
-            f"{path}: --resume would mix results of different settings (file: {found}, now: {settings_fingerprint}); "
+            f"--resume: {path} holds results of other settings ({what}); mixing them is refused: "
             "use --force-resume or another --output"
         )
 
@@ -574,6 +592,18 @@ def scan_output(
     if not retry_errors:
         done |= retried
     return ResumeState(frozenset(done), rows, len(error_at), frozenset(fingerprints), size - good_end)
+
+
+def settings_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """``"name old -> new"`` for every setting that differs (``unset`` where one side lacks it), sorted."""
+    missing = object()
+    changes = []
+    for name in sorted(set(old) | set(new)):
+        a, b = old.get(name, missing), new.get(name, missing)
+        if a != b or type(a) is not type(b):
+            show = [("unset" if v is missing else orjson.dumps(v).decode()) for v in (a, b)]
+            changes.append(f"{name} {show[0]} -> {show[1]}")
+    return changes
 
 
 def _rewrite_without(path: Path, *, lines: set[int], end: int) -> None:
