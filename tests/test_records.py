@@ -25,8 +25,8 @@ from ptp_cli.records import (
     iter_records,
     parse_shard,
     result_row,
-    scan_output,
 )
+from ptp_cli.resume import scan_output
 
 SETTINGS = {"method": "ptp", "max_tiles": 6, "keep": 0.5}
 

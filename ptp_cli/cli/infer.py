@@ -23,15 +23,8 @@ from tqdm import tqdm
 
 from ptp_cli.cli import options as opt
 from ptp_cli.errors import ModelLoadError, UsageError
-from ptp_cli.records import (
-    BadRecord,
-    OrderedWriter,
-    Record,
-    is_missing_image,
-    iter_records,
-    parse_shard,
-    scan_output,
-)
+from ptp_cli.records import BadRecord, OrderedWriter, Record, is_missing_image, iter_records, parse_shard
+from ptp_cli.resume import scan_output
 
 if TYPE_CHECKING:
     from ptp_cli.pipeline import RunConfig
@@ -318,6 +311,8 @@ def infer_command(
     force_resume: opt.ForceResume = None,
     retry_errors: opt.RetryErrors = None,
     shard: opt.Shard = None,
+    image_root: opt.ImageRoot = None,
+    check: opt.Check = None,
     model: opt.Model = None,
     dtype: opt.Dtype = None,
     device: opt.Device = None,
@@ -349,8 +344,6 @@ def infer_command(
     max_pixels: opt.MaxPixels = None,
     config: opt.Config = None,
     quiet: opt.Quiet = None,
-    image_root: opt.ImageRoot = None,
-    check: opt.Check = None,
 ) -> None:
     """Answer the question of every record of INPUT; write one JSON line per record, in input order.
 

@@ -38,7 +38,7 @@ app = typer.Typer(
     help="Batch inference for InternVL2 with Pyramid Token Pruning.",
     no_args_is_help=True,
     rich_markup_mode=None,  # plain help: flags without a <bool> placeholder, [default: X] shown as written
-    context_settings={"help_option_names": ["-h", "--help"]},
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
     pretty_exceptions_enable=False,  # errors are formatted once, in main()
 )
 app.command("infer", cls=Command)(infer_command)

@@ -113,7 +113,7 @@ def env_var(name: str) -> str:
 _MODEL, _PRUNE, _GEN, _IO, _RUN = "Model", "Pruning", "Generation", "Input and output", "Run"
 
 Model = Annotated[str | None, typer.Option(
-    help="Checkpoint directory, hub id (from the local HF cache), or 'tiny'. [default: OpenGVLab/InternVL2-2B]",
+    metavar="DIR|ID", help="Checkpoint directory, hub id (from the local HF cache), or 'tiny'. [default: OpenGVLab/InternVL2-2B]",
     rich_help_panel=_MODEL)]
 Dtype = Annotated[str | None, typer.Option(
     help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16. [default: auto]", rich_help_panel=_MODEL)]
@@ -170,11 +170,11 @@ FastvLayer = Annotated[int | None, typer.Option(help="FastV: drop after this LLM
 VtwLayer = Annotated[int | None, typer.Option(
     help="VTW: withdraw visual tokens after this LLM layer. [default: half the layers]", rich_help_panel=_PRUNE)]
 PdropLayers = Annotated[str | None, typer.Option(
-    help="PyramidDrop stage ends, e.g. 6,12,18. [default: 1/4, 2/4, 3/4 of the layers]", rich_help_panel=_PRUNE)]
+    metavar="K1,K2,...", help="PyramidDrop stage ends, e.g. 6,12,18. [default: 1/4, 2/4, 3/4 of the layers]", rich_help_panel=_PRUNE)]
 PdropKeep = Annotated[float | None, typer.Option(
     help="Fraction each PyramidDrop stage keeps, in (0, 1]. [default: 0.5]", rich_help_panel=_PRUNE)]
 Output = Annotated[str | None, typer.Option(
-    "--output", "-o", help="Write rows to this file (truncated unless --resume) instead of stdout.",
+    "--output", "-o", metavar="FILE", help="Write rows to this file (truncated unless --resume) instead of stdout.",
     rich_help_panel=_IO)]
 Resume = Annotated[bool | None, typer.Option(
     "--resume/--no-resume", help="Skip the records already in --output (a torn last line is repaired).", rich_help_panel=_IO)]
@@ -183,16 +183,16 @@ ForceResume = Annotated[bool | None, typer.Option(
 RetryErrors = Annotated[bool | None, typer.Option(
     "--retry-errors/--no-retry-errors", help="With --resume: redo the records that have an error row.", rich_help_panel=_IO)]
 Shard = Annotated[str | None, typer.Option(
-    help="Process only shard I of N (0-based, e.g. 0/4); the N outputs cover every record once.",
+    metavar="I/N", help="Process only shard I of N (0-based, e.g. 0/4); the N outputs cover every record once.",
     rich_help_panel=_IO)]
 ImageRoot = Annotated[str | None, typer.Option(
-    help="Folder that relative image paths resolve against. "
+    metavar="DIR", help="Folder that relative image paths resolve against. "
          "[default: the input file's folder; the current folder for stdin]", rich_help_panel=_IO)]
 Check = Annotated[bool | None, typer.Option(
     "--check/--no-check", help="Dry run: check the options and every record (JSON, fields, image, tiles) "
     "without loading the model; report on stderr, write no rows.", rich_help_panel=_IO)]
 Config = Annotated[Path | None, typer.Option(
-    help="YAML file of settings (keys: option names, - or _). Also PTP_CONFIG.", rich_help_panel=_RUN)]
+    metavar="FILE", help="YAML file of settings (keys: option names, - or _). Also PTP_CONFIG.", rich_help_panel=_RUN)]
 Quiet = Annotated[bool | None, typer.Option(
     "--quiet/--no-quiet", "-q", help="Nothing on stderr but errors.", rich_help_panel=_RUN)]
 
