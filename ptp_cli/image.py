@@ -7,7 +7,9 @@ InternVL2 ``dynamic_preprocess`` (grid choice, bicubic resize, row-major crops, 
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -17,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ptp_cli.errors import ImageError
+from ptp_cli.errors import ImageError, RecordError
 
 if TYPE_CHECKING:
     from ptp_cli.config import ModelConfig
@@ -263,3 +265,17 @@ class TilingOptions:
             image, min_tiles=self.min_tiles, max_tiles=self.max_tiles,
             image_size=self.image_size, use_thumbnail=self.use_thumbnail,
         )
+
+
+def record_tiling(base: TilingOptions, overrides: Mapping[str, int | float]) -> TilingOptions:
+    """The run's tiling with a record's ``max_tiles`` / ``min_tiles`` on top; RecordError if they clash."""
+    if overrides.get("max_tiles") is None and overrides.get("min_tiles") is None:
+        return base
+    try:
+        return dataclasses.replace(
+            base,
+            max_tiles=int(overrides.get("max_tiles") or base.max_tiles),
+            min_tiles=int(overrides.get("min_tiles") or base.min_tiles),
+        )
+    except ValueError as e:
+        raise RecordError(f"bad tiling override: {e}", kind="invalid_record") from None

@@ -14,7 +14,6 @@ them (``bench`` tiles one image once and builds every request of a batch on thos
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 from ptp_cli.config import ModelConfig
 from ptp_cli.engine import Request
 from ptp_cli.errors import RecordError
-from ptp_cli.image import DEFAULT_MAX_PIXELS, TilingOptions, load_image
+from ptp_cli.image import DEFAULT_MAX_PIXELS, TilingOptions, load_image, record_tiling
 from ptp_cli.prompts import PromptIds, Template, encode_prompt, get_template
 from ptp_cli.records import Record
 from ptp_cli.tokenization import Tokenizer
@@ -97,16 +96,7 @@ class InputProcessor:
 
     def tiling_for(self, overrides: Overrides) -> TilingOptions:
         """The run's tiling with a record's overrides; a bad combination is the record's error."""
-        if overrides.get("max_tiles") is None and overrides.get("min_tiles") is None:
-            return self.tiling
-        try:
-            return dataclasses.replace(
-                self.tiling,
-                max_tiles=int(overrides.get("max_tiles") or self.tiling.max_tiles),
-                min_tiles=int(overrides.get("min_tiles") or self.tiling.min_tiles),
-            )
-        except ValueError as e:
-            raise RecordError(f"bad tiling override: {e}", kind="invalid_record") from None
+        return record_tiling(self.tiling, overrides)
 
     def load_tiles(self, image: Path, tiling: TilingOptions) -> torch.Tensor:
         """Read ``image`` and tile it: ``[T, 3, S, S]`` in ``pixel_dtype``. Raises ``ImageError``."""

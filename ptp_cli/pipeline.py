@@ -18,16 +18,17 @@ from typing import Any
 
 import torch
 
-from ptp_cli.config import MAX_TILES
+from ptp_cli.config import ModelConfig
 from ptp_cli.devices import resolve_device, resolve_dtype
 from ptp_cli.engine import Engine, Request, Result
 from ptp_cli.errors import PtpError, RecordError, UsageError
 from ptp_cli.image import DEFAULT_MAX_PIXELS, TilingOptions
 from ptp_cli.inputs import InputProcessor, RequestDefaults, TemplateEncoder
-from ptp_cli.loading import LoadedModel
+from ptp_cli.limits import check_values
+from ptp_cli.loading import LoadedModel, load_config
 from ptp_cli.pruning import PruneConfig, make_method
 from ptp_cli.records import BadRecord, Record, error_row, result_row
-from ptp_cli.zoo import load_model
+from ptp_cli.zoo import load_model, resolve_model
 
 
 @dataclass(frozen=True)
@@ -57,19 +58,50 @@ class RunConfig:
     def resolved_dtype(self, device: torch.device) -> torch.dtype:
         return resolve_dtype(self.dtype, device)
 
-    def validate(self) -> None:
-        checks = [
-            (self.max_new_tokens >= 1, "--max-new-tokens must be at least 1"),
-            (self.temperature >= 0, "--temperature must be >= 0"),
-            (self.batch_size >= 1, "--batch-size must be at least 1"),
-            (self.max_batch_tokens is None or self.max_batch_tokens >= 1, "--max-batch-tokens must be >= 1"),
-            (self.max_tiles is None or 1 <= self.max_tiles <= MAX_TILES, f"--max-tiles must be in 1..{MAX_TILES}"),
-            (self.min_tiles is None or 1 <= self.min_tiles <= MAX_TILES, f"--min-tiles must be in 1..{MAX_TILES}"),
-            (self.workers >= 1, "--workers must be at least 1"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise UsageError(msg)
+    def validate(self) -> RunConfig:
+        """Every check that needs no model (run and pruning settings); raise UsageError, else return self."""
+        check_values({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+        if self.min_tiles is not None and self.max_tiles is not None and self.min_tiles > self.max_tiles:
+            raise UsageError(f"--min-tiles ({self.min_tiles}) is larger than --max-tiles ({self.max_tiles})")
+        self.prune.check()
+        return self
+
+    def tiling(self, model_cfg: ModelConfig) -> TilingOptions:
+        """The checkpoint's tiling with --max-tiles / --min-tiles on top."""
+        tiling = TilingOptions.from_config(model_cfg, max_tiles=self.max_tiles)
+        try:
+            return dataclasses.replace(tiling, min_tiles=self.min_tiles or tiling.min_tiles)
+        except ValueError as e:  # e.g. --min-tiles above the checkpoint's cap
+            raise UsageError(f"--min-tiles/--max-tiles: {e}") from None
+
+
+def read_model_config(config: RunConfig, *, offline: bool | None = None) -> ModelConfig:
+    """The checkpoint's config, read without its weights, with every setting checked against it.
+
+    Cheap next to loading the weights: a run calls it first, so a bad layer index fails before they load.
+    ``offline``: as for ``resolve_model`` (True: only a local directory or the local hub cache).
+    """
+    model_cfg = load_config(resolve_model(config.model, offline=offline)).with_name(config.model)
+    config.validate().prune.check_layers(model_cfg)
+    config.tiling(model_cfg)
+    return model_cfg
+
+
+def run_settings(config: RunConfig, model_cfg: ModelConfig, *, dtype: torch.dtype) -> dict[str, Any]:
+    """What decides the results (echoed in every row, fingerprinted by --resume), from the config alone."""
+    method = make_method(config.prune, model_cfg)
+    tiling = config.tiling(model_cfg)
+    return {
+        "model": model_cfg.name or config.model,
+        **method.settings(),
+        "method": method.name,
+        "max_tiles": tiling.max_tiles,
+        "min_tiles": tiling.min_tiles,
+        "max_new_tokens": config.max_new_tokens,
+        "temperature": float(config.temperature),
+        "seed": config.seed,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
 
 
 def _free_device_memory() -> None:
@@ -95,9 +127,7 @@ class Pipeline:
         self.config = config
         self.cfg = loaded.cfg
         self.tokenizer = loaded.tokenizer
-        self.tiling = TilingOptions.from_config(self.cfg, max_tiles=config.max_tiles)
-        if config.min_tiles is not None:
-            self.tiling = dataclasses.replace(self.tiling, min_tiles=config.min_tiles)
+        self.tiling = config.tiling(self.cfg)
         self.inputs = InputProcessor(
             encoder=TemplateEncoder.for_model(self.tokenizer, self.cfg), tiling=self.tiling,
             tokens_per_tile=self.cfg.tokens_per_tile, pixel_dtype=loaded.model.dtype, max_pixels=config.max_pixels,
@@ -121,18 +151,7 @@ class Pipeline:
 
     def settings(self) -> dict[str, Any]:
         """What decides the results; echoed in every row and fingerprinted by --resume."""
-        c = self.config
-        return {
-            "model": self.cfg.name or c.model,
-            **self.engine.method.settings(),
-            "method": self.engine.method.name,
-            "max_tiles": self.tiling.max_tiles,
-            "min_tiles": self.tiling.min_tiles,
-            "max_new_tokens": c.max_new_tokens,
-            "temperature": float(c.temperature),
-            "seed": c.seed,
-            "dtype": str(self.loaded.model.dtype).removeprefix("torch."),
-        }
+        return run_settings(self.config, self.cfg, dtype=self.loaded.model.dtype)
 
     # ------------------------------------------------------------------------------------------ stages
 

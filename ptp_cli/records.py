@@ -20,8 +20,7 @@ Input record fields:
 Writing (``OrderedWriter``) takes rows that finish out of order and writes them in input order through a
 bounded reorder buffer, one orjson line per row, flushed after every burst.
 
-Resuming (``scan_output``) reads an output file left by an earlier run, cuts off a torn last line, checks
-that the earlier run used the same settings, and returns the input lines already done.
+Resuming (``scan_output``, in ``resume.py``) reads what an earlier run wrote.
 """
 
 from __future__ import annotations
@@ -32,7 +31,6 @@ import io
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +39,7 @@ from typing import IO, Any, BinaryIO
 import orjson
 
 from ptp_cli.config import MAX_TILES
-from ptp_cli.errors import InvalidRecordError, RecordError, UsageError
+from ptp_cli.errors import ImageError, InvalidRecordError, RecordError, UsageError
 
 JsonScalar = str | int | float | bool
 
@@ -84,6 +82,7 @@ class Record:
     question: str  # stripped, never empty
     overrides: dict[str, int | float] = field(default_factory=dict)  # per-record option overrides, validated
     extra: dict[str, Any] = field(default_factory=dict)  # unknown fields to echo; never an OUTPUT_FIELDS name
+    image_relative: bool = False  # the record gave a relative path (resolved against the image root)
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,12 +195,14 @@ def parse_line(raw: bytes, *, line: int, root: Path) -> Record | BadRecord:
 
     question = _question(obj, problems)
     image = _image(obj, root, problems)
+    relative = isinstance(obj.get("image"), str) and not Path(obj["image"]).expanduser().is_absolute()
     overrides = _overrides(obj, problems)
     if problems:
         return BadRecord(line, rid, InvalidRecordError("; ".join(problems)))
     assert image is not None and question is not None
     extra = {k: v for k, v in obj.items() if k not in INPUT_FIELDS and k not in OUTPUT_FIELDS}
-    return Record(line=line, id=rid, image=image, question=question, overrides=overrides, extra=extra)
+    return Record(line=line, id=rid, image=image, question=question, overrides=overrides, extra=extra,
+                  image_relative=relative)
 
 
 def _json_type(value: object) -> str:
@@ -319,6 +320,11 @@ def error_row(
     if settings is not None:
         row["settings"] = dict(settings)
     return row
+
+
+def is_missing_image(error_type: str, message: str) -> bool:
+    """Whether an error row's ``type`` and ``message`` say the image file does not exist (``load_image``'s)."""
+    return error_type == ImageError.kind and message.startswith("image not found")
 
 
 def result_row(
@@ -471,127 +477,3 @@ def _dumps(row: Mapping[str, Any]) -> bytes:
 
 def _scalar_or_none(value: object) -> Any:
     return value if isinstance(value, str | int | float | bool) else None
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Resuming
-
-
-@dataclass(frozen=True, slots=True)
-class ResumeState:
-    """What an earlier run left in the output file (after repair)."""
-
-    done: frozenset[int]  # input line numbers that have a row; pass as iter_records(skip_lines=...)
-    rows: int  # rows kept in the file
-    error_rows: int  # error rows found (removed from the file when retry_errors)
-    fingerprints: frozenset[str]  # settings fingerprints of the rows (normally zero or one)
-    torn_bytes: int  # bytes of a torn last line cut off the file (0: none)
-
-
-def scan_output(
-    path: str | os.PathLike[str],
-    *,
-    settings_fingerprint: str | None,
-    force: bool = False,
-    retry_errors: bool = False,
-) -> ResumeState:
-    """Read an earlier run's output for ``--resume``: repair it in place and return the lines already done.
-
-    - A missing or empty file gives an empty state.
-    - A torn last line (no trailing newline, or not valid JSON: the run was killed mid-write) is cut off the
-      file, and its record is redone. Any other line that is not a JSON object with an integer ``line`` raises
-      ``UsageError`` naming it: the file is not a ptp output, and we do not touch it.
-    - Error rows count as done. With ``retry_errors``, they do not, and the file is rewritten without them
-      (atomically), so after the retry every line has exactly one row.
-    - Rows carry ``settings``; if their ``fingerprint`` differs from ``settings_fingerprint``, raise
-      ``UsageError`` unless ``force``. ``None`` skips the check.
-
-    Nothing is modified before every check has passed.
-    """
-    path = Path(path)
-    try:
-        f = path.open("rb")
-    except FileNotFoundError:
-        return ResumeState(frozenset(), 0, 0, frozenset(), 0)
-    except OSError as e:
-        raise UsageError(f"cannot read {path} to resume: {e.strerror or e}") from e
-
-    done: set[int] = set()
-    fingerprints: set[str] = set()
-    error_at: set[int] = set()  # physical lines (of the output file) holding error rows
-    retried: set[int] = set()  # input lines with an error row
-    rows = 0
-    good_end = 0  # byte offset just after the last good line
-    bad: tuple[int, str] | None = None  # a bad line is fine only if it is the last one
-    with f:
-        offset = 0
-        for n, raw in enumerate(f, start=1):
-            if bad is not None:
-                raise UsageError(
-                    f"{path}, line {bad[0]}: {bad[1]}; not a ptp output file, refusing to resume into it"
-                )
-            offset += len(raw)
-            if not raw.endswith(b"\n"):
-                bad = (n, "torn line")  # the last line, by construction
-                break
-            if not raw.strip():
-                good_end = offset
-                continue
-            try:
-                row = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                bad = (n, "invalid JSON")
-                continue
-            line = row.get("line") if isinstance(row, dict) else None
-            if not _int_in(line, 1, None):
-                raise UsageError(
-                    f"{path}, line {n}: not a ptp result row (no integer 'line'); refusing to resume into it"
-                )
-            good_end = offset
-            rows += 1
-            if isinstance(settings := row.get("settings"), dict):
-                fingerprints.add(fingerprint(settings))
-            if row.get("error") is not None:
-                error_at.add(n)
-                retried.add(line)
-            else:
-                done.add(line)
-        size = offset
-
-    if settings_fingerprint is not None and not force and fingerprints - {settings_fingerprint}:
-        found = ", ".join(sorted(fingerprints))
-        raise UsageError(
-            f"{path}: --resume would mix results of different settings (file: {found}, now: {settings_fingerprint}); "
-            "use --force-resume or another --output"
-        )
-
-    if retry_errors and error_at:
-        _rewrite_without(path, lines=error_at, end=good_end)
-        rows -= len(error_at)
-    elif good_end < size:
-        with path.open("r+b") as f:
-            f.truncate(good_end)
-    if not retry_errors:
-        done |= retried
-    return ResumeState(frozenset(done), rows, len(error_at), frozenset(fingerprints), size - good_end)
-
-
-def _rewrite_without(path: Path, *, lines: set[int], end: int) -> None:
-    """Copy the file's first ``end`` bytes minus the given physical lines to a temp file, then swap it in."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out, path.open("rb") as src:
-            offset = 0
-            for n, raw in enumerate(src, start=1):
-                if offset >= end:
-                    break
-                offset += len(raw)
-                if n not in lines:
-                    out.write(raw)
-            out.flush()
-            os.fsync(out.fileno())  # the old file is replaced next: make sure the new one is on disk
-        os.chmod(tmp, path.stat().st_mode & 0o7777)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -25,8 +25,8 @@ from ptp_cli.records import (
     iter_records,
     parse_shard,
     result_row,
-    scan_output,
 )
+from ptp_cli.resume import scan_output
 
 SETTINGS = {"method": "ptp", "max_tiles": 6, "keep": 0.5}
 
@@ -63,10 +63,12 @@ def test_good_record_fields_and_relative_path(tmp_path: Path) -> None:
         question="q1?",
         overrides={"max_tiles": 12, "min_tiles": 2, "max_new_tokens": 64, "temperature": 0.0, "seed": 7},
         extra={"source": "coco"},  # "answer" collides with an output field: dropped
+        image_relative=True,
     )
     assert isinstance(a.overrides["temperature"], float)
     assert b.id == 2 and b.image == Path("/abs/a.png") and b.question == "describe"
     assert c.id == 3 and c.image == Path("~/b.png").expanduser()
+    assert not b.image_relative and not c.image_relative  # absolute, and ~ is the home folder
 
 
 def test_relative_path_with_cwd_elsewhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -386,8 +388,10 @@ def test_scan_fingerprint_mismatch(tmp_path: Path) -> None:
     original = result(1) + result(2) + b'{"torn'
     path.write_bytes(original)
     other = {**SETTINGS, "keep": 0.25}
-    with pytest.raises(UsageError, match=r"different settings \(file: \w{12}, now: \w{12}\).*--force-resume"):
+    with pytest.raises(UsageError, match=r"other settings \(fingerprints \w{12} -> \w{12}\).*--force-resume"):
         scan_output(path, settings_fingerprint=fingerprint(other))
+    with pytest.raises(UsageError, match=r"other settings \(keep \S+ -> 0\.25\)"):
+        scan_output(path, settings=other)  # the settings themselves: the message says what changed
     assert path.read_bytes() == original  # refused before touching the file
     state = scan_output(path, settings_fingerprint=fingerprint(other), force=True)
     assert state.done == {1, 2} and state.fingerprints == {fingerprint(SETTINGS)}
@@ -397,7 +401,7 @@ def test_scan_fingerprint_mismatch(tmp_path: Path) -> None:
 def test_scan_mixed_fingerprints_in_file(tmp_path: Path) -> None:
     path = tmp_path / "out.jsonl"
     path.write_bytes(result(1) + result(2, s={"method": "none"}))
-    with pytest.raises(UsageError, match="different settings"):
+    with pytest.raises(UsageError, match="other settings"):
         scan_output(path, settings_fingerprint=fingerprint(SETTINGS))
 
 

@@ -12,18 +12,24 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Annotated, Any
+from typing import IO, TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from tqdm import tqdm
 
 from ptp_cli.cli import options as opt
-from ptp_cli.errors import UsageError
-from ptp_cli.records import OrderedWriter, fingerprint, iter_records, parse_shard, scan_output
+from ptp_cli.errors import ModelLoadError, UsageError
+from ptp_cli.records import BadRecord, OrderedWriter, Record, is_missing_image, iter_records, parse_shard
+from ptp_cli.resume import scan_output
+
+if TYPE_CHECKING:
+    from ptp_cli.pipeline import RunConfig
+
+T = TypeVar("T")
 
 EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_RECORDS_FAILED = 0, 1, 2, 3
 EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 130, 141  # 128 + SIGINT, 128 + SIGPIPE, as a shell reports them
@@ -60,10 +66,12 @@ class Stats:
     generated_tokens: int = 0
     visual_before: int = 0
     visual_after: int = 0
+    missing_relative: int = 0  # failed with "image not found" on a relative image path
 
-    def add(self, row: dict[str, Any]) -> None:
-        if row.get("error") is not None:
+    def add(self, row: dict[str, Any], *, relative: bool = False) -> None:
+        if (err := row.get("error")) is not None:
             self.failed += 1
+            self.missing_relative += relative and is_missing_image(err["type"], err["message"])
             return
         self.ok += 1
         tokens = row.get("tokens") or {}
@@ -118,6 +126,46 @@ def _check_paths(source: str, output: str | None) -> None:
         raise UsageError(f"--output {output} is the input file; choose another file")
 
 
+def plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _explained(resolved: opt.Resolved, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``call(...)``, with the source of the option a usage error names (PTP_X=..., a YAML file) added."""
+    try:
+        return call(*args, **kwargs)
+    except UsageError as e:
+        raise resolved.explain(e) from None
+
+
+def _image_root(value: str | None) -> str | None:
+    if value is not None and not Path(value).expanduser().is_dir():
+        raise UsageError(f"--image-root {value} is not a folder")
+    return value
+
+
+def _noting_relative(items: Iterator[Record | BadRecord], lines: set[int]) -> Iterator[Record | BadRecord]:
+    """``items`` unchanged; the lines of records whose image path was relative are added to ``lines``."""
+    for item in items:
+        if isinstance(item, Record) and item.image_relative:
+            lines.add(item.line)
+        yield item
+
+
+def _image_root_hint(missing: int, total: int, source: str, image_root: str | None) -> str | None:
+    """When most records named a relative image that is not there: where such paths resolve, and the fix."""
+    if not total or 2 * missing <= total:
+        return None
+    if image_root is not None:
+        where = f"--image-root {image_root}"
+    else:
+        where = "the current folder (stdin)" if source == "-" else f"the folder of {source}"
+    return (
+        f"hint: {missing} of {plural(total, 'record')} name a relative image path that does not exist under "
+        f"{where}; pass --image-root DIR, the folder those paths are relative to"
+    )
+
+
 def _silence_stdout() -> None:
     """After a closed pipe: point stdout at /dev/null so the interpreter's final flush stays quiet."""
     devnull = os.open(os.devnull, os.O_WRONLY)
@@ -146,29 +194,32 @@ def run_infer(source: str, resolved: opt.Resolved) -> int:
     except UsageError as e:
         raise resolved.explain(e) from None
     _check_paths(source, output)
-    config = opt.run_config(resolved)
-    from ptp_cli.pipeline import Pipeline  # imports torch: usage errors above stay fast
+    config = opt.run_config(resolved)  # every check that needs no model, the value ranges before torch
+    image_root = _image_root(resolved.get("image_root"))
+    if resolved.get("check"):
+        return run_check(source, config, resolved, shard=shard, image_root=image_root, log=log)
+    from ptp_cli.pipeline import Pipeline, read_model_config, run_settings
 
-    t0 = time.perf_counter()
-    try:
-        pipeline = Pipeline.load(config)
-    except UsageError as e:
-        raise resolved.explain(e) from None
-    settings = pipeline.settings()
-    log.info(
-        f"loaded {settings['model']} in {time.perf_counter() - t0:.1f} s ({pipeline.loaded.model.device}, "
-        f"{settings['dtype']}); method {settings['method']}"
-    )
-
+    # The checkpoint's config (no weights) decides the layer checks and the settings --resume compares.
+    model_cfg = _explained(resolved, read_model_config, config)
+    settings = run_settings(config, model_cfg, dtype=config.resolved_dtype(config.resolved_device()))
     skip: frozenset[int] = frozenset()
     if resume:
-        state = scan_output(output, settings_fingerprint=fingerprint(settings), force=force, retry_errors=retry)
+        state = _explained(resolved, scan_output, output, settings=settings, force=force, retry_errors=retry)
         skip = state.done
         repaired = f", cut a torn last line ({state.torn_bytes} bytes)" if state.torn_bytes else ""
         retried = f", retrying {state.error_rows} failed" if retry and state.error_rows else ""
         log.info(f"resuming {output}: {len(skip)} records already done{retried}{repaired}")
 
-    records = iter_records(source, shard=shard, skip_lines=skip)
+    t0 = time.perf_counter()
+    pipeline = _explained(resolved, Pipeline.load, config)
+    log.info(
+        f"loaded {settings['model']} in {time.perf_counter() - t0:.1f} s ({pipeline.loaded.model.device}, "
+        f"{settings['dtype']}); method {settings['method']}"
+    )
+
+    relative: set[int] = set()  # lines of records with a relative image path whose row has not come yet
+    records = _noting_relative(iter_records(source, base_dir=image_root, shard=shard, skip_lines=skip), relative)
     show_bar = not log.quiet and sys.stderr.isatty()
     total = _count_records(source, shard, skip) if show_bar else None
     stats = Stats()
@@ -190,7 +241,8 @@ def run_infer(source: str, resolved: opt.Resolved) -> int:
         try:
             for seq, row in rows:
                 writer.put(seq, row)
-                stats.add(row)
+                stats.add(row, relative=row["line"] in relative)
+                relative.discard(row["line"])
                 bar.update()
                 if row.get("error") is not None and stats.failed <= MAX_WARNINGS:
                     err = row["error"]
@@ -211,7 +263,40 @@ def run_infer(source: str, resolved: opt.Resolved) -> int:
             return EXIT_BROKEN_PIPE
         elapsed = time.perf_counter() - start
     log.info(stats.summary(elapsed))
+    if hint := _image_root_hint(stats.missing_relative, stats.ok + stats.failed, source, image_root):
+        log.info(hint)
     return EXIT_RECORDS_FAILED if stats.failed else EXIT_OK
+
+
+def run_check(
+    source: str, config: RunConfig, resolved: opt.Resolved, *, shard: tuple[int, int] | None,
+    image_root: str | None, log: Log,
+) -> int:
+    """``--check``: every record checked as a run would, without weights; the exit code a run would give."""
+    from ptp_cli.config import ModelConfig
+    from ptp_cli.dryrun import check_records
+    from ptp_cli.pipeline import read_model_config
+
+    model_cfg = ModelConfig()  # InternVL2's tiling, when no model is given or found
+    if "model" in resolved.values:
+        try:  # offline: a dry run downloads nothing
+            model_cfg = _explained(resolved, read_model_config, config, offline=True)
+        except ModelLoadError as e:
+            log.warning(f"{e}; checking with InternVL2's tiling (1..12 tiles of 448 px) instead")
+    records = iter_records(source, base_dir=image_root, shard=shard)
+    report = check_records(records, tiling=config.tiling(model_cfg), max_pixels=config.max_pixels)
+    for line, rid, err in report.errors:
+        log.info(f"line {line} (id {rid!r}): {err.kind}: {err}")
+    if report.failed > len(report.errors):
+        log.info(f"... and {report.failed - len(report.errors)} more records that would fail")
+    tokens = report.tiles * model_cfg.tokens_per_tile
+    log.info(
+        f"checked {plural(report.records, 'record')}: {report.ok} ok, {report.failed} would fail; "
+        f"{plural(report.tiles, 'tile')} ({tokens} visual tokens before pruning); no weights loaded"
+    )
+    if hint := _image_root_hint(report.missing_relative, report.records, source, image_root):
+        log.info(hint)
+    return EXIT_RECORDS_FAILED if report.failed else EXIT_OK
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -226,6 +311,8 @@ def infer_command(
     force_resume: opt.ForceResume = None,
     retry_errors: opt.RetryErrors = None,
     shard: opt.Shard = None,
+    image_root: opt.ImageRoot = None,
+    check: opt.Check = None,
     model: opt.Model = None,
     dtype: opt.Dtype = None,
     device: opt.Device = None,

@@ -1,7 +1,8 @@
 """The ``ptp`` command: assembles the subcommands and formats every error once.
 
-Errors: ``UsageError`` -> one line, exit 2; ``ModelLoadError`` (any other ``PtpError``) -> one line, exit 1; anything unexpected ->
-one line and a hint to set PTP_DEBUG=1, which prints the traceback instead.
+Errors: a usage error (Click's, for bad options and values, or ours) -> one line, exit 2; any other
+``PtpError`` (``ModelLoadError``, mostly) -> one line, exit 1; anything unexpected -> one line and a hint to
+set PTP_DEBUG=1, which prints the traceback instead.
 """
 
 from __future__ import annotations
@@ -9,24 +10,40 @@ from __future__ import annotations
 import os
 import sys
 import traceback
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperCommand
 
 from ptp_cli import __version__
 from ptp_cli.cli.bench import bench_command
-from ptp_cli.cli.infer import EXIT_FATAL, EXIT_USAGE, infer_command
+from ptp_cli.cli.infer import EXIT_FATAL, EXIT_INTERRUPTED, EXIT_USAGE, infer_command
+from ptp_cli.cli.methods import methods_command
 from ptp_cli.errors import PtpError, UsageError
+
+# Click's UsageError (bad option, bad value, missing argument), reached through Typer's public BadParameter:
+# Typer >= 0.29 raises the exceptions of its own copy of Click, not those of an installed `click`.
+ClickUsageError: type[Exception] = typer.BadParameter.__bases__[0]
+
+
+class Command(TyperCommand):
+    """A subcommand whose usage line names arguments plainly (``INPUT``; Typer writes ``{INPUT}``)."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        return [piece.removeprefix("{").removesuffix("}") for piece in super().collect_usage_pieces(ctx)]
+
 
 app = typer.Typer(
     name="ptp",
     help="Batch inference for InternVL2 with Pyramid Token Pruning.",
     no_args_is_help=True,
-    add_completion=False,
+    rich_markup_mode=None,  # plain help: flags without a <bool> placeholder, [default: X] shown as written
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
     pretty_exceptions_enable=False,  # errors are formatted once, in main()
 )
-app.command("infer")(infer_command)
-app.command("bench")(bench_command)
+app.command("infer", cls=Command)(infer_command)
+app.command("bench", cls=Command)(bench_command)
+app.command("methods", cls=Command)(methods_command)
 
 
 def _version(value: bool) -> None:
@@ -52,10 +69,26 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+def _usage_message(e: Any) -> str:
+    """Click's message (with its "did you mean" hint), the command it concerns, and where help is."""
+    command = e.ctx.command_path if e.ctx is not None else "ptp"
+    message = e.format_message().rstrip(".")
+    hint = f" (see '{command} -h')" if e.ctx is not None else ""
+    where = command.removeprefix("ptp").strip()
+    return f"{where + ': ' if where else ''}{message[:1].lower()}{message[1:]}{hint}"
+
+
 def main() -> None:
     """Console-script entry point."""
     try:
-        app()
+        code: Any = app(prog_name="ptp", standalone_mode=False)
+    except ClickUsageError as e:
+        if type(e).__name__ == "NoArgsIsHelpError" and e.ctx is not None:  # type: ignore[attr-defined]
+            typer.echo(e.ctx.get_help())  # type: ignore[attr-defined]  # bare `ptp`: the help, as gh does
+            sys.exit(0)
+        _fail(_usage_message(e), EXIT_USAGE)
+    except typer.Abort:  # Ctrl-C outside the run loop (e.g. while the model loads)
+        _fail("interrupted", EXIT_INTERRUPTED)
     except UsageError as e:
         _fail(str(e), EXIT_USAGE)
     except PtpError as e:  # ModelLoadError, mostly
@@ -65,6 +98,7 @@ def main() -> None:
             traceback.print_exc()
             sys.exit(EXIT_FATAL)
         _fail(f"unexpected {type(e).__name__}: {e} (set PTP_DEBUG=1 for the traceback)", EXIT_FATAL)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

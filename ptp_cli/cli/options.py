@@ -26,6 +26,7 @@ import yaml
 
 from ptp_cli.config import MAX_TILES
 from ptp_cli.errors import UsageError
+from ptp_cli.limits import check_values
 
 if TYPE_CHECKING:
     from ptp_cli.pipeline import RunConfig
@@ -88,6 +89,8 @@ SETTINGS: dict[str, Setting] = {
     "retry_errors": Setting("bool", "cli"),
     "shard": Setting("str", "cli"),
     "quiet": Setting("bool", "cli"),
+    "image_root": Setting("str", "cli"),
+    "check": Setting("bool", "cli"),
 }
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
@@ -111,26 +114,26 @@ def env_var(name: str) -> str:
 _MODEL, _PRUNE, _GEN, _IO, _RUN = "Model", "Pruning", "Generation", "Input and output", "Run"
 
 Model = Annotated[str | None, typer.Option(
-    help="Checkpoint directory, hub id (from the local HF cache), or 'tiny'. (default: OpenGVLab/InternVL2-2B)",
+    metavar="DIR|ID", help="Checkpoint directory, hub id (from the local HF cache), or 'tiny'. [default: OpenGVLab/InternVL2-2B]",
     rich_help_panel=_MODEL)]
 Dtype = Annotated[str | None, typer.Option(
-    help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16. (default: auto)", rich_help_panel=_MODEL)]
-Device = Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N. (default: auto)", rich_help_panel=_MODEL)]
-BatchSize = Annotated[int | None, typer.Option(help="Most records per engine batch. (default: 8)", rich_help_panel=_RUN)]
+    help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16. [default: auto]", rich_help_panel=_MODEL)]
+Device = Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N. [default: auto]", rich_help_panel=_MODEL)]
+BatchSize = Annotated[int | None, typer.Option(help="Most records per engine batch. [default: 8]", rich_help_panel=_RUN)]
 MaxBatchTokens = Annotated[int | None, typer.Option(
-    help="Most prompt tokens (before pruning) per batch. (default: no cap)", rich_help_panel=_RUN)]
+    help="Most prompt tokens (before pruning) per batch. [default: no cap]", rich_help_panel=_RUN)]
 Workers = Annotated[int | None, typer.Option(
-    help="Threads loading and tiling images. (default: 2)", rich_help_panel=_RUN)]
+    help="Threads loading and tiling images. [default: 2]", rich_help_panel=_RUN)]
 MaxPixels = Annotated[int | None, typer.Option(
-    help="Refuse images with more pixels (decompression-bomb guard). (default: 89478485)", rich_help_panel=_RUN)]
+    help="Refuse images with more pixels (decompression-bomb guard). [default: 89478485]", rich_help_panel=_RUN)]
 MaxTiles = Annotated[int | None, typer.Option(
-    help=f"Most 448-px tiles per image, 1..{MAX_TILES}. (default: the checkpoint's, 12 for InternVL2)", rich_help_panel=_RUN)]
+    help=f"Most 448-px tiles per image, 1..{MAX_TILES}. [default: the checkpoint's, 12 for InternVL2]", rich_help_panel=_RUN)]
 MinTiles = Annotated[int | None, typer.Option(
-    help=f"Fewest tiles per image, 1..{MAX_TILES}. (default: the checkpoint's)", rich_help_panel=_RUN)]
-MaxNewTokens = Annotated[int | None, typer.Option(help="Generation length cap. (default: 64)", rich_help_panel=_GEN)]
-Temperature = Annotated[float | None, typer.Option(help="0 = greedy. (default: 0)", rich_help_panel=_GEN)]
+    help=f"Fewest tiles per image, 1..{MAX_TILES}. [default: the checkpoint's]", rich_help_panel=_RUN)]
+MaxNewTokens = Annotated[int | None, typer.Option(help="Generation length cap. [default: 64]", rich_help_panel=_GEN)]
+Temperature = Annotated[float | None, typer.Option(help="0 = greedy. [default: 0]", rich_help_panel=_GEN)]
 Seed = Annotated[int | None, typer.Option(
-    help="Seed of sampling and random pruning (a record's 'seed' overrides it). (default: 0)", rich_help_panel=_GEN)]
+    help="Seed of sampling and random pruning (a record's 'seed' overrides it). [default: 0]", rich_help_panel=_GEN)]
 Logprobs = Annotated[bool | None, typer.Option(
     "--logprobs/--no-logprobs", help="Add generated token ids and log-probabilities to each row.",
     rich_help_panel=_GEN)]
@@ -138,52 +141,59 @@ Kept = Annotated[bool | None, typer.Option(
     "--kept/--no-kept", help="Add the kept visual token indices (tile t, token i -> 256*t + i) to each row.",
     rich_help_panel=_GEN)]
 Preset = Annotated[str | None, typer.Option(
-    help="Starting pruning settings: default, ocr (alpha 0.2, ViT layer 2) or scene (alpha 0.8).",
+    help="Starting pruning settings: default, ocr or scene ('ptp methods' shows them). [default: default]",
     rich_help_panel=_PRUNE)]
 Method = Annotated[str | None, typer.Option(
-    help="none, ptp, random, spatial, fastv, vtw or pdrop. (default: ptp)", rich_help_panel=_PRUNE)]
+    help="Pruning method: none, ptp, random, spatial, fastv, vtw or pdrop ('ptp methods' says what each "
+         "does). [default: ptp]", rich_help_panel=_PRUNE)]
 Ratio = Annotated[float | None, typer.Option(
-    help="Fraction of visual tokens pruned, in [0, 1). (default: 0.5)", rich_help_panel=_PRUNE)]
+    help="Fraction of visual tokens pruned, in [0, 1). [default: 0.5]", rich_help_panel=_PRUNE)]
 Alpha = Annotated[float | None, typer.Option(
-    help="PTP weight of the instruction score, in [0, 1]. (default: 0.5)", rich_help_panel=_PRUNE)]
+    help="PTP weight of the instruction score, in [0, 1]. [default: 0.5]", rich_help_panel=_PRUNE)]
 VitLayer = Annotated[int | None, typer.Option(
-    help="0-based ViT layer whose CLS attention scores tokens. (default: 11)", rich_help_panel=_PRUNE)]
+    help="0-based ViT layer whose CLS attention scores tokens. [default: 11]", rich_help_panel=_PRUNE)]
 LlmLayer = Annotated[int | None, typer.Option(
-    help="0-based LLM layer of the instruction probe. (default: 1)", rich_help_panel=_PRUNE)]
+    help="0-based LLM layer of the instruction probe. [default: 1]", rich_help_panel=_PRUNE)]
 Tau = Annotated[float | None, typer.Option(
-    help="Softmax temperature of the region importance, > 0. (default: 1)", rich_help_panel=_PRUNE)]
+    help="Softmax temperature of the region importance, > 0. [default: 1]", rich_help_panel=_PRUNE)]
 HeadAgg = Annotated[str | None, typer.Option(
-    help="Attention reduction over heads: mean or max. (default: mean)", rich_help_panel=_PRUNE)]
+    help="Attention reduction over heads: mean or max. [default: mean]", rich_help_panel=_PRUNE)]
 InstrAgg = Annotated[str | None, typer.Option(
-    help="Probe reduction over instruction tokens: max or mean. (default: max)", rich_help_panel=_PRUNE)]
+    help="Probe reduction over instruction tokens: max or mean. [default: max]", rich_help_panel=_PRUNE)]
 RegionBudgets = Annotated[bool | None, typer.Option(
-    "--region-budgets/--no-region-budgets", help="Per-region budgets from CLS similarity (off: uniform).",
+    "--region-budgets/--no-region-budgets", help="Per-region budgets from CLS similarity (off: uniform). [default: on]",
     rich_help_panel=_PRUNE)]
 TokenScore = Annotated[bool | None, typer.Option(
-    "--token-score/--no-token-score", help="Use PTP's ViT token score (off: the 'without s' ablation).",
+    "--token-score/--no-token-score", help="Use PTP's ViT token score (off: the 'without s' ablation). [default: on]",
     rich_help_panel=_PRUNE)]
-FastvLayer = Annotated[int | None, typer.Option(help="FastV: drop after this LLM layer. (default: 2)",
+FastvLayer = Annotated[int | None, typer.Option(help="FastV: drop after this LLM layer. [default: 2]",
                                                 rich_help_panel=_PRUNE)]
 VtwLayer = Annotated[int | None, typer.Option(
-    help="VTW: withdraw visual tokens after this LLM layer. (default: half the layers)", rich_help_panel=_PRUNE)]
+    help="VTW: withdraw visual tokens after this LLM layer. [default: half the layers]", rich_help_panel=_PRUNE)]
 PdropLayers = Annotated[str | None, typer.Option(
-    help="PyramidDrop stage ends, e.g. 6,12,18. (default: 1/4, 2/4, 3/4 of the layers)", rich_help_panel=_PRUNE)]
+    metavar="K1,K2,...", help="PyramidDrop stage ends, e.g. 6,12,18. [default: 1/4, 2/4, 3/4 of the layers]", rich_help_panel=_PRUNE)]
 PdropKeep = Annotated[float | None, typer.Option(
-    help="Fraction each PyramidDrop stage keeps, in (0, 1]. (default: 0.5)", rich_help_panel=_PRUNE)]
+    help="Fraction each PyramidDrop stage keeps, in (0, 1]. [default: 0.5]", rich_help_panel=_PRUNE)]
 Output = Annotated[str | None, typer.Option(
-    "--output", "-o", help="Write rows to this file (truncated unless --resume) instead of stdout.",
+    "--output", "-o", metavar="FILE", help="Write rows to this file (truncated unless --resume) instead of stdout.",
     rich_help_panel=_IO)]
 Resume = Annotated[bool | None, typer.Option(
-    "--resume", help="Skip the records already in --output (a torn last line is repaired).", rich_help_panel=_IO)]
+    "--resume/--no-resume", help="Skip the records already in --output (a torn last line is repaired).", rich_help_panel=_IO)]
 ForceResume = Annotated[bool | None, typer.Option(
-    "--force-resume", help="Resume even if --output holds results of other settings.", rich_help_panel=_IO)]
+    "--force-resume/--no-force-resume", help="Resume even if --output holds results of other settings.", rich_help_panel=_IO)]
 RetryErrors = Annotated[bool | None, typer.Option(
-    "--retry-errors", help="With --resume: redo the records that have an error row.", rich_help_panel=_IO)]
+    "--retry-errors/--no-retry-errors", help="With --resume: redo the records that have an error row.", rich_help_panel=_IO)]
 Shard = Annotated[str | None, typer.Option(
-    help="Process only shard I of N (0-based, e.g. 0/4); the N outputs cover every record once.",
+    metavar="I/N", help="Process only shard I of N (0-based, e.g. 0/4); the N outputs cover every record once.",
     rich_help_panel=_IO)]
+ImageRoot = Annotated[str | None, typer.Option(
+    metavar="DIR", help="Folder that relative image paths resolve against. "
+         "[default: the input file's folder; the current folder for stdin]", rich_help_panel=_IO)]
+Check = Annotated[bool | None, typer.Option(
+    "--check/--no-check", help="Dry run: check the options and every record (JSON, fields, image, tiles) "
+    "without loading the model; report on stderr, write no rows.", rich_help_panel=_IO)]
 Config = Annotated[Path | None, typer.Option(
-    help="YAML file of settings (keys: option names, - or _). Also PTP_CONFIG.", rich_help_panel=_RUN)]
+    metavar="FILE", help="YAML file of settings (keys: option names, - or _). Also PTP_CONFIG.", rich_help_panel=_RUN)]
 Quiet = Annotated[bool | None, typer.Option(
     "--quiet/--no-quiet", "-q", help="Nothing on stderr but errors.", rich_help_panel=_RUN)]
 
@@ -361,9 +371,19 @@ def prune_config(resolved: Resolved) -> PruneConfig:
     return dataclasses.replace(base, **fields)
 
 
+def check_limits(resolved: Resolved) -> None:
+    """The value ranges of the run and pruning settings given, before torch is imported (a fast failure)."""
+    values = {SETTINGS[n].field_name(n): v for n, v in resolved.values.items() if SETTINGS[n].target != "cli"}
+    try:
+        check_values(values)
+    except UsageError as e:
+        raise resolved.explain(e) from None
+
+
 def run_config(resolved: Resolved) -> RunConfig:
-    """The RunConfig of a run (validated as far as possible without the model)."""
-    from ptp_cli.pipeline import RunConfig  # imports torch: keep `ptp --help` fast
+    """The RunConfig of a run, validated as far as possible without the model."""
+    check_limits(resolved)
+    from ptp_cli.pipeline import RunConfig  # imports torch: keep `ptp --help` and the checks above fast
 
     fields = {n: v for n, v in resolved.values.items() if SETTINGS[n].target == "run"}
     config = RunConfig(prune=prune_config(resolved), **fields)

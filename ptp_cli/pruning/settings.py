@@ -10,13 +10,12 @@ every token and layer K onward sees the pruned sequence; the drop is decided fro
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 from ptp_cli.config import ModelConfig
 from ptp_cli.errors import UsageError
+from ptp_cli.limits import check_values
 from ptp_cli.pruning.base import METHODS, PruningMethod
-
-AGGREGATIONS = ("mean", "max")
 
 
 @dataclass(frozen=True)
@@ -45,21 +44,19 @@ class PruneConfig:
 
     def validate(self, model_cfg: ModelConfig) -> PruneConfig:
         """Raise UsageError naming the offending option; return self when everything is usable."""
+        return self.check().check_layers(model_cfg)
+
+    def check(self) -> PruneConfig:
+        """The checks that need no model: ranges, names, combinations. Return self."""
+        check_values({f.name: getattr(self, f.name) for f in fields(self)})
         if self.method not in METHODS:
             raise UsageError(f"--method: unknown method {self.method!r}; choose one of {', '.join(sorted(METHODS))}")
-        if not 0.0 <= self.ratio < 1.0:
-            raise UsageError(f"--ratio must be in [0, 1), got {self.ratio}")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise UsageError(f"--alpha must be in [0, 1], got {self.alpha}")
-        if not self.tau > 0:
-            raise UsageError(f"--tau must be > 0, got {self.tau}")
-        for option, value in (("--head-agg", self.head_agg), ("--instr-agg", self.instr_agg)):
-            if value not in AGGREGATIONS:
-                raise UsageError(f"{option} must be one of {', '.join(AGGREGATIONS)}, got {value!r}")
         if self.method == "ptp" and not self.use_token_score and self.alpha == 0:
             raise UsageError("--no-token-score needs --alpha > 0 (nothing would rank the tokens)")
-        if not 0.0 < self.pdrop_keep <= 1.0:
-            raise UsageError(f"--pdrop-keep must be in (0, 1], got {self.pdrop_keep}")
+        return self
+
+    def check_layers(self, model_cfg: ModelConfig) -> PruneConfig:
+        """The layer indices against the model's depth (only its config is needed). Return self."""
         # Layer indices depend on the model; each is checked for the method that uses it.
         vit_layers, llm_layers = model_cfg.vision.num_layers, model_cfg.llm.num_layers
         if self.method == "ptp":

@@ -1,0 +1,47 @@
+"""``ptp methods``: the registered pruning methods and the presets, with their settings."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Annotated, Any
+
+import typer
+
+from ptp_cli.cli.options import SETTINGS
+
+
+def _summary(cls: type) -> str:
+    """The first paragraph of a class's docstring, on one line."""
+    paragraph = (cls.__doc__ or "").strip().split("\n\n")[0]
+    return " ".join(paragraph.replace("``", "").split())
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return "auto" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def methods_command(
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")] = False,
+) -> None:
+    """List the pruning methods (--method) and the presets (--preset) with their settings."""
+    from ptp_cli.pruning import METHODS, PRESETS  # imports torch: keep `ptp --help` fast
+
+    option = {s.field_name(n): n for n, s in SETTINGS.items() if s.target == "prune"}  # field -> option name
+    methods = {name: _summary(cls) for name, cls in sorted(METHODS.items())}
+    presets = {name: {option.get(k, k): v for k, v in dataclasses.asdict(cfg).items()} for name, cfg in PRESETS.items()}
+    if as_json:
+        typer.echo(json.dumps({"methods": methods, "presets": presets}, indent=2))
+        return
+    width = max(map(len, [*methods, *presets]))
+    lines = ["Pruning methods (--method NAME):"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in methods.items()]
+    lines += ["", "Presets (--preset NAME; options given explicitly win; 'auto': set from the model's depth):"]
+    default = presets.get("default", {})
+    for name, settings in presets.items():
+        shown = settings if name == "default" else {k: v for k, v in settings.items() if v != default.get(k)}
+        text = " ".join(f"{k.replace('_', '-')}={_show(v)}" for k, v in shown.items())
+        lines.append(f"  {name:<{width}}  {text if name == 'default' else text + '  (the rest as default)'}")
+    typer.echo("\n".join(lines))
