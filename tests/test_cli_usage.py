@@ -284,9 +284,9 @@ def test_scan_output_lists_the_changed_settings(tmp_path: Path) -> None:
 
 def test_checks_split_into_model_free_and_layer_checks() -> None:
     from ptp_cli.config import SHAPES
+    from ptp_cli.devices import DTYPES
     from ptp_cli.errors import UsageError
     from ptp_cli.limits import DTYPE_NAMES
-    from ptp_cli.devices import DTYPES
     from ptp_cli.pipeline import RunConfig
     from ptp_cli.pruning import PruneConfig
 
