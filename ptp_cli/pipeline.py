@@ -8,6 +8,7 @@ actor): ``Pipeline.load(RunConfig(model="tiny")).infer(records)``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections import deque
@@ -18,11 +19,12 @@ from typing import Any
 
 import torch
 
+from ptp_cli.chat_template import prompter_for
 from ptp_cli.checkpoint import LoadedModel, load_model
 from ptp_cli.engine import Engine, Request, Result
-from ptp_cli.errors import PtpError, RecordError, UsageError
+from ptp_cli.errors import RecordError, UsageError
+from ptp_cli.failures import INFERENCE_ERROR, RECORD_FAILURES, FailureGuard
 from ptp_cli.image import DEFAULT_MAX_PIXELS, TilingOptions, load_image
-from ptp_cli.prompts import encode_prompt, get_template
 from ptp_cli.pruning import PruneConfig, make_method
 from ptp_cli.records import BadRecord, Record, error_row, result_row
 
@@ -41,7 +43,7 @@ class RunConfig:
     max_new_tokens: int = 64  # generation length cap
     temperature: float = 0.0  # 0: greedy
     seed: int = 0  # sampling and random-pruning seed (per-record override possible)
-    system_message: str | None = None  # None: the checkpoint's / template's
+    system_message: str | None = None  # None: the checkpoint's / template's (a -hf chat template's: none)
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     batch_size: int = 8  # most requests per engine batch
@@ -50,6 +52,7 @@ class RunConfig:
     kept: bool = False  # add the kept visual token indices to each row (to draw what PTP kept)
     max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb guard
     workers: int = 2  # image loading / tiling threads
+    max_errors: int | None = None  # failed records (any kind) that stop the run (RunAborted); None: no cap
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -78,6 +81,7 @@ class RunConfig:
             (self.max_tiles is None or 1 <= self.max_tiles <= 40, "--max-tiles must be in 1..40"),
             (self.min_tiles is None or 1 <= self.min_tiles <= 40, "--min-tiles must be in 1..40"),
             (self.workers >= 1, "--workers must be at least 1"),
+            (self.max_errors is None or self.max_errors >= 1, "--max-errors must be at least 1"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -100,18 +104,21 @@ class Prepared:
 
 
 class Pipeline:
-    def __init__(self, loaded: LoadedModel, config: RunConfig) -> None:
+    def __init__(self, loaded: LoadedModel, config: RunConfig, *, engine: Engine | None = None) -> None:
+        """``engine``: run requests on this one instead of building one from ``loaded`` and ``config.prune``."""
         config.validate()
         config.prune.validate(loaded.cfg)
         self.loaded = loaded
         self.config = config
         self.cfg = loaded.cfg
         self.tokenizer = loaded.tokenizer
-        self.template = get_template(self.cfg.template)
+        self.prompter = prompter_for(loaded.path, self.cfg, self.tokenizer, system_message=config.system_message)
+        # A template the tokenizer cannot serve fails here, once, not as a record error on every row.
+        self.prompter.encode(question="?", num_image_tokens=self.cfg.tokens_per_tile)
         self.tiling = TilingOptions.from_config(self.cfg, max_tiles=config.max_tiles)
         if config.min_tiles is not None:
             self.tiling = dataclasses.replace(self.tiling, min_tiles=config.min_tiles)
-        self.engine = Engine(
+        self.engine = engine or Engine(
             loaded.model, image_token_id=loaded.image_token_id, method=make_method(config.prune, self.cfg)
         )
 
@@ -129,6 +136,7 @@ class Pipeline:
         c = self.config
         return {
             "model": self.cfg.name or c.model,
+            "template": self.prompter.name,
             **self.engine.method.settings(),
             "method": self.engine.method.name,
             "max_tiles": self.tiling.max_tiles,
@@ -160,11 +168,7 @@ class Pipeline:
         # halves host memory and the host-to-device copy for bf16/fp16 runs.
         pixels = tiling.preprocess(image).to(self.loaded.model.dtype)
         n_tiles = int(pixels.shape[0])
-        prompt = encode_prompt(
-            self.tokenizer, self.template, question=record.question,
-            num_image_tokens=n_tiles * self.cfg.tokens_per_tile,
-            system_message=self.config.system_message or self.cfg.system_message,
-        )
+        prompt = self.prompter.encode(question=record.question, num_image_tokens=n_tiles * self.cfg.tokens_per_tile)
         request = Request(
             ids=prompt.ids,
             pixel_values=pixels,
@@ -204,30 +208,26 @@ class Pipeline:
         return result_row(p.record, result, settings=settings)
 
     def _run_batch(self, batch: list[tuple[int, Prepared]], settings) -> Iterator[tuple[int, dict[str, Any]]]:
-        if len(batch) == 1:
-            yield from self._run_single(batch[0], settings)
-            return
+        """Rows of a batch. A failure a record can cause (out of memory, say) splits the batch in halves, down
+        to single records; a record failing alone gets an inference_error row. Anything else propagates."""
         try:
             results = self.engine.generate([p.request for _, p in batch])
-        except Exception:
-            # One bad request (or one too large for memory) must not sink its neighbours: retry each alone.
-            _free_device_memory()
-            for item in batch:
-                yield from self._run_single(item, settings)
+        except RECORD_FAILURES as e:
+            failure = f"{type(e).__name__}: {e}"
+        else:
+            for (seq, p), r in zip(batch, results, strict=True):
+                yield seq, self._row(p, r, settings)
             return
-        for (seq, p), r in zip(batch, results, strict=True):
-            yield seq, self._row(p, r, settings)
-
-    def _run_single(self, item: tuple[int, Prepared], settings) -> Iterator[tuple[int, dict[str, Any]]]:
-        seq, p = item
-        try:
-            (result,) = self.engine.generate([p.request])
-        except Exception as e:  # that record fails with an error row; the run goes on
-            _free_device_memory()
-            err = RecordError(f"{type(e).__name__}: {e}", kind="inference_error")
-            yield seq, error_row(p.record.line, p.record.id, err, settings=settings)
+        # Retried outside the except block: its traceback would keep the failed batch's tensors alive.
+        _free_device_memory()
+        if len(batch) == 1:
+            seq, p = batch[0]
+            err = RecordError(failure, kind=INFERENCE_ERROR)
+            yield seq, error_row(p.record.line, p.record.id, err, settings=settings, extra=p.record.extra)
             return
-        yield seq, self._row(p, result, settings)
+        half = len(batch) // 2
+        yield from self._run_batch(batch[:half], settings)
+        yield from self._run_batch(batch[half:], settings)
 
     # ------------------------------------------------------------------------------------------ run
 
@@ -235,8 +235,16 @@ class Pipeline:
         """Rows for the items, as ``(seq, row)`` with seq the item's 0-based position in ``items``.
 
         Rows come mostly in order (error rows may come early); memory stays bounded: at most a few
-        batches of records are read ahead.
+        batches of records are read ahead. Raises ``RunAborted`` after the row that shows failures are
+        systematic (``failures.FailureGuard``), and any exception a record cannot cause (a bug) as it is.
         """
+        guard = FailureGuard(max_errors=self.config.max_errors)
+        with contextlib.closing(self._rows(items)) as rows:
+            for seq, row in rows:
+                yield seq, row
+                guard.observe(row)
+
+    def _rows(self, items: Iterable[Record | BadRecord]) -> Iterator[tuple[int, dict[str, Any]]]:
         settings = self.settings()
         c = self.config
         lookahead = self._lookahead()
@@ -272,11 +280,8 @@ class Pipeline:
                     seq, record, fut = pending.popleft()
                     try:
                         ready.append((seq, fut.result()))
-                    except PtpError as e:
-                        yield seq, error_row(record.line, record.id, e, settings=settings)
-                    except Exception as e:  # a bug in a decoder plug-in, say: still one row, not a crash
-                        err = RecordError(f"{type(e).__name__}: {e}", kind="preprocess_error")
-                        yield seq, error_row(record.line, record.id, err, settings=settings)
+                    except RecordError as e:  # bad input; any other exception is a bug and ends the run
+                        yield seq, error_row(record.line, record.id, e, settings=settings, extra=record.extra)
                     if pending or (not exhausted and within_window()):
                         continue
                 if ready:

@@ -2,7 +2,8 @@
 
 stdout (or --output) carries rows only; logs, warnings, the progress bar and the summary go to stderr.
 Exit codes: 0 every record ok, 3 some records failed (each still has an error row), 2 usage error,
-1 fatal error (e.g. the model cannot be loaded), 130 interrupted (Ctrl-C), 141 output pipe closed.
+1 fatal error (the model cannot be loaded, or failures are systematic: see ``failures.py`` and
+--max-errors), 130 interrupted (Ctrl-C), 141 output pipe closed.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from tqdm import tqdm
 
 from ptp_cli.cli import options as opt
 from ptp_cli.errors import UsageError
+from ptp_cli.failures import RunAborted
 from ptp_cli.records import OrderedWriter, fingerprint, iter_records, parse_shard, scan_output
 
 EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_RECORDS_FAILED = 0, 1, 2, 3
@@ -187,11 +189,16 @@ def run_infer(source: str, resolved: opt.Resolved) -> int:
         rows: Iterator[tuple[int, dict[str, Any]]] = pipeline.run(records)
         stack.callback(rows.close)  # on any exit: stop the preprocessing threads first
         start = time.perf_counter()
+        warned_input = False
         try:
             for seq, row in rows:
                 writer.put(seq, row)
                 stats.add(row)
                 bar.update()
+                if "input" in row and not warned_input:
+                    warned_input = True
+                    log.warning(f"input field(s) {', '.join(row['input'])} share a name with output fields; "
+                                "they are kept under \"input\" in the rows")
                 if row.get("error") is not None and stats.failed <= MAX_WARNINGS:
                     err = row["error"]
                     more = "; further failures are only counted" if stats.failed == MAX_WARNINGS else ""
@@ -209,6 +216,11 @@ def run_infer(source: str, resolved: opt.Resolved) -> int:
         except BrokenPipeError:
             _silence_stdout()
             return EXIT_BROKEN_PIPE
+        except RunAborted as e:
+            # As for Ctrl-C: whole rows in order are on disk; --resume redoes the records without one.
+            bar.close()
+            hint = "; fix the cause and run again with --resume" if output is not None else ""
+            raise RunAborted(f"{e} ({writer.written} rows written{hint})") from None
         elapsed = time.perf_counter() - start
     log.info(stats.summary(elapsed))
     return EXIT_RECORDS_FAILED if stats.failed else EXIT_OK
@@ -249,11 +261,13 @@ def infer_command(
     seed: opt.Seed = None,
     logprobs: opt.Logprobs = None,
     kept: opt.Kept = None,
+    system_message: opt.SystemMessage = None,
     max_tiles: opt.MaxTiles = None,
     min_tiles: opt.MinTiles = None,
     batch_size: opt.BatchSize = None,
     max_batch_tokens: opt.MaxBatchTokens = None,
     workers: opt.Workers = None,
+    max_errors: opt.MaxErrors = None,
     max_pixels: opt.MaxPixels = None,
     config: opt.Config = None,
     quiet: opt.Quiet = None,
