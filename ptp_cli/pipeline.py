@@ -22,7 +22,7 @@ import torch
 from ptp_cli.chat_template import prompter_for
 from ptp_cli.checkpoint import LoadedModel, load_model
 from ptp_cli.engine import Engine, Request, Result
-from ptp_cli.errors import RecordError, UsageError
+from ptp_cli.errors import ModelLoadError, PromptError, RecordError, UsageError
 from ptp_cli.failures import INFERENCE_ERROR, RECORD_FAILURES, FailureGuard
 from ptp_cli.image import DEFAULT_MAX_PIXELS, TilingOptions, load_image
 from ptp_cli.pruning import PruneConfig, make_method
@@ -113,8 +113,10 @@ class Pipeline:
         self.cfg = loaded.cfg
         self.tokenizer = loaded.tokenizer
         self.prompter = prompter_for(loaded.path, self.cfg, self.tokenizer, system_message=config.system_message)
-        # A template the tokenizer cannot serve fails here, once, not as a record error on every row.
-        self.prompter.encode(question="?", num_image_tokens=self.cfg.tokens_per_tile)
+        try:  # a template that does not fit the checkpoint fails here, once, not as an error row per record
+            self.prompter.encode(question="?", num_image_tokens=self.cfg.tokens_per_tile)
+        except PromptError as e:
+            raise ModelLoadError(f"prompt template {self.prompter.name!r} does not fit this checkpoint: {e}") from None
         self.tiling = TilingOptions.from_config(self.cfg, max_tiles=config.max_tiles)
         if config.min_tiles is not None:
             self.tiling = dataclasses.replace(self.tiling, min_tiles=config.min_tiles)

@@ -28,6 +28,7 @@ from transformers.models.internvl.processing_internvl import InternVLProcessor
 
 from ptp_cli.chat_template import read_chat_template
 from ptp_cli.checkpoint import load_model, load_state_dict, save_hf_layout
+from ptp_cli.errors import ModelLoadError
 from ptp_cli.pipeline import Pipeline, RunConfig
 from ptp_cli.pruning import PruneConfig
 from ptp_cli.records import iter_records
@@ -171,3 +172,13 @@ def test_template_sources_in_transformers_order(tmp_path):
     assert read_chat_template(tmp_path) == "from chat_template.json"
     (tmp_path / "chat_template.jinja").write_text("from chat_template.jinja")
     assert read_chat_template(tmp_path) == "from chat_template.jinja"
+
+
+def test_a_template_without_the_image_token_fails_at_load(ptp_home, tmp_path):
+    bad = _hf_checkpoint(ptp_home / "models" / "tiny-v1", tmp_path / "bad", template=False)
+    (bad / "chat_template.jinja").write_text(TEMPLATE.replace("<IMG_CONTEXT>", "<image>"))
+    with pytest.raises(ModelLoadError, match=r"'checkpoint' does not fit this checkpoint.*has 0 <IMG_CONTEXT>"):
+        Pipeline.load(RunConfig(model=str(bad)))
+    (bad / "chat_template.jinja").write_text("{{ raise_exception('no images, please') }}")
+    with pytest.raises(ModelLoadError, match="no images, please"):
+        Pipeline.load(RunConfig(model=str(bad)))
