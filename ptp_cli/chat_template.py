@@ -129,7 +129,9 @@ class CheckpointPrompter:
             for key, idx in (("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eos_id))
             if idx is not None
         }
-        self._added = tokenizer.encode("")  # what encode() adds around any text (e.g. BOS): rendered text has it
+        # What encode() puts before any text (a BOS): transformers tokenises a rendered template without it,
+        # since the template spells every special token it wants.
+        self._added = tokenizer.encode("")
         self.end_of_turn = self._end_of_turn()
         self.stop_ids = list(dict.fromkeys([self.end_of_turn, *eos_ids]))
 
@@ -151,7 +153,7 @@ class CheckpointPrompter:
         return [{"role": "system", "content": [{"type": "text", "text": self.system_message}]}, user]
 
     def _encode(self, text: str) -> list[int]:
-        """Tokenise without added special tokens (transformers' ``add_special_tokens=False``)."""
+        """Tokenise without the added prefix (transformers' ``add_special_tokens=False``)."""
         ids = self.tokenizer.encode(text)
         n = len(self._added)
         return ids[n:] if n and ids[:n] == self._added else ids
