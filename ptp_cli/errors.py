@@ -43,3 +43,9 @@ class ImageError(RecordError):
     """The record's image is missing, unreadable, too large or degenerate."""
 
     kind = "image_error"
+
+
+class PromptError(RecordError, ValueError):
+    """The record's prompt cannot be built (a question spelling an image token, a blank question, ...)."""
+
+    kind = "prompt_error"

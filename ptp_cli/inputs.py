@@ -7,8 +7,8 @@ them (``bench`` tiles one image once and builds every request of a batch on thos
 - ``tiling_for``: the run's tiling with a record's ``max_tiles``/``min_tiles`` overrides;
 - ``load_tiles``: read the image and cut it into tiles (``[T, 3, 448, 448]``);
 - ``encode``: the prompt ids, where the image placeholders start, the question's span and the stop ids.
-  This step is delegated to a ``PromptEncoder`` (``TemplateEncoder`` for ptp's built-in templates); another
-  encoder (a checkpoint's own chat template, synthetic ids for benchmarks) is a drop-in replacement;
+  This step is delegated to a ``chat_template.Prompter`` (a built-in template, a -hf checkpoint's own chat
+  template, or synthetic ids for benchmarks), each a drop-in replacement for the others;
 - ``request``: the ``Request``, with the record's generation overrides over the run's defaults.
 """
 
@@ -17,46 +17,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import torch
 
-from ptp_cli.config import ModelConfig
+from ptp_cli.chat_template import Prompter
 from ptp_cli.engine import Request
 from ptp_cli.errors import RecordError
 from ptp_cli.image import DEFAULT_MAX_PIXELS, TilingOptions, load_image, record_tiling
-from ptp_cli.prompts import PromptIds, Template, encode_prompt, get_template
+from ptp_cli.prompts import PromptIds
 from ptp_cli.records import Record
-from ptp_cli.tokenization import Tokenizer
 
 Overrides = Mapping[str, int | float]
-
-
-class PromptEncoder(Protocol):
-    """Turns a question and a count of image placeholders into prompt ids with their spans."""
-
-    def encode(self, question: str, *, num_image_tokens: int, system_message: str | None) -> PromptIds:
-        """Raise ``ValueError`` when this question cannot make a valid prompt (it becomes an error row)."""
-        ...
-
-
-@dataclass(frozen=True)
-class TemplateEncoder:
-    """Prompts from one of ptp's built-in templates (``prompts.TEMPLATES``) and the checkpoint's tokenizer."""
-
-    tokenizer: Tokenizer  # the checkpoint's
-    template: Template  # the template its config names
-
-    @classmethod
-    def for_model(cls, tokenizer: Tokenizer, cfg: ModelConfig) -> TemplateEncoder:
-        """The encoder of a loaded checkpoint: its tokenizer and the template its config names."""
-        return cls(tokenizer, get_template(cfg.template))
-
-    def encode(self, question: str, *, num_image_tokens: int, system_message: str | None) -> PromptIds:
-        return encode_prompt(
-            self.tokenizer, self.template, question=question, num_image_tokens=num_image_tokens,
-            system_message=system_message,
-        )
 
 
 @dataclass(frozen=True)
@@ -66,7 +37,6 @@ class RequestDefaults:
     max_new_tokens: int = 64  # generation length cap (record override: max_new_tokens)
     temperature: float = 0.0  # 0: greedy (record override: temperature)
     seed: int = 0  # sampling and random-pruning seed (record override: seed)
-    system_message: str | None = None  # None: the encoder's own (the template's)
     ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
 
 
@@ -76,14 +46,14 @@ class InputProcessor:
     def __init__(
         self,
         *,
-        encoder: PromptEncoder,
+        encoder: Prompter,
         tiling: TilingOptions,
         tokens_per_tile: int,
         defaults: RequestDefaults = RequestDefaults(),
         pixel_dtype: torch.dtype = torch.float32,
         max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
-        self.encoder = encoder  # the prompt step (see PromptEncoder)
+        self.encoder = encoder  # the prompt step (chat_template.Prompter: a template, the checkpoint's own, ...)
         self.tiling = tiling  # the run's tiling; records may override max_tiles/min_tiles
         self.tokens_per_tile = tokens_per_tile  # visual placeholders per tile (256 for InternVL2)
         self.defaults = defaults
@@ -102,11 +72,12 @@ class InputProcessor:
         """Read ``image`` and tile it: ``[T, 3, S, S]`` in ``pixel_dtype``. Raises ``ImageError``."""
         return tiling.preprocess(load_image(image, max_pixels=self.max_pixels)).to(self.pixel_dtype)
 
-    def encode(self, question: str, *, num_image_tokens: int, system_message: str | None = None) -> PromptIds:
+    def encode(self, question: str, *, num_image_tokens: int) -> PromptIds:
         """The prompt step, done by ``self.encoder``; a question that makes no valid prompt is a RecordError."""
-        system = self.defaults.system_message if system_message is None else system_message
         try:
-            return self.encoder.encode(question, num_image_tokens=num_image_tokens, system_message=system)
+            return self.encoder.encode(question=question, num_image_tokens=num_image_tokens)
+        except RecordError:
+            raise
         except ValueError as e:
             raise RecordError(str(e), kind="prompt_error") from None
 

@@ -53,6 +53,7 @@ LIMITS: dict[str, Limit] = {
     "min_tiles": _TILES,
     "workers": _AT_LEAST_1,
     "max_pixels": _AT_LEAST_1,
+    "max_errors": _optional(_AT_LEAST_1),
 }
 
 

@@ -8,22 +8,26 @@ actor): ``Pipeline.load(RunConfig(model="tiny")).infer(records)``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from ptp_cli.chat_template import prompter_for
 from ptp_cli.config import ModelConfig
 from ptp_cli.devices import resolve_device, resolve_dtype
 from ptp_cli.engine import Engine, Request, Result
-from ptp_cli.errors import PtpError, RecordError, UsageError
+from ptp_cli.errors import ModelLoadError, PromptError, RecordError, UsageError
+from ptp_cli.failures import INFERENCE_ERROR, RECORD_FAILURES, FailureGuard
 from ptp_cli.image import DEFAULT_MAX_PIXELS, TilingOptions
-from ptp_cli.inputs import InputProcessor, RequestDefaults, TemplateEncoder
+from ptp_cli.inputs import InputProcessor, RequestDefaults
 from ptp_cli.limits import check_values
 from ptp_cli.loading import LoadedModel, load_config
 from ptp_cli.pruning import PruneConfig, make_method
@@ -42,7 +46,7 @@ class RunConfig:
     max_new_tokens: int = 64  # generation length cap
     temperature: float = 0.0  # 0: greedy
     seed: int = 0  # sampling and random-pruning seed (per-record override possible)
-    system_message: str | None = None  # None: the checkpoint's / template's
+    system_message: str | None = None  # None: the checkpoint's / template's (a -hf chat template's: none)
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     batch_size: int = 8  # most requests per engine batch
@@ -51,6 +55,7 @@ class RunConfig:
     kept: bool = False  # add the kept visual token indices to each row (to draw what PTP kept)
     max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb guard
     workers: int = 2  # image loading / tiling threads
+    max_errors: int | None = None  # failed records (any kind) that stop the run (RunAborted); None: no cap
 
     def resolved_device(self) -> torch.device:
         return resolve_device(self.device)
@@ -75,24 +80,29 @@ class RunConfig:
             raise UsageError(f"--min-tiles/--max-tiles: {e}") from None
 
 
-def read_model_config(config: RunConfig, *, offline: bool | None = None) -> ModelConfig:
-    """The checkpoint's config, read without its weights, with every setting checked against it.
+def read_model_config(config: RunConfig, *, offline: bool | None = None) -> tuple[Path, ModelConfig]:
+    """The checkpoint's folder and config, read without its weights, with every setting checked against it.
 
     Cheap next to loading the weights: a run calls it first, so a bad layer index fails before they load.
     ``offline``: as for ``resolve_model`` (True: only a local directory or the local hub cache).
     """
-    model_cfg = load_config(resolve_model(config.model, offline=offline)).with_name(config.model)
+    model_dir = resolve_model(config.model, offline=offline)
+    model_cfg = load_config(model_dir).with_name(config.model)
     config.validate().prune.check_layers(model_cfg)
     config.tiling(model_cfg)
-    return model_cfg
+    return model_dir, model_cfg
 
 
-def run_settings(config: RunConfig, model_cfg: ModelConfig, *, dtype: torch.dtype) -> dict[str, Any]:
-    """What decides the results (echoed in every row, fingerprinted by --resume), from the config alone."""
+def run_settings(config: RunConfig, model_cfg: ModelConfig, *, dtype: torch.dtype, template: str) -> dict[str, Any]:
+    """What decides the results (echoed in every row, fingerprinted by --resume), from the config alone.
+
+    ``template``: the prompt template's name (``chat_template.template_name`` reads it without the model).
+    """
     method = make_method(config.prune, model_cfg)
     tiling = config.tiling(model_cfg)
     return {
         "model": model_cfg.name or config.model,
+        "template": template,
         **method.settings(),
         "method": method.name,
         "max_tiles": tiling.max_tiles,
@@ -120,23 +130,28 @@ class Prepared:
 
 
 class Pipeline:
-    def __init__(self, loaded: LoadedModel, config: RunConfig) -> None:
+    def __init__(self, loaded: LoadedModel, config: RunConfig, *, engine: Engine | None = None) -> None:
+        """``engine``: run requests on this one instead of building one from ``loaded`` and ``config.prune``."""
         config.validate()
         config.prune.validate(loaded.cfg)
         self.loaded = loaded
         self.config = config
         self.cfg = loaded.cfg
         self.tokenizer = loaded.tokenizer
+        self.prompter = prompter_for(loaded.path, self.cfg, self.tokenizer, system_message=config.system_message)
+        try:  # a template that does not fit the checkpoint fails here, once, not as an error row per record
+            self.prompter.encode(question="?", num_image_tokens=self.cfg.tokens_per_tile)
+        except PromptError as e:
+            raise ModelLoadError(f"prompt template {self.prompter.name!r} does not fit this checkpoint: {e}") from None
         self.tiling = config.tiling(self.cfg)
         self.inputs = InputProcessor(
-            encoder=TemplateEncoder.for_model(self.tokenizer, self.cfg), tiling=self.tiling,
-            tokens_per_tile=self.cfg.tokens_per_tile, pixel_dtype=loaded.model.dtype, max_pixels=config.max_pixels,
+            encoder=self.prompter, tiling=self.tiling, tokens_per_tile=self.cfg.tokens_per_tile,
+            pixel_dtype=loaded.model.dtype, max_pixels=config.max_pixels,
             defaults=RequestDefaults(
-                max_new_tokens=config.max_new_tokens, temperature=config.temperature, seed=config.seed,
-                system_message=config.system_message or self.cfg.system_message,
+                max_new_tokens=config.max_new_tokens, temperature=config.temperature, seed=config.seed
             ),
         )
-        self.engine = Engine(
+        self.engine = engine or Engine(
             loaded.model, image_token_id=loaded.image_token_id, method=make_method(config.prune, self.cfg)
         )
 
@@ -151,7 +166,7 @@ class Pipeline:
 
     def settings(self) -> dict[str, Any]:
         """What decides the results; echoed in every row and fingerprinted by --resume."""
-        return run_settings(self.config, self.cfg, dtype=self.loaded.model.dtype)
+        return run_settings(self.config, self.cfg, dtype=self.loaded.model.dtype, template=self.prompter.name)
 
     # ------------------------------------------------------------------------------------------ stages
 
@@ -187,30 +202,26 @@ class Pipeline:
         return result_row(p.record, result, settings=settings)
 
     def _run_batch(self, batch: list[tuple[int, Prepared]], settings) -> Iterator[tuple[int, dict[str, Any]]]:
-        if len(batch) == 1:
-            yield from self._run_single(batch[0], settings)
-            return
+        """Rows of a batch. A failure a record can cause (out of memory, say) splits the batch in halves, down
+        to single records; a record failing alone gets an inference_error row. Anything else propagates."""
         try:
             results = self.engine.generate([p.request for _, p in batch])
-        except Exception:
-            # One bad request (or one too large for memory) must not sink its neighbours: retry each alone.
-            _free_device_memory()
-            for item in batch:
-                yield from self._run_single(item, settings)
+        except RECORD_FAILURES as e:
+            failure = f"{type(e).__name__}: {e}"
+        else:
+            for (seq, p), r in zip(batch, results, strict=True):
+                yield seq, self._row(p, r, settings)
             return
-        for (seq, p), r in zip(batch, results, strict=True):
-            yield seq, self._row(p, r, settings)
-
-    def _run_single(self, item: tuple[int, Prepared], settings) -> Iterator[tuple[int, dict[str, Any]]]:
-        seq, p = item
-        try:
-            (result,) = self.engine.generate([p.request])
-        except Exception as e:  # that record fails with an error row; the run goes on
-            _free_device_memory()
-            err = RecordError(f"{type(e).__name__}: {e}", kind="inference_error")
-            yield seq, error_row(p.record.line, p.record.id, err, settings=settings)
+        # Retried outside the except block: its traceback would keep the failed batch's tensors alive.
+        _free_device_memory()
+        if len(batch) == 1:
+            seq, p = batch[0]
+            err = RecordError(failure, kind=INFERENCE_ERROR)
+            yield seq, error_row(p.record.line, p.record.id, err, settings=settings, extra=p.record.extra)
             return
-        yield seq, self._row(p, result, settings)
+        half = len(batch) // 2
+        yield from self._run_batch(batch[:half], settings)
+        yield from self._run_batch(batch[half:], settings)
 
     # ------------------------------------------------------------------------------------------ run
 
@@ -218,8 +229,16 @@ class Pipeline:
         """Rows for the items, as ``(seq, row)`` with seq the item's 0-based position in ``items``.
 
         Rows come mostly in order (error rows may come early); memory stays bounded: at most a few
-        batches of records are read ahead.
+        batches of records are read ahead. Raises ``RunAborted`` after the row that shows failures are
+        systematic (``failures.FailureGuard``), and any exception a record cannot cause (a bug) as it is.
         """
+        guard = FailureGuard(max_errors=self.config.max_errors)
+        with contextlib.closing(self._rows(items)) as rows:
+            for seq, row in rows:
+                yield seq, row
+                guard.observe(row)
+
+    def _rows(self, items: Iterable[Record | BadRecord]) -> Iterator[tuple[int, dict[str, Any]]]:
         settings = self.settings()
         c = self.config
         lookahead = self._lookahead()
@@ -255,11 +274,8 @@ class Pipeline:
                     seq, record, fut = pending.popleft()
                     try:
                         ready.append((seq, fut.result()))
-                    except PtpError as e:
-                        yield seq, error_row(record.line, record.id, e, settings=settings)
-                    except Exception as e:  # a bug in a decoder plug-in, say: still one row, not a crash
-                        err = RecordError(f"{type(e).__name__}: {e}", kind="preprocess_error")
-                        yield seq, error_row(record.line, record.id, err, settings=settings)
+                    except RecordError as e:  # bad input; any other exception is a bug and ends the run
+                        yield seq, error_row(record.line, record.id, e, settings=settings, extra=record.extra)
                     if pending or (not exhausted and within_window()):
                         continue
                 if ready:

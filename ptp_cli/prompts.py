@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ptp_cli.errors import UsageError
+from ptp_cli.errors import PromptError, UsageError
 from ptp_cli.tokenization import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN, Tokenizer
 
 # InternVL2's system message: the one InternVL's conversation.py gives internlm2-chat, Hermes-2 and phi3-chat
@@ -99,12 +99,12 @@ class PromptIds:
     stop_ids: list[int]  # generation ends at any of these (separator token(s), then EOS)
 
 
-def _required_id(tokenizer: Tokenizer, token: str, template: Template) -> int:
+def required_id(tokenizer: Tokenizer, token: str, needed_by: str) -> int:
+    """The id of ``token``; ``UsageError`` naming what needs it when the tokenizer lacks it."""
     idx = tokenizer.token_to_id(token)
     if idx is None:
         raise UsageError(
-            f"the tokenizer has no {token!r} token, which prompt template {template.name!r} needs; "
-            "is the template right for this model?"
+            f"the tokenizer has no {token!r} token, which {needed_by} needs; is the template right for this model?"
         )
     return idx
 
@@ -121,41 +121,15 @@ def encode_prompt(
     num_image_tokens: int,
     system_message: str | None = None,
 ) -> PromptIds:
-    """Tokenise the prompt and locate the image placeholders and the question.
+    """Tokenise a named template's prompt and locate the image placeholders and the question (``locate``).
 
-    The question's span starts after ``</img>`` and any whitespace-only tokens (the ``\n``) and ends at the
-    last separator token (only the assistant role follows it, so a question spelling the separator is safe).
-    Raises ``ValueError`` when the ids hold a number of ``<IMG_CONTEXT>`` other than ``num_image_tokens``
-    (e.g. a question that spells the token), the image block is malformed or the question is blank;
     ``UsageError`` when the tokenizer lacks a token the template needs.
     """
     text = build_prompt(
         template, question=question, num_image_tokens=num_image_tokens, system_message=system_message
     )
-    ids = tokenizer.encode(text)
-    ctx = _required_id(tokenizer, IMG_CONTEXT_TOKEN, template)
-    img_start = _required_id(tokenizer, IMG_START_TOKEN, template)
-    img_end = _required_id(tokenizer, IMG_END_TOKEN, template)
-    sep = _required_id(tokenizer, template.sep_token, template)
-
-    count = ids.count(ctx)
-    if count != num_image_tokens:
-        raise ValueError(f"prompt has {count} {IMG_CONTEXT_TOKEN} tokens, expected {num_image_tokens}")
-    start = ids.index(ctx)
-    end = start + num_image_tokens  # index of </img>
-    if start == 0 or ids[start - 1] != img_start or end >= len(ids) or ids[end] != img_end:
-        raise ValueError(
-            f"the {IMG_CONTEXT_TOKEN} tokens are not one block between {IMG_START_TOKEN} and {IMG_END_TOKEN}"
-        )
-
-    # The question ends at the last separator: only the assistant role follows it.
-    instruction_end = len(ids) - 1 - ids[::-1].index(sep)
-    instruction_start = end + 1
-    while instruction_start < instruction_end and _is_blank(tokenizer, ids[instruction_start]):
-        instruction_start += 1
-    if instruction_start >= instruction_end:
-        raise ValueError("the question has no tokens")
-
+    needed_by = f"prompt template {template.name!r}"
+    sep = required_id(tokenizer, template.sep_token, needed_by)
     stop_ids: list[int] = []
     for token in template.stop_tokens:
         idx = tokenizer.token_to_id(token)
@@ -163,6 +137,50 @@ def encode_prompt(
             stop_ids.append(idx)
     if tokenizer.eos_id is not None and tokenizer.eos_id not in stop_ids:
         stop_ids.append(tokenizer.eos_id)
+    return locate(
+        tokenizer, tokenizer.encode(text), num_image_tokens=num_image_tokens, end_of_turn=sep,
+        stop_ids=stop_ids, needed_by=needed_by,
+    )
+
+
+def locate(
+    tokenizer: Tokenizer,
+    ids: list[int],
+    *,
+    num_image_tokens: int,
+    end_of_turn: int,
+    stop_ids: list[int],
+    needed_by: str,
+) -> PromptIds:
+    """Find the image placeholders and the question in a tokenised single-turn prompt.
+
+    The question's span starts after ``</img>`` and any whitespace-only tokens (the ``\n``) and ends at the
+    last ``end_of_turn`` token (only the assistant role follows it, so a question spelling it is safe).
+    Raises ``PromptError`` (a record error, also a ``ValueError``) when the ids hold a number of
+    ``<IMG_CONTEXT>`` other than ``num_image_tokens`` (e.g. a question that spells the token), the image block
+    is malformed or the question is blank; ``UsageError`` when the tokenizer lacks an image token.
+    """
+    ctx = required_id(tokenizer, IMG_CONTEXT_TOKEN, needed_by)
+    img_start = required_id(tokenizer, IMG_START_TOKEN, needed_by)
+    img_end = required_id(tokenizer, IMG_END_TOKEN, needed_by)
+
+    count = ids.count(ctx)
+    if count != num_image_tokens:
+        raise PromptError(f"prompt has {count} {IMG_CONTEXT_TOKEN} tokens, expected {num_image_tokens}")
+    start = ids.index(ctx)
+    end = start + num_image_tokens  # index of </img>
+    if start == 0 or ids[start - 1] != img_start or end >= len(ids) or ids[end] != img_end:
+        raise PromptError(
+            f"the {IMG_CONTEXT_TOKEN} tokens are not one block between {IMG_START_TOKEN} and {IMG_END_TOKEN}"
+        )
+    if end_of_turn not in ids[end:]:
+        raise PromptError("the prompt has no end-of-turn token after the image")
+    instruction_end = len(ids) - 1 - ids[::-1].index(end_of_turn)
+    instruction_start = end + 1
+    while instruction_start < instruction_end and _is_blank(tokenizer, ids[instruction_start]):
+        instruction_start += 1
+    if instruction_start >= instruction_end:
+        raise PromptError("the question has no tokens")
     return PromptIds(
         ids=ids, image_start=start, num_image_tokens=num_image_tokens,
         instruction_start=instruction_start, instruction_end=instruction_end, stop_ids=stop_ids,

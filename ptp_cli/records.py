@@ -14,8 +14,9 @@ Input record fields:
 - optional overrides of the run's options: ``max_tiles``, ``min_tiles`` (int in 1..``config.MAX_TILES``),
   ``max_new_tokens`` (int >= 1), ``temperature`` (number >= 0), ``seed`` (int in 0..2**64-1). ``null`` means
   "use the run's value".
-- any other field is echoed into the record's result row under the same name, except names in
-  ``OUTPUT_FIELDS``, which the output reserves: those are dropped.
+- any other field is echoed into the record's row (result or error) under the same name; a field whose name
+  the output reserves (``OUTPUT_FIELDS``: ``answer``, ``tokens``, ...) is kept under ``"input"`` instead, so
+  ``row["input"]["answer"]`` holds a VQA file's gold answer. No input field is lost.
 
 Writing (``OrderedWriter``) takes rows that finish out of order and writes them in input order through a
 bounded reorder buffer, one orjson line per row, flushed after every burst.
@@ -43,10 +44,11 @@ from ptp_cli.errors import ImageError, InvalidRecordError, RecordError, UsageErr
 
 JsonScalar = str | int | float | bool
 
-# Top-level names of an output row; an input's extra field with one of these names is not echoed.
+# Top-level names of an output row; an input's extra field with one of these names goes under "input".
 OUTPUT_FIELDS: frozenset[str] = frozenset(
     {
         "id",
+        "input",
         "line",
         "answer",
         "finish_reason",
@@ -81,7 +83,7 @@ class Record:
     image: Path  # absolute path (``~`` expanded, relative paths resolved), not checked for existence
     question: str  # stripped, never empty
     overrides: dict[str, int | float] = field(default_factory=dict)  # per-record option overrides, validated
-    extra: dict[str, Any] = field(default_factory=dict)  # unknown fields to echo; never an OUTPUT_FIELDS name
+    extra: dict[str, Any] = field(default_factory=dict)  # the fields ptp does not read, echoed in the row
     image_relative: bool = False  # the record gave a relative path (resolved against the image root)
 
 
@@ -200,7 +202,7 @@ def parse_line(raw: bytes, *, line: int, root: Path) -> Record | BadRecord:
     if problems:
         return BadRecord(line, rid, InvalidRecordError("; ".join(problems)))
     assert image is not None and question is not None
-    extra = {k: v for k, v in obj.items() if k not in INPUT_FIELDS and k not in OUTPUT_FIELDS}
+    extra = {k: v for k, v in obj.items() if k not in INPUT_FIELDS}
     return Record(line=line, id=rid, image=image, question=question, overrides=overrides, extra=extra,
                   image_relative=relative)
 
@@ -304,9 +306,15 @@ def _show(value: object) -> str:
 
 
 def error_row(
-    line: int, id: JsonScalar, err: BaseException, *, settings: Mapping[str, Any] | None = None
+    line: int,
+    id: JsonScalar,
+    err: BaseException,
+    *,
+    settings: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The output row of a record that failed: ``{"id", "line", "error": {"type", "message"}}`` (+ settings).
+    """The output row of a record that failed: ``{"id", "line", "error": {"type", "message"}}`` (+ settings),
+    then the record's ``extra`` fields as ``result_row`` echoes them.
 
     ``error.type`` is ``err.kind`` for a ``RecordError`` (e.g. ``invalid_record``), else the exception's class
     name, so unexpected failures stay distinguishable from bad input.
@@ -319,7 +327,7 @@ def error_row(
     }
     if settings is not None:
         row["settings"] = dict(settings)
-    return row
+    return _echo(row, extra or {})
 
 
 def is_missing_image(error_type: str, message: str) -> bool:
@@ -338,7 +346,20 @@ def result_row(
     row.update((k, v) for k, v in result.items() if k not in ("id", "line"))
     if settings is not None:
         row["settings"] = dict(settings)
-    row.update(record.extra)  # never collides: extras exclude OUTPUT_FIELDS
+    return _echo(row, record.extra)
+
+
+def colliding_fields(extra: Mapping[str, Any]) -> list[str]:
+    """The input fields that ``_echo`` keeps under ``"input"``: their names are output fields."""
+    return [k for k in extra if k in OUTPUT_FIELDS]
+
+
+def _echo(row: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    """Add a record's extra fields to its row: at the top level, or under "input" when the name is taken."""
+    kept = {k: v for k, v in extra.items() if k in OUTPUT_FIELDS}
+    row.update((k, v) for k, v in extra.items() if k not in OUTPUT_FIELDS)
+    if kept:
+        row["input"] = kept
     return row
 
 

@@ -9,12 +9,13 @@ import torch
 from PIL import Image
 
 from ptp_cli.builders.tiny import TINY_VERSION
+from ptp_cli.chat_template import NamedPrompter
 from ptp_cli.devices import resolve_device, resolve_dtype
 from ptp_cli.errors import ImageError, RecordError, UsageError
 from ptp_cli.image import TilingOptions
-from ptp_cli.inputs import InputProcessor, RequestDefaults, TemplateEncoder
+from ptp_cli.inputs import InputProcessor, RequestDefaults
 from ptp_cli.loading import load_config
-from ptp_cli.prompts import PromptIds
+from ptp_cli.prompts import PromptIds, get_template
 from ptp_cli.records import Record
 from ptp_cli.tokenization import IMG_CONTEXT_TOKEN, load_tokenizer
 
@@ -36,7 +37,7 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def processor(tiny, **kw) -> InputProcessor:
     tok, cfg = tiny
-    return InputProcessor(encoder=TemplateEncoder.for_model(tok, cfg), tiling=TilingOptions.from_config(cfg, max_tiles=6),
+    return InputProcessor(encoder=NamedPrompter(tok, get_template(cfg.template), cfg.system_message), tiling=TilingOptions.from_config(cfg, max_tiles=6),
                           tokens_per_tile=cfg.tokens_per_tile, **kw)
 
 
@@ -84,10 +85,12 @@ class FixedEncoder:
     """Another prompt encoder: fixed ids around the placeholders; remembers what it was asked."""
 
     def __init__(self) -> None:
-        self.calls: list[tuple[str, int, str | None]] = []
+        self.calls: list[tuple[str, int]] = []
 
-    def encode(self, question: str, *, num_image_tokens: int, system_message: str | None) -> PromptIds:
-        self.calls.append((question, num_image_tokens, system_message))
+    name = "fixed"
+
+    def encode(self, *, question: str, num_image_tokens: int) -> PromptIds:
+        self.calls.append((question, num_image_tokens))
         ids = [1, 2, *[5] * num_image_tokens, 3, 7, 7, 7, 4]
         return PromptIds(ids=ids, image_start=2, num_image_tokens=num_image_tokens,
                          instruction_start=num_image_tokens + 3, instruction_end=num_image_tokens + 6, stop_ids=[4])
@@ -97,9 +100,9 @@ def test_the_prompt_step_is_a_drop_in_encoder(tiny, image: Path) -> None:
     _, cfg = tiny
     encoder = FixedEncoder()
     proc = InputProcessor(encoder=encoder, tiling=TilingOptions.from_config(cfg, max_tiles=1),
-                          tokens_per_tile=cfg.tokens_per_tile, defaults=RequestDefaults(system_message="be brief"))
+                          tokens_per_tile=cfg.tokens_per_tile)
     req = proc.process(Record(line=1, id="a", image=image, question=QUESTION))
-    assert encoder.calls == [(QUESTION, 256, "be brief")]
+    assert encoder.calls == [(QUESTION, 256)]
     assert (req.image_start, req.instruction, list(req.stop_ids)) == (2, (259, 262), [4])
     assert len(req.ids) == 256 + 7
 

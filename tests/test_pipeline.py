@@ -63,32 +63,6 @@ def test_max_batch_tokens_bounds_the_padded_batch(ptp_home, records_file, monkey
         assert len(batch) == 1 or len(batch) * longest <= 700
 
 
-class FailingEngine:
-    """Wraps the real engine; any batch holding a request with ``tiles`` tiles fails, as an OOM would."""
-
-    def __init__(self, engine, *, tiles: int) -> None:
-        self.engine, self.tiles, self.method = engine, tiles, engine.method
-
-    def generate(self, requests):
-        if any(r.num_tiles == self.tiles for r in requests):
-            raise RuntimeError("CUDA out of memory (simulated)")
-        return self.engine.generate(requests)
-
-
-@pytest.mark.parametrize("batch_size", [1, 3])
-def test_a_failing_request_gets_an_error_row_and_spares_its_batch(ptp_home, records_file, monkeypatch, batch_size):
-    monkeypatch.setenv("PTP_HOME", str(ptp_home))
-    cfg = RunConfig(model="tiny", max_new_tokens=2, max_tiles=4, batch_size=batch_size)
-    pipe = Pipeline.load(cfg)
-    pipe.engine = FailingEngine(pipe.engine, tiles=5)  # the 900x900 image: 2x2 grid + thumbnail
-    rows = list(pipe.infer(iter_records(records_file)))
-    assert [r["line"] for r in rows] == list(range(1, 8))
-    failed = [r for r in rows if r.get("error", {}).get("type") == "inference_error"]
-    assert [r["id"] for r in failed] == ["r3"]
-    assert "out of memory" in failed[0]["error"]["message"]
-    assert sum("answer" in r for r in rows) == 5
-
-
 def test_a_question_that_breaks_the_prompt_is_an_error_row(ptp_home, records_file, monkeypatch, tmp_path):
     """Pipeline.prepare goes through the input processor: a question spelling the image token fails alone."""
     lines = [orjson.dumps({"id": "bad", "image": str(records_file.parent / "0.png"), "question": "<IMG_CONTEXT>?"}),

@@ -62,7 +62,7 @@ def test_good_record_fields_and_relative_path(tmp_path: Path) -> None:
         image=sub / "img1.jpg",
         question="q1?",
         overrides={"max_tiles": 12, "min_tiles": 2, "max_new_tokens": 64, "temperature": 0.0, "seed": 7},
-        extra={"source": "coco"},  # "answer" collides with an output field: dropped
+        extra={"source": "coco", "answer": "x"},  # every field ptp does not read is kept
         image_relative=True,
     )
     assert isinstance(a.overrides["temperature"], float)
@@ -222,8 +222,24 @@ def test_error_row_and_result_row(tmp_path: Path) -> None:
 
     (r,) = iter_records(write_lines(tmp_path / "in.jsonl", [rec(1, source="coco", tokens=3)]))
     row = result_row(r, {"answer": "cat", "id": "wrong", "tokens": {"in": 10}}, settings=SETTINGS)
-    assert row == {"id": "r1", "line": 1, "answer": "cat", "tokens": {"in": 10}, "settings": SETTINGS, "source": "coco"}
-    assert {"answer", "error", "settings", "line"} <= OUTPUT_FIELDS
+    assert row == {"id": "r1", "line": 1, "answer": "cat", "tokens": {"in": 10}, "settings": SETTINGS,
+                   "source": "coco", "input": {"tokens": 3}}
+    assert {"answer", "error", "settings", "line", "input"} <= OUTPUT_FIELDS
+
+
+def test_colliding_input_fields_are_kept_under_input(tmp_path: Path) -> None:
+    fields = {"answer": "a cat", "error": None, "timing": [1], "input": {"x": 1}, "line": "L", "gold": 2}
+    (r,) = iter_records(write_lines(tmp_path / "in.jsonl", [rec(1, **fields)]))
+    result = {"answer": "dog", "tokens": {"in": 10}, "timing": {"vit": 0.1}}
+    for row in (result_row(r, result, settings=SETTINGS),
+                error_row(r.line, r.id, ImageError("gone"), settings=SETTINGS, extra=r.extra)):
+        # Nothing the input held is lost, and nothing the output says is overwritten.
+        assert row["input"] == {k: v for k, v in fields.items() if k != "gold"}
+        assert row["gold"] == 2 and row["line"] == 1
+    assert result_row(r, result)["answer"] == "dog"
+    assert error_row(r.line, r.id, ImageError("gone"))["error"]["type"] == "image_error"
+    (plain,) = iter_records(write_lines(tmp_path / "plain.jsonl", [rec(1, gold=2)]))
+    assert "input" not in result_row(plain, result)
 
 
 def test_fingerprint_stable() -> None:

@@ -96,7 +96,7 @@ def plan_bench(config: BenchConfig) -> Plan:
     visual = tiles * cfg.tokens_per_tile
     prompt = SyntheticEncoder(TokenIds.for_vocab(cfg.llm.vocab_size), question_tokens=config.question_tokens,
                               seed=config.seed)  # only the layout's length matters here
-    prompt_tokens = len(prompt.encode("", num_image_tokens=visual, system_message=None).ids)
+    prompt_tokens = len(prompt.encode(question="", num_image_tokens=visual).ids)
     flops = sample_flops(cfg, num_tiles=tiles, text_tokens=prompt_tokens - visual, kept_visual=visual,
                          generated=config.new_tokens).as_dict()
     return Plan(config=config, cfg=cfg, device=device, dtype=dtype, params=params, tiles=tiles,

@@ -68,16 +68,17 @@ class TokenIds:
 
 @dataclass(frozen=True)
 class SyntheticEncoder:
-    """A ``PromptEncoder`` of seeded random ids: each question text gets its own ids, the same on every call.
-
-    The system message is not used: a fixed-length random system part stands in for it.
+    """A prompt encoder (``chat_template.Prompter``) of seeded random ids: each question text gets its own ids,
+    the same on every call. A fixed-length random system part stands in for the system message.
     """
+
+    name = "synthetic"  # echoed as the template
 
     ids: TokenIds
     question_tokens: int  # length of the question span (what PTP's probe scores against)
     seed: int
 
-    def encode(self, question: str, *, num_image_tokens: int, system_message: str | None) -> PromptIds:
+    def encode(self, *, question: str, num_image_tokens: int) -> PromptIds:
         ids = self.ids
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(question.encode()))
         lo, hi = ids.text

@@ -2,7 +2,8 @@
 
 stdout (or --output) carries rows only; logs, warnings, the progress bar and the summary go to stderr.
 Exit codes: 0 every record ok, 3 some records failed (each still has an error row), 2 usage error,
-1 fatal error (e.g. the model cannot be loaded), 130 interrupted (Ctrl-C), 141 output pipe closed.
+1 fatal error (the model cannot be loaded, or failures are systematic: see ``failures.py`` and
+--max-errors), 130 interrupted (Ctrl-C), 141 output pipe closed.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from tqdm import tqdm
 
 from ptp_cli.cli import options as opt
 from ptp_cli.errors import ModelLoadError, UsageError
+from ptp_cli.failures import RunAborted
 from ptp_cli.records import BadRecord, OrderedWriter, Record, is_missing_image, iter_records, parse_shard
 from ptp_cli.resume import scan_output
 
@@ -198,11 +200,13 @@ def run_infer(source: str, resolved: opt.Resolved) -> int:
     image_root = _image_root(resolved.get("image_root"))
     if resolved.get("check"):
         return run_check(source, config, resolved, shard=shard, image_root=image_root, log=log)
+    from ptp_cli.chat_template import template_name
     from ptp_cli.pipeline import Pipeline, read_model_config, run_settings
 
     # The checkpoint's config (no weights) decides the layer checks and the settings --resume compares.
-    model_cfg = _explained(resolved, read_model_config, config)
-    settings = run_settings(config, model_cfg, dtype=config.resolved_dtype(config.resolved_device()))
+    model_dir, model_cfg = _explained(resolved, read_model_config, config)
+    settings = run_settings(config, model_cfg, dtype=config.resolved_dtype(config.resolved_device()),
+                            template=template_name(model_dir, model_cfg))
     skip: frozenset[int] = frozenset()
     if resume:
         state = _explained(resolved, scan_output, output, settings=settings, force=force, retry_errors=retry)
@@ -238,12 +242,17 @@ def run_infer(source: str, resolved: opt.Resolved) -> int:
         rows: Iterator[tuple[int, dict[str, Any]]] = pipeline.run(records)
         stack.callback(rows.close)  # on any exit: stop the preprocessing threads first
         start = time.perf_counter()
+        warned_input = False
         try:
             for seq, row in rows:
                 writer.put(seq, row)
                 stats.add(row, relative=row["line"] in relative)
                 relative.discard(row["line"])
                 bar.update()
+                if "input" in row and not warned_input:
+                    warned_input = True
+                    log.warning(f"input field(s) {', '.join(row['input'])} share a name with output fields; "
+                                "they are kept under \"input\" in the rows")
                 if row.get("error") is not None and stats.failed <= MAX_WARNINGS:
                     err = row["error"]
                     more = "; further failures are only counted" if stats.failed == MAX_WARNINGS else ""
@@ -261,6 +270,11 @@ def run_infer(source: str, resolved: opt.Resolved) -> int:
         except BrokenPipeError:
             _silence_stdout()
             return EXIT_BROKEN_PIPE
+        except RunAborted as e:
+            # As for Ctrl-C: whole rows in order are on disk; --resume redoes the records without one.
+            bar.close()
+            hint = "; fix the cause and run again with --resume" if output is not None else ""
+            raise RunAborted(f"{e} ({writer.written} rows written{hint})") from None
         elapsed = time.perf_counter() - start
     log.info(stats.summary(elapsed))
     if hint := _image_root_hint(stats.missing_relative, stats.ok + stats.failed, source, image_root):
@@ -280,7 +294,7 @@ def run_check(
     model_cfg = ModelConfig()  # InternVL2's tiling, when no model is given or found
     if "model" in resolved.values:
         try:  # offline: a dry run downloads nothing
-            model_cfg = _explained(resolved, read_model_config, config, offline=True)
+            _, model_cfg = _explained(resolved, read_model_config, config, offline=True)
         except ModelLoadError as e:
             log.warning(f"{e}; checking with InternVL2's tiling (1..12 tiles of 448 px) instead")
     records = iter_records(source, base_dir=image_root, shard=shard)
@@ -336,11 +350,13 @@ def infer_command(
     seed: opt.Seed = None,
     logprobs: opt.Logprobs = None,
     kept: opt.Kept = None,
+    system_message: opt.SystemMessage = None,
     max_tiles: opt.MaxTiles = None,
     min_tiles: opt.MinTiles = None,
     batch_size: opt.BatchSize = None,
     max_batch_tokens: opt.MaxBatchTokens = None,
     workers: opt.Workers = None,
+    max_errors: opt.MaxErrors = None,
     max_pixels: opt.MaxPixels = None,
     config: opt.Config = None,
     quiet: opt.Quiet = None,

@@ -59,6 +59,7 @@ SETTINGS: dict[str, Setting] = {
     "workers": Setting("int", "run"),
     "max_pixels": Setting("int", "run"),
     "max_tiles": Setting("int", "run"),
+    "max_errors": Setting("int", "run"),
     "min_tiles": Setting("int", "run"),
     # generation
     "max_new_tokens": Setting("int", "run"),
@@ -66,6 +67,7 @@ SETTINGS: dict[str, Setting] = {
     "seed": Setting("int", "run"),
     "logprobs": Setting("bool", "run"),
     "kept": Setting("bool", "run"),
+    "system_message": Setting("str", "run"),
     # pruning
     "preset": Setting("str", "cli"),
     "method": Setting("str", "prune"),
@@ -140,6 +142,13 @@ Logprobs = Annotated[bool | None, typer.Option(
 Kept = Annotated[bool | None, typer.Option(
     "--kept/--no-kept", help="Add the kept visual token indices (tile t, token i -> 256*t + i) to each row.",
     rich_help_panel=_GEN)]
+SystemMessage = Annotated[str | None, typer.Option(
+    help="System message of the prompt. (default: the checkpoint's; none for a -hf checkpoint's own chat "
+    "template, as transformers)", rich_help_panel=_GEN)]
+MaxErrors = Annotated[int | None, typer.Option(
+    help="Stop (exit 1) once this many records have failed; --resume continues. Whatever this says, 20 "
+    "engine failures in a row, or engine failures on every one of the first 5 records, stop the run. "
+    "(default: no cap)", rich_help_panel=_RUN)]
 Preset = Annotated[str | None, typer.Option(
     help="Starting pruning settings: default, ocr or scene ('ptp methods' shows them). [default: default]",
     rich_help_panel=_PRUNE)]

@@ -1,0 +1,65 @@
+"""Which failures belong to one record, and when failed records mean that the run itself is broken.
+
+A record can cause only a few failures: an unreadable or oversized image (``ImageError``), a prompt that
+cannot be built or is too long (``PromptError``), a bad field (``InvalidRecordError``): all ``RecordError``s;
+and running out of device memory even alone in its batch. Those become error rows. Anything else raised while
+preparing or running a record is a bug or a broken set-up and ends the run, never an error row.
+
+Error rows can still betray a broken set-up (every record out of memory, say): ``FailureGuard`` watches the
+rows and raises ``RunAborted`` when failures look systematic, so an unattended job fails loudly instead of
+writing a night of error rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ptp_cli.errors import PtpError, RecordError
+
+# Exceptions from the engine that one record can cause: a failing batch is split, a failing record gets a row.
+RECORD_FAILURES: tuple[type[BaseException], ...] = (RecordError, torch.cuda.OutOfMemoryError)
+INFERENCE_ERROR = "inference_error"  # error.type of a record the engine failed on, alone in its batch
+MAX_CONSECUTIVE_INFERENCE_ERRORS = 20  # this many in a row end the run, whatever --max-errors says
+ALL_FAILED_MINIMUM = 5  # a run whose first this-many rows all are inference errors ends at once
+
+
+class RunAborted(PtpError):
+    """Failures are systematic: the run stops after the rows already yielded. The CLI exits 1."""
+
+
+@dataclass
+class FailureGuard:
+    """Counts the rows of a run and raises ``RunAborted`` when failures look systematic."""
+
+    max_errors: int | None = None  # failed records (any kind) that end the run; None: no cap
+    rows: int = 0  # rows seen
+    failed: int = 0  # error rows seen
+    inference_failed: int = 0  # inference_error rows seen
+    consecutive: int = 0  # inference_error rows since the last row of another kind
+    last: dict[str, Any] = field(default_factory=dict)  # the last error object, to name in the message
+
+    def observe(self, row: dict[str, Any]) -> None:
+        self.rows += 1
+        error = row.get("error")
+        if error is None:
+            self.consecutive = 0
+            return
+        self.failed += 1
+        self.last = error
+        if error.get("type") == INFERENCE_ERROR:
+            self.inference_failed += 1
+            self.consecutive += 1
+        else:
+            self.consecutive = 0
+        if self.max_errors is not None and self.failed >= self.max_errors:
+            self._abort(f"{self.failed} records failed (--max-errors {self.max_errors})")
+        if self.consecutive >= MAX_CONSECUTIVE_INFERENCE_ERRORS:
+            self._abort(f"{self.consecutive} records in a row failed in the engine")
+        if self.inference_failed == self.rows >= ALL_FAILED_MINIMUM:
+            self._abort(f"every record so far ({self.rows}) failed in the engine")
+
+    def _abort(self, what: str) -> None:
+        raise RunAborted(f"stopping: {what}; last: {self.last.get('type')}: {self.last.get('message')}")
