@@ -21,7 +21,9 @@ from ptp_cli.engine import Engine, Request
 from ptp_cli.failures import ALL_FAILED_MINIMUM, MAX_CONSECUTIVE_INFERENCE_ERRORS, RunAborted
 from ptp_cli.loading import load_model
 from ptp_cli.pipeline import Pipeline, RunConfig
-from ptp_cli.records import OrderedWriter, iter_records, scan_output
+from ptp_cli.pruning import PruneConfig, make_method
+from ptp_cli.records import OrderedWriter, iter_records
+from ptp_cli.resume import scan_output
 
 OOM = torch.cuda.OutOfMemoryError
 
@@ -30,7 +32,9 @@ class FlakyEngine(Engine):
     """The real engine, except that a batch holding a request ``fails`` picks raises ``error()``."""
 
     def __init__(self, loaded, *, fails: Callable[[Request], bool], error: Callable[[], BaseException]) -> None:
-        super().__init__(loaded.model, image_token_id=loaded.image_token_id)
+        # The pruning of the runs it is compared with (RunConfig's default method), so only the failures differ.
+        method = make_method(PruneConfig(), loaded.cfg)
+        super().__init__(loaded.model, image_token_id=loaded.image_token_id, method=method)
         self.fails, self.error = fails, error
         self.batches: list[int] = []  # sizes of the batches asked for
 
