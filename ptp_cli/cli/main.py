@@ -15,7 +15,9 @@ import typer
 
 from ptp_cli import __version__
 from ptp_cli.cli.bench import bench_command
+from ptp_cli.cli.eval import eval_command
 from ptp_cli.cli.infer import EXIT_FATAL, EXIT_USAGE, infer_command
+from ptp_cli.cli.show import show_command
 from ptp_cli.errors import PtpError, UsageError
 
 app = typer.Typer(
@@ -27,6 +29,8 @@ app = typer.Typer(
 )
 app.command("infer")(infer_command)
 app.command("bench")(bench_command)
+app.command("eval")(eval_command)
+app.command("show")(show_command)
 
 
 def _version(value: bool) -> None:
