@@ -28,7 +28,7 @@ RUN_OPTIONS = (
     "temperature", "seed", "kept", "max_tiles", "min_tiles", "batch_size", "max_batch_tokens", "workers",
     "max_pixels",
 )
-EVAL_SETTINGS = (*RUN_OPTIONS, "quiet")
+EVAL_OPTIONS = (*RUN_OPTIONS, "quiet")
 
 
 def _with_options(command: Callable[..., Any], names: tuple[str, ...]) -> Callable[..., Any]:
@@ -121,7 +121,9 @@ def eval_command(
     from ptp_cli.eval.gold import read_gold
     from ptp_cli.eval.report import Report, draw_plot, format_markdown
 
-    resolved = opt.resolve(settings, names=EVAL_SETTINGS, config=config)
+    # The environment and --config may hold any ptp infer setting (one run.yaml serves both commands); the
+    # grid sets method and ratio per run, and the output settings do not apply.
+    resolved = opt.resolve(settings, names=tuple(opt.SETTINGS), config=config)
     log = Log(quiet=bool(resolved.get("quiet", False)))
     golds = read_gold(gold, metric=metric)
     if by is not None and not any(by in g.fields for g in golds):
@@ -169,4 +171,4 @@ def _score(golds: list[Gold], runs: list[tuple[str, Path]], log: Log) -> list[Ru
     return scored
 
 
-_with_options(eval_command, EVAL_SETTINGS)
+_with_options(eval_command, EVAL_OPTIONS)

@@ -21,6 +21,8 @@ from ptp_cli.eval.metrics import METRICS
 from ptp_cli.eval.score import YESNO_EXTRAS, Item, RunScore, summarize
 
 MISSING_GROUP = "(missing)"  # the group of records without the --by field
+_LABELS = {"yesno_precision": "yesno P", "yesno_recall": "yesno R", "yesno_f1": "yesno F1",
+           "yesno_yes_ratio": "yes ratio"}  # Markdown column names of POPE's extra numbers
 
 
 def retention(scores: dict[str, float], base: dict[str, float]) -> float | None:
@@ -112,7 +114,8 @@ def format_markdown(report: Report) -> str:
     data = report.to_dict()
     runs = data["runs"]
     cols = _score_columns(runs)
-    header = ["run", "method", "ratio", "n", "errors", *cols, "retention", "visual tokens", "TFLOPs", "samples/s"]
+    labels = [_LABELS.get(c, c) for c in cols]
+    header = ["run", "method", "ratio", "n", "errors", *labels, "retention", "visual tokens", "TFLOPs", "samples/s"]
     rows = []
     for r in runs:
         tokens = "-" if r["visual_tokens"] is None else f"{r['visual_tokens']:.1f} / {r['visual_before']:.0f}"
@@ -136,7 +139,7 @@ def format_markdown(report: Report) -> str:
                     *(_num(100 * g["scores"][c] if c in g["scores"] else None, ".1f") for c in cols),
                     _num(None if g["retention"] is None else 100 * g["retention"], ".1f"),
                 ])
-            out.append(f"{report.by} = {key}\n\n" + _table(["run", "n", "errors", *cols, "retention"], g_rows))
+            out.append(f"{report.by} = {key}\n\n" + _table(["run", "n", "errors", *labels, "retention"], g_rows))
     return "\n\n".join(out) + "\n"
 
 
@@ -195,6 +198,9 @@ def draw_plot(report: Report, path: str | Path) -> None:
     for i, (method, pts) in enumerate(sorted(points.items(), key=lambda kv: kv[0] != "none")):
         colour = _PALETTE[i % len(_PALETTE)]
         xy = [at(x, y) for x, y in sorted(pts)]
+        if method == "none":  # the unpruned score, dashed across the plot as the reference
+            for px in range(left, right, 12):
+                draw.line([(px, xy[0][1]), (min(px + 6, right), xy[0][1])], fill=colour, width=2)
         if len(xy) > 1:
             draw.line(xy, fill=colour, width=3)
         for px, py in xy:
