@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -18,6 +18,64 @@ def _file_name(row: dict, taken: set[str]) -> str:
     name = f"{stem}.png" if f"{stem}.png" not in taken else f"{stem}-line{row.get('line')}.png"
     taken.add(name)
     return name
+
+
+def _select(predictions: Path, input: Path, *, id: str | None, line: int | None) -> list[tuple[Any, dict]]:
+    """(input record, row) pairs of the rows that match a record of ``input``, filtered by id and line."""
+    from ptp_cli.eval.score import match_rows, read_predictions
+    from ptp_cli.records import iter_records
+
+    rows = read_predictions(predictions)
+    records = list(iter_records(input))
+    matched, _ = match_rows(records, rows)
+    pairs = [(rec, row) for rec, row in zip(records, matched, strict=True) if row is not None]
+    if id is not None or line is not None:
+        pairs = [(rec, row) for rec, row in pairs
+                 if (id is None or str(row.get("id")) == id) and (line is None or row.get("line") == line)]
+        wanted = " and ".join(w for w in (f"id {id!r}" if id is not None else "",
+                                          f"line {line}" if line is not None else "") if w)
+        if not pairs:
+            raise UsageError(f"{predictions} has no row with {wanted} matching a record of {input}")
+    if not pairs:
+        raise UsageError(f"no row of {predictions} matches a record of {input}")
+    return pairs
+
+
+def _draw_one(rec: Any, row: dict, output: Path) -> None:
+    from ptp_cli.records import Record
+    from ptp_cli.show import render_row  # imports torch (the tiling): the checks before stay fast
+
+    if not isinstance(rec, Record):
+        raise UsageError(f"input line {rec.line} is not a usable record: {rec.error}")
+    try:
+        render_row(row, rec).save(output, format="PNG", optimize=True)
+    except ValueError as e:
+        raise UsageError(f"line {rec.line}: {e}") from None
+
+
+def _draw_all(pairs: list[tuple[Any, dict]], out_dir: Path) -> int:
+    """Every pair's picture into ``out_dir``; the exit code (3 when some could not be drawn)."""
+    from ptp_cli.records import Record
+    from ptp_cli.show import render_row
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    taken: set[str] = set()
+    written, failed = 0, 0
+    for rec, row in pairs:
+        if row.get("error") is not None or not isinstance(rec, Record):
+            continue  # nothing was kept for a failed record
+        try:
+            render_row(row, rec).save(out_dir / _file_name(row, taken), format="PNG", optimize=True)
+            written += 1
+        except UsageError:
+            raise  # no kept indices: the same for every row
+        except (PtpError, ValueError) as e:
+            failed += 1
+            typer.echo(f"ptp: warning: line {rec.line} (id {rec.id!r}): {e}", err=True)
+    skipped = len(pairs) - written - failed
+    typer.echo(f"ptp: wrote {written} pictures to {out_dir}" + (f", {failed} failed" if failed else "")
+               + (f", {skipped} error rows skipped" if skipped else ""), err=True)
+    return EXIT_SOME_FAILED if failed else 0
 
 
 def show_command(
@@ -37,53 +95,12 @@ def show_command(
         raise UsageError("--input FILE is needed: the JSONL file ptp infer read, for the images and questions")
     if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--out-dir {out_dir} is a file")
-    from ptp_cli.eval.score import match_rows, read_predictions
-    from ptp_cli.records import Record, iter_records
-
-    rows = read_predictions(predictions)
-    records = list(iter_records(input))
-    matched, _ = match_rows(records, rows)
-    pairs = [(rec, row) for rec, row in zip(records, matched, strict=True) if row is not None]
-    if id is not None or line is not None:
-        pairs = [(rec, row) for rec, row in pairs
-                 if (id is None or str(row.get("id")) == id) and (line is None or row.get("line") == line)]
-        if not pairs:
-            raise UsageError(f"{predictions} has no row with {'id ' + repr(id) if id is not None else ''}"
-                             f"{' and ' if id is not None and line is not None else ''}"
-                             f"{'line ' + str(line) if line is not None else ''} matching a record of {input}")
-    if not pairs:
-        raise UsageError(f"no row of {predictions} matches a record of {input}")
-    from ptp_cli.show import render_row  # imports torch (the tiling): the checks above stay fast
-    if output is not None:
-        if len(pairs) > 1:
-            lines = ", ".join(str(row.get("line")) for _, row in pairs[:5])
-            raise UsageError(f"{len(pairs)} rows match (lines {lines}); choose one with --id or --line")
-        rec, row = pairs[0]
-        if not isinstance(rec, Record):
-            raise UsageError(f"input line {rec.line} is not a usable record: {rec.error}")
-        try:
-            render_row(row, rec).save(output, format="PNG", optimize=True)
-        except ValueError as e:
-            raise UsageError(f"line {rec.line}: {e}") from None
-        typer.echo(f"ptp: wrote {output}", err=True)
-        return
-    assert out_dir is not None
-    out_dir.mkdir(parents=True, exist_ok=True)
-    taken: set[str] = set()
-    written, failed = 0, 0
-    for rec, row in pairs:
-        if row.get("error") is not None or not isinstance(rec, Record):
-            continue  # nothing was kept for a failed record
-        try:
-            render_row(row, rec).save(out_dir / _file_name(row, taken), format="PNG", optimize=True)
-            written += 1
-        except UsageError:
-            raise  # no kept indices: the same for every row
-        except (PtpError, ValueError) as e:
-            failed += 1
-            typer.echo(f"ptp: warning: line {rec.line} (id {rec.id!r}): {e}", err=True)
-    skipped = len(pairs) - written - failed
-    typer.echo(f"ptp: wrote {written} pictures to {out_dir}" + (f", {failed} failed" if failed else "")
-               + (f", {skipped} error rows skipped" if skipped else ""), err=True)
-    if failed:
-        raise typer.Exit(EXIT_SOME_FAILED)
+    pairs = _select(predictions, input, id=id, line=line)
+    if out_dir is not None:
+        raise typer.Exit(_draw_all(pairs, out_dir))
+    assert output is not None
+    if len(pairs) > 1:
+        lines = ", ".join(str(row.get("line")) for _, row in pairs[:5])
+        raise UsageError(f"{len(pairs)} rows match (lines {lines}); choose one with --id or --line")
+    _draw_one(*pairs[0], output)
+    typer.echo(f"ptp: wrote {output}", err=True)

@@ -118,7 +118,7 @@ def format_markdown(report: Report) -> str:
     header = ["run", "method", "ratio", "n", "errors", *labels, "retention", "visual tokens", "TFLOPs", "samples/s"]
     rows = []
     for r in runs:
-        tokens = "-" if r["visual_tokens"] is None else f"{r['visual_tokens']:.1f} / {r['visual_before']:.0f}"
+        tokens = _num(r["visual_tokens"], ".1f") + ("" if r["visual_before"] is None else f" / {r['visual_before']:.0f}")
         rows.append([
             r["name"], r["method"] or "-", _num(r["ratio"], "g"), str(r["n"]), str(r["n_errors"]),
             *(_num(100 * r["scores"][c] if c in r["scores"] else None, ".1f") for c in cols),
