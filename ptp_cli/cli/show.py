@@ -87,8 +87,11 @@ def show_command(
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the PNG here.")] = None,
     out_dir: Annotated[Path | None, typer.Option(help="Write every (selected) record's PNG into this folder.")] = None,
 ) -> None:
-    """Draw a record's image as the model saw it: its tiles and thumbnail, every visual token a 28 px cell,
-    kept tokens clear and dropped ones dimmed, each tile labelled with its budget. No model is needed."""
+    """Draw which visual tokens a ptp infer --kept row kept, over its image (no model is needed).
+
+    The image as the model saw it: its tiles and thumbnail, every visual token a 28 px cell, kept tokens clear
+    and dropped ones dimmed, each tile labelled with its budget, the question and answer below.
+    """
     if (output is None) == (out_dir is None):
         raise UsageError("give -o FILE.png (one record) or --out-dir DIR (every record)")
     if input is None:
