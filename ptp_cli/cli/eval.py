@@ -1,0 +1,174 @@
+"""``ptp eval``: score predictions against gold records, or run a (method, ratio) grid and score every run.
+
+The table goes to stdout; ``--json`` and ``--plot`` write files. The run options (model, tiling, generation,
+pruning settings other than method and ratio) are ``ptp infer``'s own, taken from ``options.py``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from ptp_cli.cli import options as opt
+from ptp_cli.errors import UsageError
+
+if TYPE_CHECKING:
+    from ptp_cli.eval.gold import Gold
+    from ptp_cli.eval.score import RunScore
+
+EXIT_INTERRUPTED = 130
+# ptp infer's options that ptp eval takes as they are (with --config); --methods/--ratios replace method/ratio.
+RUN_OPTIONS = (
+    "model", "dtype", "device", "preset", "alpha", "vit_layer", "llm_layer", "tau", "head_agg", "instr_agg",
+    "region_budgets", "token_score", "fastv_layer", "vtw_layer", "pdrop_layers", "pdrop_keep", "max_new_tokens",
+    "temperature", "seed", "kept", "max_tiles", "min_tiles", "batch_size", "max_batch_tokens", "workers",
+    "max_pixels",
+)
+EVAL_OPTIONS = (*RUN_OPTIONS, "quiet")
+
+
+def _with_options(command: Callable[..., Any], names: tuple[str, ...]) -> Callable[..., Any]:
+    """Give ``command`` (which takes ``**settings``) the Typer options of ``names``, as options.py defines
+    them (``max_new_tokens`` -> ``opt.MaxNewTokens``), so they are declared once for every command."""
+    own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.kind != p.VAR_KEYWORD]
+    shared = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                annotation=getattr(opt, n.title().replace("_", ""))) for n in names]
+    command.__signature__ = inspect.Signature([*own, *shared])  # type: ignore[attr-defined]
+    return command
+
+
+class Log:
+    def __init__(self, *, quiet: bool) -> None:
+        self.quiet = quiet
+
+    def __call__(self, message: str) -> None:
+        if not self.quiet:
+            typer.echo(f"ptp: {message}", err=True)
+
+
+def _check_output(path: Path | None, option: str) -> None:
+    if path is None:
+        return
+    if path.is_dir():
+        raise UsageError(f"{option} {path} is a directory; give a file name")
+    if not path.parent.is_dir():
+        raise UsageError(f"{option} {path}: the folder {path.parent} does not exist")
+
+
+def parse_grid(methods: str, ratios: str) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    """``"ptp,none"``, ``"0.5,0.75"`` -> method names (none first) and ratios, each once; UsageError if bad."""
+    try:
+        values = tuple(dict.fromkeys(float(r) for r in ratios.split(",") if r.strip()))
+    except ValueError:
+        values = ()
+    if not values or not all(0.0 <= r < 1.0 for r in values):
+        raise UsageError(f"--ratios must be comma-separated numbers in [0, 1), got {ratios!r}")
+    from ptp_cli.pruning import METHODS  # imports torch: the checks above stay fast
+
+    names = tuple(sorted(dict.fromkeys(m.strip() for m in methods.split(",") if m.strip()), key=lambda m: m != "none"))
+    if unknown := [m for m in names if m not in METHODS]:
+        raise UsageError(f"--methods: unknown method {unknown[0]!r}; choose from {', '.join(sorted(METHODS))}")
+    if not names:
+        raise UsageError("--methods needs at least one method")
+    return names, values
+
+
+def _grid_runs(gold: Path, resolved: opt.Resolved, *, methods: str, ratios: str, out_dir: Path | None,
+               log: Log) -> list[tuple[str, Path]]:
+    if out_dir is None:
+        raise UsageError("running models needs --out-dir DIR: each run's predictions are kept there "
+                         "(one JSONL per run), so an interrupted grid continues where it stopped")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out-dir {out_dir} is a file")
+    names, values = parse_grid(methods, ratios)
+    config = opt.run_config(resolved)
+    from ptp_cli.eval.grid import run_grid
+
+    try:
+        return [(spec.name, path) for spec, path in
+                run_grid(gold, config, methods=names, ratios=values, out_dir=out_dir, log=log)]
+    except UsageError as e:
+        raise resolved.explain(e) from None
+
+
+def eval_command(
+    gold: Annotated[Path, typer.Argument(
+        metavar="GOLD", help="JSONL gold records: answer or answers, optional choices and metric.")],
+    predictions: Annotated[list[Path] | None, typer.Option(
+        "--predictions", "-p", help="Score this ptp infer output (repeatable: one run each); no model runs.")] = None,
+    methods: Annotated[str | None, typer.Option(
+        help="Methods of the grid, comma-separated. (default: none,ptp)")] = None,
+    ratios: Annotated[str | None, typer.Option(
+        help="Pruned fractions of the grid, comma-separated. (default: 0.5)")] = None,
+    out_dir: Annotated[Path | None, typer.Option(
+        help="Folder of the grid's predictions, one JSONL per run (resumable).")] = None,
+    metric: Annotated[str | None, typer.Option(
+        help="Metric of records that name none: exact, vqa, anls, relaxed, mc or yesno. (default: inferred)")] = None,
+    by: Annotated[str | None, typer.Option(help="Also score per value of this gold field (e.g. type).")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON here.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Draw score vs. visual tokens kept into this PNG.")] = None,
+    config: opt.Config = None,
+    **settings: Any,
+) -> None:
+    """Score answers against GOLD: an existing output (--predictions), or each (method, ratio) run now.
+
+    Prints one row per run: scores, retention (score / unpruned score), visual tokens, TFLOPs and throughput.
+    """
+    from ptp_cli.eval.gold import read_gold
+    from ptp_cli.eval.report import Report, draw_plot, format_markdown
+
+    # The environment and --config may hold any ptp infer setting (one run.yaml serves both commands); the
+    # grid sets method and ratio per run, and the output settings do not apply.
+    resolved = opt.resolve(settings, names=tuple(opt.SETTINGS), config=config)
+    log = Log(quiet=bool(resolved.get("quiet", False)))
+    golds = read_gold(gold, metric=metric)
+    if by is not None and not any(by in g.fields for g in golds):
+        raise UsageError(f"--by {by}: no gold record has a field {by!r}")
+    for path, option in ((json_out, "--json"), (plot, "--plot")):
+        _check_output(path, option)
+    if predictions:
+        grid_given = [flag for flag, v in (("--methods", methods), ("--ratios", ratios), ("--out-dir", out_dir))
+                      if v is not None]
+        grid_given += [opt.flag(n) for n in RUN_OPTIONS if settings.get(n) is not None]
+        if grid_given:
+            raise UsageError(f"{grid_given[0]} runs a model; it does not go with --predictions")
+        runs = [(p.stem, p) for p in predictions]
+    else:
+        try:
+            runs = _grid_runs(gold, resolved, methods=methods or "none,ptp", ratios=ratios or "0.5",
+                              out_dir=out_dir, log=log)
+        except KeyboardInterrupt:
+            log("interrupted; run the same command again to continue where it stopped")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+    report = Report(_score(golds, runs, log), by=by)
+    typer.echo(format_markdown(report), nl=False)
+    if json_out is not None:
+        json_out.write_bytes(report.to_json())
+        log(f"wrote {json_out}")
+    if plot is not None:
+        try:
+            draw_plot(report, plot)
+        except ValueError as e:
+            raise UsageError(f"--plot: {e}") from None
+        log(f"wrote {plot}")
+
+
+def _score(golds: list[Gold], runs: list[tuple[str, Path]], log: Log) -> list[RunScore]:
+    from ptp_cli.eval.score import read_predictions, score_run
+
+    scored = []
+    for name, path in runs:
+        run = score_run(golds, read_predictions(path), name=name, source=str(path))
+        if run.n_missing:
+            log(f"warning: {name}: {run.n_missing} gold records have no prediction (each scores 0)")
+        if run.n_unmatched:
+            log(f"warning: {name}: {run.n_unmatched} prediction rows match no gold record (not scored)")
+        scored.append(run)
+    return scored
+
+
+_with_options(eval_command, EVAL_OPTIONS)

@@ -1,0 +1,93 @@
+"""The evaluation grid: every (method, ratio) over one gold file, with one loaded model, resumable.
+
+Runs are ``none`` (once), then each method at each ratio; a method whose settings ignore the ratio (vtw,
+pdrop) runs once. Each run writes its rows, in input order, to ``OUT_DIR/<run>.jsonl`` (``none.jsonl``,
+``ptp@0.5.jsonl``). A run whose file already holds a row for every record is not redone; a partial one
+continues with the records it lacks (``scan_output`` repairs a torn last line first). A file written with
+other settings is refused rather than mixed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from ptp_cli.errors import UsageError
+from ptp_cli.pipeline import Pipeline, RunConfig
+from ptp_cli.pruning import PruneConfig, make_method
+from ptp_cli.records import OrderedWriter, iter_records
+from ptp_cli.resume import scan_output
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of the grid."""
+
+    name: str  # "none", "ptp@0.5", "vtw": also the predictions file's stem
+    prune: PruneConfig  # the run's pruning settings
+
+
+def plan_runs(base: PruneConfig, pipeline: Pipeline, methods: tuple[str, ...],
+              ratios: tuple[float, ...]) -> list[RunSpec]:
+    """The grid's runs, with ``base`` (preset, alpha, layers, ...) under each method and ratio."""
+    specs = []
+    for method in methods:
+        per_ratio = [dataclasses.replace(base, method=method, ratio=r) for r in ratios]
+        if "ratio" in make_method(per_ratio[0], pipeline.cfg).settings():
+            specs += [RunSpec(f"{method}@{r:g}", p) for r, p in zip(ratios, per_ratio, strict=True)]
+        else:  # none, vtw, pdrop: the ratio changes nothing
+            specs.append(RunSpec(method, per_ratio[0]))
+    return specs
+
+
+def _count_records(path: Path) -> int:
+    with path.open("rb") as f:
+        return sum(1 for raw in f if raw.strip())
+
+
+def _run_one(pipeline: Pipeline, gold: Path, out: Path, *, log: Callable[[str], None], name: str) -> None:
+    """Write the rows ``out`` lacks, appending; a finished file is left alone."""
+    try:  # repairs a torn last line; refuses a file of other settings, naming what differs
+        state = scan_output(out, settings=pipeline.settings())
+    except UsageError as e:
+        raise UsageError(f"run {name}: {e}; delete it or choose another --out-dir") from None
+    total = _count_records(gold)
+    todo = total - len(state.done)
+    if todo <= 0:
+        log(f"{name}: done ({total} records in {out})")
+        return
+    log(f"{name}: {todo} of {total} records to run" + (f" ({len(state.done)} done before)" if state.done else ""))
+    records = iter_records(gold, skip_lines=state.done)
+    with out.open("ab") as stream, contextlib.closing(pipeline.run(records)) as rows:
+        writer = OrderedWriter(stream, window=pipeline.reorder_window)
+        for seq, row in rows:
+            writer.put(seq, row)
+        # Not reached on Ctrl-C: rows already written are whole and in order; the rest is redone next time.
+        writer.close()
+
+def run_grid(
+    gold: str | Path,
+    config: RunConfig,
+    *,
+    methods: tuple[str, ...],
+    ratios: tuple[float, ...],
+    out_dir: str | Path,
+    log: Callable[[str], None] = lambda _msg: None,
+) -> Iterator[tuple[RunSpec, Path]]:
+    """Run the grid (loading the model once) and yield each run with its predictions file as it finishes.
+
+    Every run's settings are validated against the model before the first record runs.
+    """
+    gold, out_dir = Path(gold), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    first = Pipeline.load(dataclasses.replace(config, prune=dataclasses.replace(config.prune, method="none")))
+    specs = plan_runs(config.prune, first, methods, ratios)
+    pipelines = [Pipeline(first.loaded, dataclasses.replace(config, prune=s.prune)) for s in specs]
+    log(f"loaded {first.settings()['model']}; {len(specs)} runs: {', '.join(s.name for s in specs)}")
+    for spec, pipeline in zip(specs, pipelines, strict=True):
+        out = out_dir / f"{spec.name}.jsonl"
+        _run_one(pipeline, gold, out, log=log, name=spec.name)
+        yield spec, out
