@@ -49,3 +49,7 @@ class PromptError(RecordError, ValueError):
     """The record's prompt cannot be built (a question spelling an image token, a blank question, ...)."""
 
     kind = "prompt_error"
+
+
+class RunAborted(PtpError):
+    """Failures are systematic: the run stops after the rows already yielded. The CLI exits 1."""

@@ -17,17 +17,13 @@ from typing import Any
 
 import torch
 
-from ptp_cli.errors import PtpError, RecordError
+from ptp_cli.errors import RecordError, RunAborted
 
 # Exceptions from the engine that one record can cause: a failing batch is split, a failing record gets a row.
 RECORD_FAILURES: tuple[type[BaseException], ...] = (RecordError, torch.cuda.OutOfMemoryError)
 INFERENCE_ERROR = "inference_error"  # error.type of a record the engine failed on, alone in its batch
 MAX_CONSECUTIVE_INFERENCE_ERRORS = 20  # this many in a row end the run, whatever --max-errors says
 ALL_FAILED_MINIMUM = 5  # a run whose first this-many rows all are inference errors ends at once
-
-
-class RunAborted(PtpError):
-    """Failures are systematic: the run stops after the rows already yielded. The CLI exits 1."""
 
 
 @dataclass

@@ -157,3 +157,10 @@ def test_cycle_finder_finds_a_planted_cycle() -> None:
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": set()}
     assert [sorted(c) for c in _cycles(graph)] == [["a", "b", "c"]]
     assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_the_cli_starts_without_torch() -> None:
+    """Usage errors are reported before torch loads (it costs over a second): the CLI imports it lazily."""
+    code = "import sys, ptp_cli.cli.main\nprint('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

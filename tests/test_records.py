@@ -15,10 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ptp_cli.errors import ImageError, InvalidRecordError, UsageError
+from ptp_cli.output import OrderedWriter
 from ptp_cli.records import (
     OUTPUT_FIELDS,
     BadRecord,
-    OrderedWriter,
     Record,
     error_row,
     fingerprint,

@@ -101,13 +101,13 @@ def eval_command(
     predictions: Annotated[list[Path] | None, typer.Option(
         "--predictions", "-p", help="Score this ptp infer output (repeatable: one run each); no model runs.")] = None,
     methods: Annotated[str | None, typer.Option(
-        help="Methods of the grid, comma-separated. (default: none,ptp)")] = None,
+        help="Methods of the grid, comma-separated. [default: none,ptp]")] = None,
     ratios: Annotated[str | None, typer.Option(
-        help="Pruned fractions of the grid, comma-separated. (default: 0.5)")] = None,
+        help="Pruned fractions of the grid, comma-separated. [default: 0.5]")] = None,
     out_dir: Annotated[Path | None, typer.Option(
         help="Folder of the grid's predictions, one JSONL per run (resumable).")] = None,
     metric: Annotated[str | None, typer.Option(
-        help="Metric of records that name none: exact, vqa, anls, relaxed, mc or yesno. (default: inferred)")] = None,
+        help="Metric of records that name none: exact, vqa, anls, relaxed, mc or yesno. [default: inferred]")] = None,
     by: Annotated[str | None, typer.Option(help="Also score per value of this gold field (e.g. type).")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON here.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Draw score vs. visual tokens kept into this PNG.")] = None,

@@ -23,9 +23,9 @@ import typer
 from tqdm import tqdm
 
 from ptp_cli.cli import options as opt
-from ptp_cli.errors import ModelLoadError, UsageError
-from ptp_cli.failures import RunAborted
-from ptp_cli.records import BadRecord, OrderedWriter, Record, is_missing_image, iter_records, parse_shard
+from ptp_cli.errors import ModelLoadError, RunAborted, UsageError
+from ptp_cli.output import OrderedWriter
+from ptp_cli.records import BadRecord, Record, is_missing_image, iter_records, parse_shard
 from ptp_cli.resume import scan_output
 
 if TYPE_CHECKING:

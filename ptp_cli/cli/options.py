@@ -143,12 +143,12 @@ Kept = Annotated[bool | None, typer.Option(
     "--kept/--no-kept", help="Add the kept visual token indices (tile t, token i -> 256*t + i) to each row.",
     rich_help_panel=_GEN)]
 SystemMessage = Annotated[str | None, typer.Option(
-    help="System message of the prompt. (default: the checkpoint's; none for a -hf checkpoint's own chat "
-    "template, as transformers)", rich_help_panel=_GEN)]
+    help="System message of the prompt. [default: the checkpoint's; none for a -hf checkpoint's own chat "
+    "template, as in transformers]", rich_help_panel=_GEN)]
 MaxErrors = Annotated[int | None, typer.Option(
     help="Stop (exit 1) once this many records have failed; --resume continues. Whatever this says, 20 "
     "engine failures in a row, or engine failures on every one of the first 5 records, stop the run. "
-    "(default: no cap)", rich_help_panel=_RUN)]
+    "[default: no cap]", rich_help_panel=_RUN)]
 Preset = Annotated[str | None, typer.Option(
     help="Starting pruning settings: default, ocr or scene ('ptp methods' shows them). [default: default]",
     rich_help_panel=_PRUNE)]

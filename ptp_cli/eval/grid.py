@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ptp_cli.errors import UsageError
+from ptp_cli.output import OrderedWriter
 from ptp_cli.pipeline import Pipeline, RunConfig
 from ptp_cli.pruning import PruneConfig, make_method
-from ptp_cli.records import OrderedWriter, iter_records
+from ptp_cli.records import iter_records
 from ptp_cli.resume import scan_output
 
 
