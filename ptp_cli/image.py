@@ -8,6 +8,7 @@ InternVL2 ``dynamic_preprocess`` (grid choice, bicubic resize, row-major crops, 
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -38,23 +39,29 @@ _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 # Loading
 
 
-def load_image(path: str | os.PathLike[str], *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Read ``path`` fully into an 8-bit RGB image, upright according to its EXIF orientation.
+def load_image(
+    source: str | os.PathLike[str] | bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Image.Image:
+    """Read an image file (a path, or the file's bytes) fully into 8-bit RGB, upright by its EXIF orientation.
 
     Transparent pixels are composited on white; 16-bit samples are scaled (not clipped) to 8 bits.
     Images with more than ``max_pixels`` pixels are refused from the header, before any pixel is decoded.
     Pillow's own decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``, not modified here) still applies.
     Every failure is an ``ImageError`` with a one-line message naming the file.
     """
-    path = Path(path)
-    if not path.exists():
-        raise ImageError(f"image not found: {path}")
-    if path.is_dir():
-        raise ImageError(f"image path is a directory, not a file: {path}")
+    if isinstance(source, bytes):
+        path: Path | str = f"<{len(source)} bytes>"
+        data: Path | io.BytesIO = io.BytesIO(source)
+    else:
+        path = data = Path(source)
+        if not path.exists():
+            raise ImageError(f"image not found: {path}")
+        if path.is_dir():
+            raise ImageError(f"image path is a directory, not a file: {path}")
     try:
-        if path.stat().st_size == 0:
+        if (len(source) if isinstance(source, bytes) else os.stat(source).st_size) == 0:
             raise ImageError(f"image file is empty (0 bytes): {path}")
-        with Image.open(path) as opened:
+        with Image.open(data) as opened:
             width, height = opened.size
             if width <= 0 or height <= 0:
                 raise ImageError(f"image has zero size ({width}x{height}): {path}")

@@ -78,7 +78,7 @@ class Record:
 
     line: int  # 1-based physical line number in the input
     id: JsonScalar  # the record's id, or its line number when it had none
-    image: Path  # absolute path (``~`` expanded, relative paths resolved), not checked for existence
+    image: Path | bytes  # absolute path (``~`` expanded, relative resolved; existence unchecked), or file bytes
     question: str  # stripped, never empty
     overrides: dict[str, int | float] = field(default_factory=dict)  # per-record option overrides, validated
     extra: dict[str, Any] = field(default_factory=dict)  # the fields ptp does not read, echoed in the row
@@ -126,12 +126,31 @@ def iter_records(
     input file raises ``UsageError`` here, at the call, not at the first ``next``; a bad ``shard`` tuple
     raises ``ValueError`` (the CLI validates user input with ``parse_shard``).
     """
+    lines = iter_lines(source, shard=shard, skip_lines=skip_lines)
+    root = Path(base_dir).expanduser().absolute() if base_dir is not None else default_root(source)
+    return (parse_line(raw, line=lineno, root=root) for lineno, raw in lines)
+
+
+def default_root(source: str | os.PathLike[str]) -> Path:
+    """Where relative image paths of ``source`` resolve: the JSONL file's folder, or the working directory."""
+    if isinstance(source, str) and source == "-":
+        return Path.cwd()
+    return Path(source).absolute().parent
+
+
+def iter_lines(
+    source: str | os.PathLike[str],
+    *,
+    shard: tuple[int, int] | None = None,
+    skip_lines: set[int] | frozenset[int] | None = None,
+) -> Iterator[tuple[int, bytes]]:
+    """``(line number, raw bytes)`` of the non-blank lines ``iter_records`` would parse (same shard and skip
+    rules), for callers that parse elsewhere (a Ray actor, say). Opens the file at the call."""
     if shard is not None and not (isinstance(shard, tuple) and len(shard) == 2 and 0 <= shard[0] < shard[1]):
         raise ValueError(f"shard must be a tuple (i, n) with 0 <= i < n, not {shard!r}")
     if isinstance(source, str) and source == "-":
         stream: BinaryIO = sys.stdin.buffer
         owned = False
-        default_dir = Path.cwd()
     else:
         path = Path(source)
         try:
@@ -139,19 +158,16 @@ def iter_records(
         except OSError as e:
             raise UsageError(f"cannot read input {path}: {e.strerror or e}") from e
         owned = True
-        default_dir = path.absolute().parent
-    root = Path(base_dir).expanduser().absolute() if base_dir is not None else default_dir
-    return _iter_lines(stream, owned=owned, root=root, shard=shard, skip=skip_lines or frozenset())
+    return _iter_lines(stream, owned=owned, shard=shard, skip=skip_lines or frozenset())
 
 
 def _iter_lines(
     stream: BinaryIO,
     *,
     owned: bool,
-    root: Path,
     shard: tuple[int, int] | None,
     skip: set[int] | frozenset[int],
-) -> Iterator[Record | BadRecord]:
+) -> Iterator[tuple[int, bytes]]:
     try:
         index = -1  # among non-blank lines
         for lineno, raw in enumerate(stream, start=1):
@@ -164,7 +180,7 @@ def _iter_lines(
                 continue
             if lineno in skip:
                 continue
-            yield parse_line(raw, line=lineno, root=root)
+            yield lineno, raw
     finally:
         if owned:
             stream.close()

@@ -1,0 +1,141 @@
+"""ptp on Ray Data: a callable class that loads the model once per actor and maps records to result rows.
+
+    import ray
+    from ptp_cli.pipeline import RunConfig
+    from ptp_cli.pruning import PruneConfig
+    from ptp_cli.ray import PTPPredictor
+
+    ds = ray.data.read_json("questions.jsonl")  # or any dataset with the columns `ptp infer` reads
+    rows = ds.map_batches(
+        PTPPredictor,
+        fn_constructor_kwargs={"config": RunConfig(model="OpenGVLab/InternVL2-2B", prune=PruneConfig(ratio=0.5)),
+                               "image_root": "/data/images"},
+        concurrency=4, num_gpus=1, batch_size=32,
+    )
+
+Every input row gives exactly one output row (an error row for a bad record), so Ray's own retries of a lost
+actor's batch neither lose nor duplicate a record. Images are read inside the actor, from a path or from the
+raw bytes of the file, never shipped as pixels. ``run_ray`` is what ``ptp infer --ray`` runs.
+
+Nothing else in ptp imports this module, so ptp never imports Ray unless asked to.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import ray
+
+from ptp_cli.pipeline import Pipeline, RunConfig
+from ptp_cli.records import BadRecord, Record, parse_line
+
+# Output columns: scalar columns for filtering in Ray, plus the whole row as ptp infer writes it.
+COLUMNS = ("line", "id", "answer", "error", "row")
+
+
+def _plain(value: Any) -> Any:
+    """A Ray/numpy/Arrow cell as plain Python (numpy scalars and arrays included), for JSON."""
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value.tolist()]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+class PTPPredictor:
+    """Ray Data ``map_batches`` class: a batch of input records (columns) -> a batch of result rows (columns).
+
+    Input columns: either the record fields ``ptp infer`` reads (``id``, ``image``, ``question``, overrides,
+    extras; ``image`` a path or the image file's bytes) with an optional ``line`` column (1-based; default:
+    the row's position in the batch), or ``raw`` (a JSONL line, bytes) with ``line``, as ``run_ray`` sends.
+    Output columns: ``line``, ``id`` (as text), ``answer`` (None for an error row), ``error`` ("type: message"
+    or None) and ``row``, the full result row as JSON text, exactly as ``ptp infer`` would write it.
+    """
+
+    def __init__(self, config: RunConfig, *, image_root: str | None = None) -> None:
+        self.pipeline = Pipeline.load(config)
+        self.root = Path(image_root).expanduser().absolute() if image_root else Path.cwd()
+
+    def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, list[Any]]:
+        n = len(next(iter(batch.values()))) if batch else 0
+        items = [self._record({k: col[i] for k, col in batch.items()}, position=i + 1) for i in range(n)]
+        out: dict[str, list[Any]] = {c: [] for c in COLUMNS}
+        for row in self.pipeline.infer(items):
+            err = row.get("error")
+            out["line"].append(row["line"])
+            out["id"].append(str(row["id"]))
+            out["answer"].append(row.get("answer"))
+            out["error"].append(f"{err['type']}: {err['message']}" if err else None)
+            out["row"].append(orjson.dumps(row).decode())
+        return out
+
+    def _record(self, cells: dict[str, Any], *, position: int) -> Record | BadRecord:
+        line = int(cells["line"]) if cells.get("line") is not None else position
+        if "raw" in cells:
+            return parse_line(bytes(cells["raw"]), line=line, root=self.root)
+        fields = {k: _plain(v) for k, v in cells.items() if k != "line" and v is not None}
+        image = fields.get("image")
+        if isinstance(image, bytes | bytearray):  # the file's bytes: validated as a record with a stand-in path
+            fields["image"] = "<bytes>"
+        record = parse_line(orjson.dumps(fields), line=line, root=self.root)
+        if isinstance(image, bytes | bytearray) and isinstance(record, Record):
+            record = replace(record, image=bytes(image))
+        return record
+
+
+def _start(address: str | None) -> None:
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # rows come back in input order, as from one process
+    ctx.enable_progress_bars = False  # ptp prints its own progress and summary
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def run_ray(
+    lines: Iterable[tuple[int, bytes]],
+    config: RunConfig,
+    *,
+    image_root: Path,
+    address: str | None = None,
+    actors: int = 1,
+    batch_size: int | None = None,
+    num_gpus: float | None = None,
+    predictor: type[PTPPredictor] = PTPPredictor,
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Rows for ``lines`` (``(line number, raw JSONL bytes)``, e.g. from ``records.iter_lines``) as ``(seq, row)``
+    in input order, computed by ``actors`` Ray actors of ``predictor`` (one model each).
+
+    ``address``: a running cluster (``"auto"``, ``"ray://host:10001"``) or None for a local one. ``num_gpus`` per
+    actor: None gives each actor one GPU when the cluster has GPUs and the run is not pinned to the CPU.
+    """
+    _start(address)
+    if num_gpus is None:
+        has_gpus = ray.cluster_resources().get("GPU", 0) > 0
+        num_gpus = 1.0 if has_gpus and not config.device.startswith("cpu") else 0.0
+    items = [{"seq": seq, "line": line, "raw": raw} for seq, (line, raw) in enumerate(lines)]
+    if not items:
+        return
+    ds = ray.data.from_items(items).map_batches(
+        predictor,
+        fn_constructor_kwargs={"config": config, "image_root": str(image_root)},
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        batch_size=batch_size or 4 * config.batch_size,
+        num_gpus=num_gpus,
+        num_cpus=0 if num_gpus else 1,
+    )
+    seq_of = {item["line"]: item["seq"] for item in items}
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for line, text in zip(batch["line"].tolist(), batch["row"].tolist(), strict=True):
+            yield seq_of[line], orjson.loads(text)

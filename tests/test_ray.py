@@ -1,0 +1,112 @@
+"""ptp on Ray Data: the same rows as one process, every record exactly once, also when an actor dies."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+from PIL import Image
+
+ray = pytest.importorskip("ray")
+
+from ptp_cli.pipeline import Pipeline, RunConfig  # noqa: E402
+from ptp_cli.pruning import PruneConfig  # noqa: E402
+from ptp_cli.ray import PTPPredictor, run_ray  # noqa: E402
+from ptp_cli.records import default_root, iter_lines, iter_records  # noqa: E402
+
+CONFIG = RunConfig(model="tiny", max_new_tokens=3, max_tiles=4, batch_size=2, prune=PruneConfig(ratio=0.5))
+SIZES = [(448, 448), (1400, 460), (900, 900), (460, 1400), (448, 448), (700, 500), (448, 900)]
+
+
+@pytest.fixture(scope="module")
+def local_ray(ptp_home: Path):
+    """One local Ray for the module; its workers inherit PTP_HOME (the tiny model) and talk over loopback."""
+    saved = dict(os.environ)
+    os.environ["PTP_HOME"] = str(ptp_home)
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # a single-node Ray on 127.0.0.1
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers get this module's classes
+    yield
+    ray.shutdown()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(scope="module")
+def records_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("ray_records")
+    lines = []
+    for i, (w, h) in enumerate(SIZES):
+        Image.new("RGB", (w, h), (30 * i, 80, 200 - 25 * i)).save(d / f"{i}.png")
+        lines.append(orjson.dumps({"id": f"r{i}", "image": f"{i}.png", "question": "Which colour" + "?" * i}))
+    lines.insert(2, b"{not json")
+    lines.insert(5, orjson.dumps({"id": "gone", "image": "missing.png", "question": "Where?"}))
+    (d / "q.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    return d / "q.jsonl"
+
+
+def essentials(row: dict) -> tuple:
+    return row["line"], row["id"], row.get("answer"), row.get("tokens"), row.get("error")
+
+
+def single_process(path: Path) -> list[dict]:
+    return list(Pipeline.load(CONFIG).infer(iter_records(path)))
+
+
+def on_ray(path: Path, **kw) -> list[tuple[int, dict]]:
+    return list(run_ray(iter_lines(path), CONFIG, image_root=default_root(path), actors=2, batch_size=3, **kw))
+
+
+def test_ray_rows_equal_one_process(local_ray, records_file):
+    expected = single_process(records_file)
+    got = on_ray(records_file)
+    assert [seq for seq, _ in got] == list(range(len(expected)))
+    assert [essentials(r) for _, r in got] == [essentials(r) for r in expected]
+    kinds = {r["line"]: r["error"]["type"] for _, r in got if r.get("error")}
+    assert kinds == {3: "invalid_record", 6: "image_error"}
+
+
+class CrashOnce(PTPPredictor):
+    """Kills its own worker process on the first batch of the run (a lost node, as Ray sees it)."""
+
+    marker: str = ""
+
+    def __call__(self, batch):
+        if not os.path.exists(self.marker):
+            Path(self.marker).touch()
+            os._exit(1)
+        return super().__call__(batch)
+
+
+def test_a_killed_actor_loses_and_duplicates_nothing(local_ray, records_file, tmp_path):
+    crash = type("CrashHere", (CrashOnce,), {"marker": str(tmp_path / "crashed")})
+    got = on_ray(records_file, predictor=crash)
+    assert (tmp_path / "crashed").exists(), "the actor never crashed: the test tested nothing"
+    lines = [r["line"] for _, r in got]
+    assert lines == sorted(set(lines)) and len(lines) == len(single_process(records_file))
+
+
+def predict(items: list[dict]) -> list[dict]:
+    ds = ray.data.from_items(items).map_batches(
+        PTPPredictor, fn_constructor_kwargs={"config": CONFIG}, compute=ray.data.ActorPoolStrategy(size=1),
+        batch_size=len(items), num_cpus=1,
+    )
+    return sorted(ds.take_all(), key=lambda r: r["line"])
+
+
+def test_predictor_maps_plain_columns_and_image_bytes(local_ray, records_file):
+    image = records_file.parent / "1.png"
+    # A column holds paths or bytes, not both (Arrow gives a column one type): two datasets.
+    by_path = predict([
+        {"id": "path", "image": str(image), "question": "Which colour?", "line": 1},
+        {"id": "no-question", "image": str(image), "line": 2},
+    ])
+    by_bytes = predict([{"id": "bytes", "image": image.read_bytes(), "question": "Which colour?", "line": 1}])
+    assert [r["id"] for r in by_path + by_bytes] == ["path", "no-question", "bytes"]
+    assert by_path[0]["error"] is None and by_bytes[0]["error"] is None
+    assert by_path[0]["answer"] == by_bytes[0]["answer"], "a path and its bytes give the same answer"
+    assert orjson.loads(by_path[0]["row"])["tokens"] == orjson.loads(by_bytes[0]["row"])["tokens"]
+    assert by_path[1]["answer"] is None and by_path[1]["error"].startswith("invalid_record")
