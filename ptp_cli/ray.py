@@ -32,6 +32,8 @@ import numpy as np
 import orjson
 import ray
 
+from ptp_cli.errors import RunAborted
+from ptp_cli.failures import FailureGuard
 from ptp_cli.pipeline import Pipeline, RunConfig
 from ptp_cli.records import BadRecord, Record, parse_line
 
@@ -63,7 +65,8 @@ class PTPPredictor:
     """
 
     def __init__(self, config: RunConfig, *, image_root: str | None = None) -> None:
-        self.pipeline = Pipeline.load(config)
+        # --max-errors counts over the whole job, so the driver (``run_ray``) applies it, not each batch.
+        self.pipeline = Pipeline.load(replace(config, max_errors=None))
         self.root = Path(image_root).expanduser().absolute() if image_root else Path.cwd()
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, list[Any]]:
@@ -136,6 +139,26 @@ def run_ray(
         num_cpus=0 if num_gpus else 1,
     )
     seq_of = {item["line"]: item["seq"] for item in items}
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for line, text in zip(batch["line"].tolist(), batch["row"].tolist(), strict=True):
-            yield seq_of[line], orjson.loads(text)
+    guard = FailureGuard(max_errors=config.max_errors)  # the same stop rules as one process
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for line, text in zip(batch["line"].tolist(), batch["row"].tolist(), strict=True):
+                row = orjson.loads(text)
+                yield seq_of[line], row
+                guard.observe(row)
+    except Exception as e:
+        aborted = _cause(e, RunAborted)  # an actor stopped on systematic failures: one line, as one process
+        if aborted is None:
+            raise
+        raise RunAborted(str(aborted)) from None
+
+
+def _cause(error: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The first exception of type ``kind`` in ``error``'s chain (Ray wraps a task's own exception)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, kind):
+            return error
+        seen.add(id(error))
+        error = getattr(error, "cause", None) or error.__cause__ or error.__context__
+    return None

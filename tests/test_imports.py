@@ -164,3 +164,15 @@ def test_the_cli_starts_without_torch() -> None:
     code = "import sys, ptp_cli.cli.main\nprint('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_only_ptp_cli_ray_imports_ray() -> None:
+    """Ray is an optional extra: without --ray nothing imports it."""
+    importers = set()
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            if any(n == "ray" or n.startswith("ray.") for n in names):
+                importers.add(name)
+    assert importers == {"ptp_cli.ray"}

@@ -110,3 +110,24 @@ def test_predictor_maps_plain_columns_and_image_bytes(local_ray, records_file):
     assert by_path[0]["answer"] == by_bytes[0]["answer"], "a path and its bytes give the same answer"
     assert orjson.loads(by_path[0]["row"])["tokens"] == orjson.loads(by_bytes[0]["row"])["tokens"]
     assert by_path[1]["answer"] is None and by_path[1]["error"].startswith("invalid_record")
+
+
+def test_cli_ray_resumes_a_partial_output_to_the_one_process_file(ptp_home, records_file, tmp_path):
+    """`ptp infer --ray --resume` completes a file a single process started: every line once, same rows."""
+    from test_cli import parse_rows, ptp
+
+    args = ["infer", str(records_file), "--model", "tiny", "--max-new-tokens", "3", "--max-tiles", "4",
+            "--batch-size", "2"]
+    single = tmp_path / "single.jsonl"
+    assert ptp(*args, "-o", str(single), home=ptp_home).returncode == 3  # two bad records on purpose
+    partial = tmp_path / "ray.jsonl"
+    head = single.read_bytes().splitlines(keepends=True)[:3]
+    partial.write_bytes(b"".join(head) + b'{"id": "torn')  # a run killed mid-write
+    loopback = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # the local Ray on 127.0.0.1 only
+    result = ptp(*args, "-o", str(partial), "--resume", "--ray", "--ray-workers", "2", home=ptp_home, env=loopback)
+    assert result.returncode == 3, result.stderr.decode()[-2000:]
+    assert b"running on Ray (local): 2 actors" in result.stderr
+    got, expected = parse_rows(partial.read_bytes()), parse_rows(single.read_bytes())
+    assert [r["line"] for r in got] == [r["line"] for r in expected]  # each line once, in order
+    assert [essentials(r) for r in got] == [essentials(r) for r in expected]
+    assert all(r["settings"] == expected[0]["settings"] for r in got)

@@ -25,7 +25,15 @@ from tqdm import tqdm
 from ptp_cli.cli import options as opt
 from ptp_cli.errors import ModelLoadError, RunAborted, UsageError
 from ptp_cli.output import OrderedWriter
-from ptp_cli.records import BadRecord, Record, is_missing_image, iter_records, parse_shard
+from ptp_cli.records import (
+    BadRecord,
+    Record,
+    default_root,
+    is_missing_image,
+    iter_lines,
+    iter_records,
+    parse_shard,
+)
 from ptp_cli.resume import scan_output
 
 if TYPE_CHECKING:
@@ -215,15 +223,18 @@ def run_infer(source: str, resolved: opt.Resolved) -> int:
         retried = f", retrying {state.error_rows} failed" if retry and state.error_rows else ""
         log.info(f"resuming {output}: {len(skip)} records already done{retried}{repaired}")
 
-    t0 = time.perf_counter()
-    pipeline = _explained(resolved, Pipeline.load, config)
-    log.info(
-        f"loaded {settings['model']} in {time.perf_counter() - t0:.1f} s ({pipeline.loaded.model.device}, "
-        f"{settings['dtype']}); method {settings['method']}"
-    )
-
     relative: set[int] = set()  # lines of records with a relative image path whose row has not come yet
-    records = _noting_relative(iter_records(source, base_dir=image_root, shard=shard, skip_lines=skip), relative)
+    if resolved.get("ray"):
+        rows, window = _ray_rows(source, config, resolved, shard=shard, skip=skip, image_root=image_root, log=log)
+    else:
+        t0 = time.perf_counter()
+        pipeline = _explained(resolved, Pipeline.load, config)
+        log.info(
+            f"loaded {settings['model']} in {time.perf_counter() - t0:.1f} s ({pipeline.loaded.model.device}, "
+            f"{settings['dtype']}); method {settings['method']}"
+        )
+        records = iter_records(source, base_dir=image_root, shard=shard, skip_lines=skip)
+        rows, window = pipeline.run(_noting_relative(records, relative)), pipeline.reorder_window
     show_bar = not log.quiet and sys.stderr.isatty()
     total = _count_records(source, shard, skip) if show_bar else None
     stats = Stats()
@@ -238,8 +249,7 @@ def run_infer(source: str, resolved: opt.Resolved) -> int:
         bar = stack.enter_context(
             tqdm(total=total, disable=not show_bar, file=sys.stderr, unit="rec", dynamic_ncols=True)
         )
-        writer = OrderedWriter(stream, window=pipeline.reorder_window)
-        rows: Iterator[tuple[int, dict[str, Any]]] = pipeline.run(records)
+        writer = OrderedWriter(stream, window=window)
         stack.callback(rows.close)  # on any exit: stop the preprocessing threads first
         start = time.perf_counter()
         warned_input = False
@@ -280,6 +290,26 @@ def run_infer(source: str, resolved: opt.Resolved) -> int:
     if hint := _image_root_hint(stats.missing_relative, stats.ok + stats.failed, source, image_root):
         log.info(hint)
     return EXIT_RECORDS_FAILED if stats.failed else EXIT_OK
+
+
+def _ray_rows(
+    source: str, config: RunConfig, resolved: opt.Resolved, *, shard: tuple[int, int] | None,
+    skip: frozenset[int], image_root: str | None, log: Log,
+) -> tuple[Iterator[tuple[int, dict[str, Any]]], int]:
+    """``--ray``: the rows of a Ray Data job over the input's lines, in input order, and the writer's window."""
+    if resolved.get("ray_workers") is not None and resolved.get("ray_workers") < 1:
+        raise UsageError("--ray-workers must be at least 1")
+    try:
+        from ptp_cli.ray import run_ray  # imports Ray: only a run that asks for it pays for it
+    except ImportError as e:
+        raise UsageError(f"--ray needs Ray Data ({e}): pip install 'ptp-cli[ray]'") from None
+    actors = resolved.get("ray_workers") or 1
+    address = resolved.get("ray_address")
+    log.info(f"running on Ray ({address or 'local'}): {actors} actor{'' if actors == 1 else 's'}")
+    lines = iter_lines(source, shard=shard, skip_lines=skip)
+    root = Path(image_root) if image_root is not None else default_root(source)
+    rows = run_ray(lines, config, image_root=root, address=address, actors=actors)
+    return rows, 1 << 30  # rows come in input order; the window never fills
 
 
 def run_check(
@@ -327,6 +357,9 @@ def infer_command(
     shard: opt.Shard = None,
     image_root: opt.ImageRoot = None,
     check: opt.Check = None,
+    ray: opt.Ray = None,
+    ray_address: opt.RayAddress = None,
+    ray_workers: opt.RayWorkers = None,
     model: opt.Model = None,
     dtype: opt.Dtype = None,
     device: opt.Device = None,

@@ -93,6 +93,10 @@ SETTINGS: dict[str, Setting] = {
     "quiet": Setting("bool", "cli"),
     "image_root": Setting("str", "cli"),
     "check": Setting("bool", "cli"),
+    # Ray Data (ptp infer --ray)
+    "ray": Setting("bool", "cli"),
+    "ray_address": Setting("str", "cli"),
+    "ray_workers": Setting("int", "cli"),
 }
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
@@ -201,6 +205,16 @@ ImageRoot = Annotated[str | None, typer.Option(
 Check = Annotated[bool | None, typer.Option(
     "--check/--no-check", help="Dry run: check the options and every record (JSON, fields, image, tiles) "
     "without loading the model; report on stderr, write no rows.", rich_help_panel=_IO)]
+_RAY = "Ray Data"
+Ray = Annotated[bool | None, typer.Option(
+    "--ray/--no-ray", help="Run as a Ray Data job: one model per actor, rows as from one process. "
+    "Needs the extra: pip install 'ptp-cli[ray]'.", rich_help_panel=_RAY)]
+RayAddress = Annotated[str | None, typer.Option(
+    metavar="ADDR", help="With --ray: the cluster ('auto', 'ray://host:10001'). [default: a local Ray]",
+    rich_help_panel=_RAY)]
+RayWorkers = Annotated[int | None, typer.Option(
+    metavar="N", help="With --ray: actors, each loading the model once (one GPU each where the cluster has "
+    "GPUs). --workers stays the image-loading threads of each actor. [default: 1]", rich_help_panel=_RAY)]
 Config = Annotated[Path | None, typer.Option(
     metavar="FILE", help="YAML file of settings (keys: option names, - or _). Also PTP_CONFIG.", rich_help_panel=_RUN)]
 Quiet = Annotated[bool | None, typer.Option(
