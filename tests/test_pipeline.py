@@ -6,7 +6,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from PIL import Image
+from tiny_random import image_records
 
 from ptp_cli.pipeline import Pipeline, RunConfig
 from ptp_cli.pruning import PruneConfig
@@ -17,14 +17,7 @@ SIZES = [(448, 448), (1400, 460), (448, 448), (900, 900), (460, 1400), (448, 448
 
 @pytest.fixture(scope="module")
 def records_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("records")
-    lines = []
-    for i, (w, h) in enumerate(SIZES):
-        Image.new("RGB", (w, h), (40 * i, 90, 200 - 30 * i)).save(d / f"{i}.png")
-        lines.append(orjson.dumps({"id": f"r{i}", "image": f"{i}.png", "question": "What colour" + "?" * i}))
-    lines.insert(3, b"{not json")
-    (d / "q.jsonl").write_bytes(b"\n".join(lines) + b"\n")
-    return d / "q.jsonl"
+    return image_records(tmp_path_factory.mktemp("records"), SIZES, inserts={3: b"{not json"})
 
 
 def run(ptp_home: Path, path: Path, monkeypatch: pytest.MonkeyPatch, **kw) -> list[dict]:

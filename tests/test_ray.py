@@ -8,9 +8,10 @@ from pathlib import Path
 
 import orjson
 import pytest
-from PIL import Image
 
 ray = pytest.importorskip("ray")
+
+from tiny_random import image_records  # noqa: E402
 
 from ptp_cli.pipeline import Pipeline, RunConfig  # noqa: E402
 from ptp_cli.pruning import PruneConfig  # noqa: E402
@@ -37,15 +38,8 @@ def local_ray(ptp_home: Path):
 
 @pytest.fixture(scope="module")
 def records_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("ray_records")
-    lines = []
-    for i, (w, h) in enumerate(SIZES):
-        Image.new("RGB", (w, h), (30 * i, 80, 200 - 25 * i)).save(d / f"{i}.png")
-        lines.append(orjson.dumps({"id": f"r{i}", "image": f"{i}.png", "question": "Which colour" + "?" * i}))
-    lines.insert(2, b"{not json")
-    lines.insert(5, orjson.dumps({"id": "gone", "image": "missing.png", "question": "Where?"}))
-    (d / "q.jsonl").write_bytes(b"\n".join(lines) + b"\n")
-    return d / "q.jsonl"
+    missing = orjson.dumps({"id": "gone", "image": "missing.png", "question": "Where?"})
+    return image_records(tmp_path_factory.mktemp("ray_records"), SIZES, inserts={2: b"{not json", 5: missing})
 
 
 def essentials(row: dict) -> tuple:

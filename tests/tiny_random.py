@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
+import orjson
 import torch
+from PIL import Image
 
 from ptp_cli.builders.tiny import TINY
 from ptp_cli.engine import Engine, Request
@@ -56,3 +59,16 @@ def forced_logits(engine: Engine, requests: list[Request], tokens: torch.Tensor)
         engine.step(state, t)
         out.append(state.logits)
     return out
+
+
+def image_records(folder: Path, sizes: list[tuple[int, int]], *, inserts: dict[int, bytes] | None = None) -> Path:
+    """``folder/q.jsonl``: one record per size (a flat image of that size, a question of growing length), with
+    the raw ``inserts`` lines placed at their indices (bad records, say)."""
+    lines = []
+    for i, (w, h) in enumerate(sizes):
+        Image.new("RGB", (w, h), (30 * i % 256, 90, (200 - 25 * i) % 256)).save(folder / f"{i}.png")
+        lines.append(orjson.dumps({"id": f"r{i}", "image": f"{i}.png", "question": "What colour" + "?" * i}))
+    for at, raw in sorted((inserts or {}).items()):
+        lines.insert(at, raw)
+    (folder / "q.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    return folder / "q.jsonl"
