@@ -16,6 +16,10 @@ from ptp_cli.errors import UsageError
 
 AGGREGATIONS = ("mean", "max")  # reductions over attention heads / instruction tokens
 DTYPE_NAMES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+# The registered pruning methods and presets, named here so that a typo fails before torch loads (the registry
+# itself imports every method); a test keeps these equal to ptp_cli.pruning's METHODS and PRESETS.
+METHOD_NAMES = ("fastv", "none", "pdrop", "ptp", "random", "spatial", "vtw")
+PRESET_NAMES = ("default", "ocr", "scene")
 
 
 @dataclass(frozen=True)
@@ -34,7 +38,9 @@ _AT_LEAST_1 = Limit(lambda v: v >= 1, "must be at least 1")
 _TILES = _optional(Limit(lambda v: 1 <= v <= MAX_TILES, f"must be in 1..{MAX_TILES}"))
 
 LIMITS: dict[str, Limit] = {
-    # pruning (PruneConfig fields)
+    # pruning (PruneConfig fields, and the preset they start from)
+    "method": Limit(lambda v: v in METHOD_NAMES, f"must be one of {', '.join(METHOD_NAMES)}"),
+    "preset": Limit(lambda v: v in PRESET_NAMES, f"must be one of {', '.join(PRESET_NAMES)}"),
     "ratio": Limit(lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
     "alpha": Limit(lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]"),
     "tau": Limit(lambda v: v > 0, "must be > 0"),

@@ -107,6 +107,8 @@ def test_usage_errors_are_one_stderr_line_and_exit_2(question_file: Path, args: 
         (["--alpha", "2"], {}, "--alpha must be in [0, 1]"),
         (["--max-new-tokens", "0"], {}, "--max-new-tokens must be at least 1"),
         ([], {"PTP_TAU": "0"}, "--tau must be > 0, got 0.0 (from PTP_TAU=0)"),
+        (["--method", "bogus"], {}, "--method must be one of fastv, none, pdrop, ptp, random, spatial, vtw"),
+        (["--preset", "bogus"], {}, "--preset must be one of default, ocr, scene"),
         (["--head-agg", "median"], {}, "--head-agg must be one of mean, max"),
     ],
 )
@@ -125,7 +127,7 @@ def test_bad_settings_fail_in_under_2_s_before_the_model_is_even_looked_for(
 
 def test_layer_indices_are_checked_from_the_config_alone(question_file: Path, ptp_home: Path,
                                                          config_only: Path) -> None:
-    cases = [(["--vit-layer", "99"], "--vit-layer must be in [0, "), (["--method", "bogus"], "unknown method 'bogus'"),
+    cases = [(["--vit-layer", "99"], "--vit-layer must be in [0, "), (["--method", "bogus"], "--method must be one of"),
              (["--method", "fastv", "--fastv-layer", "0"], "--fastv-layer must be in [1, ")]
     procs = [start("infer", "q.jsonl", "--model", str(config_only), *args, cwd=question_file.parent, home=ptp_home)
              for args, _ in cases]
@@ -286,11 +288,13 @@ def test_checks_split_into_model_free_and_layer_checks() -> None:
     from ptp_cli.config import SHAPES
     from ptp_cli.devices import DTYPES
     from ptp_cli.errors import UsageError
-    from ptp_cli.limits import DTYPE_NAMES
+    from ptp_cli.limits import DTYPE_NAMES, METHOD_NAMES, PRESET_NAMES
     from ptp_cli.pipeline import RunConfig
-    from ptp_cli.pruning import PruneConfig
+    from ptp_cli.pruning import METHODS, PRESETS, PruneConfig
 
-    assert set(DTYPE_NAMES) == {"auto", *DTYPES}  # the torch-free table names every dtype the library takes
+    # The torch-free tables name every dtype, method and preset the library takes, and nothing else.
+    assert set(DTYPE_NAMES) == {"auto", *DTYPES}
+    assert set(METHOD_NAMES) == set(METHODS) and set(PRESET_NAMES) == set(PRESETS)
     deep = PruneConfig(vit_layer=30)
     assert deep.check() is deep  # no model needed, and nothing to object to without one
     with pytest.raises(UsageError, match=r"--vit-layer must be in \[0, 23\] for this model, got 30"):

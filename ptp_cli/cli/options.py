@@ -396,7 +396,8 @@ def prune_config(resolved: Resolved) -> PruneConfig:
 
 def check_limits(resolved: Resolved) -> None:
     """The value ranges of the run and pruning settings given, before torch is imported (a fast failure)."""
-    values = {SETTINGS[n].field_name(n): v for n, v in resolved.values.items() if SETTINGS[n].target != "cli"}
+    values = {SETTINGS[n].field_name(n): v for n, v in resolved.values.items()
+              if SETTINGS[n].target != "cli" or n == "preset"}
     try:
         check_values(values)
     except UsageError as e:
