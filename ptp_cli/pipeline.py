@@ -31,7 +31,7 @@ from ptp_cli.inputs import InputProcessor, RequestDefaults
 from ptp_cli.limits import check_values
 from ptp_cli.loading import LoadedModel, load_config
 from ptp_cli.pruning import PruneConfig, make_method
-from ptp_cli.records import BadRecord, Record, error_row, result_row
+from ptp_cli.records import BadRecord, Record, error_row, result_row, shown_record
 from ptp_cli.zoo import load_model, resolve_model
 
 
@@ -199,6 +199,7 @@ class Pipeline:
             result["logprobs"] = {"ids": r.tokens, "values": r.logprobs}
         if self.config.kept:
             result["kept"] = r.kept
+            result["record"] = shown_record(p.record)
         return result_row(p.record, result, settings=settings)
 
     def _run_batch(self, batch: list[tuple[int, Prepared]], settings) -> Iterator[tuple[int, dict[str, Any]]]:

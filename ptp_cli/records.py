@@ -51,6 +51,7 @@ OUTPUT_FIELDS: frozenset[str] = frozenset(
         "answer",
         "finish_reason",
         "kept",
+        "record",
         "error",
         "tokens",
         "timing",
@@ -361,6 +362,15 @@ def result_row(
     if settings is not None:
         row["settings"] = dict(settings)
     return _echo(row, record.extra)
+
+
+def shown_record(record: Record) -> dict[str, Any]:
+    """What ``--kept`` rows carry of their input so that ``ptp show`` can draw them from the rows alone: the
+    image (its absolute path; None for an image given as bytes), the question and any tiling override."""
+    shown: dict[str, Any] = {"image": str(record.image) if isinstance(record.image, Path) else None,
+                             "question": record.question}
+    shown.update((k, record.overrides[k]) for k in ("max_tiles", "min_tiles") if k in record.overrides)
+    return shown
 
 
 def colliding_fields(extra: Mapping[str, Any]) -> list[str]:

@@ -108,7 +108,8 @@ def test_show_draws_what_ptp_infer_kept(tmp_path: Path, ptp_home: Path) -> None:
                "--ratio", "0.75", "-o", pred, "-q", home=ptp_home)
     assert proc.returncode == 3, proc.stderr  # the missing image
     rows = [json.loads(line) for line in pred.read_text().splitlines()]
-    plain.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "kept"}) + "\n" for r in rows))
+    plain.write_text("".join(json.dumps({k: v for k, v in r.items() if k not in ("kept", "record")}) + "\n"
+                             for r in rows))
     row = rows[0]
     assert row["tokens"]["tiles"] == 3
 
@@ -120,6 +121,12 @@ def test_show_draws_what_ptp_infer_kept(tmp_path: Path, ptp_home: Path) -> None:
         assert pic.width == 2 * MARGIN + 3 * TILE + TILE_GAP + THUMB_GAP
     assert clear == set(row["kept"])
     assert 1 - len(clear) / 768 == pytest.approx(1 - row["tokens"]["visual_after"] / row["tokens"]["visual_before"])
+    # --kept rows carry their image, question and tiling override: the same picture without --input.
+    assert row["record"] == {"image": str(tmp_path / "wide.png"), "question": "What is it?", "max_tiles": 2}
+    alone = tmp_path / "alone.png"
+    proc = ptp("show", pred, "--id", "wide", "-o", alone)
+    assert proc.returncode == 0, proc.stderr
+    assert alone.read_bytes() == png.read_bytes()
 
     folder = tmp_path / "all"
     proc = ptp("show", pred, "--input", questions, "--out-dir", folder)
@@ -129,7 +136,7 @@ def test_show_draws_what_ptp_infer_kept(tmp_path: Path, ptp_home: Path) -> None:
 
     for args, message in (
         ((plain, "--input", questions, "--id", "wide", "-o", png), "has no kept indices: run ptp infer with --kept"),
-        ((pred, "--id", "wide", "-o", png), "--input FILE is needed"),
+        ((plain, "--id", "wide", "-o", png), "carries no image path"),
         ((pred, "--input", questions, "--id", "nope", "-o", png), "has no row with id 'nope'"),
         ((pred, "--input", questions, "-o", png), "3 rows match (lines 1, 2, 3); choose one with --id or --line"),
     ):

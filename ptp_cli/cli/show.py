@@ -20,24 +20,47 @@ def _file_name(row: dict, taken: set[str]) -> str:
     return name
 
 
-def _select(predictions: Path, input: Path, *, id: str | None, line: int | None) -> list[tuple[Any, dict]]:
-    """(input record, row) pairs of the rows that match a record of ``input``, filtered by id and line."""
+def _from_rows(rows: list[dict]) -> list[tuple[Any, dict]]:
+    """(record, row) pairs rebuilt from what ``--kept`` rows carry (``row["record"]``); error rows have none."""
+    from ptp_cli.records import Record
+
+    pairs = []
+    for row in rows:
+        shown = row.get("record")
+        if row.get("error") is not None:
+            continue
+        if not isinstance(shown, dict) or not shown.get("image"):
+            raise UsageError(f"line {row.get('line')} (id {row.get('id')!r}) carries no image path "
+                             "(a row of ptp infer without --kept, or an image given as bytes): give --input FILE")
+        overrides = {k: shown[k] for k in ("max_tiles", "min_tiles") if k in shown}
+        pairs.append((Record(line=row["line"], id=row.get("id"), image=Path(shown["image"]),
+                             question=str(shown.get("question", "")), overrides=overrides), row))
+    return pairs
+
+
+def _select(predictions: Path, input: Path | None, *, id: str | None, line: int | None) -> list[tuple[Any, dict]]:
+    """(input record, row) pairs, filtered by id and line: the records of ``input`` matched to the rows, or,
+    without ``input``, the records the rows carry."""
     from ptp_cli.eval.score import match_rows, read_predictions
     from ptp_cli.records import iter_records
 
     rows = read_predictions(predictions)
-    records = list(iter_records(input))
-    matched, _ = match_rows(records, rows)
-    pairs = [(rec, row) for rec, row in zip(records, matched, strict=True) if row is not None]
+    if input is None:
+        pairs = _from_rows(rows)
+    else:
+        records = list(iter_records(input))
+        matched, _ = match_rows(records, rows)
+        pairs = [(rec, row) for rec, row in zip(records, matched, strict=True) if row is not None]
+    source = f"a record of {input}" if input is not None else "a drawable row"
     if id is not None or line is not None:
         pairs = [(rec, row) for rec, row in pairs
                  if (id is None or str(row.get("id")) == id) and (line is None or row.get("line") == line)]
         wanted = " and ".join(w for w in (f"id {id!r}" if id is not None else "",
                                           f"line {line}" if line is not None else "") if w)
         if not pairs:
-            raise UsageError(f"{predictions} has no row with {wanted} matching a record of {input}")
+            raise UsageError(f"{predictions} has no row with {wanted} matching {source}")
     if not pairs:
-        raise UsageError(f"no row of {predictions} matches a record of {input}")
+        raise UsageError(f"no row of {predictions} matches {source}")
     return pairs
 
 
@@ -81,7 +104,8 @@ def _draw_all(pairs: list[tuple[Any, dict]], out_dir: Path) -> int:
 def show_command(
     predictions: Annotated[Path, typer.Argument(metavar="PRED", help="Output of ptp infer --kept.")],
     input: Annotated[Path | None, typer.Option(
-        "--input", "-i", help="The JSONL file ptp infer read (the rows do not carry image paths).")] = None,
+        "--input", "-i", help="The JSONL file ptp infer read. [default: the image paths and questions the "
+        "--kept rows carry]")] = None,
     id: Annotated[str | None, typer.Option("--id", help="Draw the record with this id.")] = None,
     line: Annotated[int | None, typer.Option(help="Draw the record of this input line.")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the PNG here.")] = None,
@@ -94,8 +118,6 @@ def show_command(
     """
     if (output is None) == (out_dir is None):
         raise UsageError("give -o FILE.png (one record) or --out-dir DIR (every record)")
-    if input is None:
-        raise UsageError("--input FILE is needed: the JSONL file ptp infer read, for the images and questions")
     if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--out-dir {out_dir} is a file")
     pairs = _select(predictions, input, id=id, line=line)
