@@ -17,6 +17,16 @@ def ptp_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return home
 
 
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny BPE tokenizer's files, built once for the session (tests only read them)."""
+    from ptp_cli.builders.bpe import build_tiny_tokenizer
+
+    d = tmp_path_factory.mktemp("tokenizer")
+    build_tiny_tokenizer(d)
+    return d
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
 

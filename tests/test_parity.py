@@ -27,7 +27,6 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from ptp_cli.builders.bpe import build_tiny_tokenizer
 from ptp_cli.builders.tiny import random_state_dict
 from ptp_cli.builders.writers import save_hf_layout, save_original_layout
 from ptp_cli.config import LLMConfig, ModelConfig, VisionConfig
@@ -42,13 +41,6 @@ VIT = {"hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2, "int
        "image_size": 448, "patch_size": 14, "hidden_act": "gelu", "layer_norm_eps": 1e-6}
 LLM = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
        "num_key_value_heads": 2, "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "hidden_act": "silu"}
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("tokenizer")
-    build_tiny_tokenizer(d)
-    return d
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ import torch
 from test_parity import randomize_, write_original
 from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
 
-from ptp_cli.builders.bpe import build_tiny_tokenizer
 from ptp_cli.engine import Engine, Request
 from ptp_cli.loading import LoadedModel, load_model
 from ptp_cli.pruning import PruneConfig, make_method
@@ -30,13 +29,6 @@ LLM = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num
 # (tiles, text tokens): prompts of 262 (stays short), 272 (crosses the threshold while decoding), exactly 290
 # (short prefill, long from the first decoding step) and 522 tokens (long from the start).
 SHAPES = [(1, 6), (1, 16), (1, 34), (2, 10)]
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("tokenizer")
-    build_tiny_tokenizer(d)
-    return d
 
 
 def checkpoint(ref: torch.nn.Module, out: Path, tokenizer_dir: Path) -> LoadedModel:

@@ -46,25 +46,18 @@ TEXT = st.text(
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("tiny_tok")
-    build_tiny_tokenizer(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_dir: Path) -> Tokenizer:
-    return load_tokenizer(tiny_dir)
+def tiny(tokenizer_dir: Path) -> Tokenizer:
+    return load_tokenizer(tokenizer_dir)
 
 
 def _files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
-def test_tiny_build_is_deterministic(tmp_path: Path, tiny_dir: Path) -> None:
+def test_tiny_build_is_deterministic(tmp_path: Path, tokenizer_dir: Path) -> None:
     build_tiny_tokenizer(tmp_path / "again")
-    assert _files(tmp_path / "again") == _files(tiny_dir)
-    assert set(_files(tiny_dir)) == {"tokenizer.json", "tokenizer_config.json"}
+    assert _files(tmp_path / "again") == _files(tokenizer_dir)
+    assert set(_files(tokenizer_dir)) == {"tokenizer.json", "tokenizer_config.json"}
     # Another process with another hash seed writes the same bytes.
     code = (
         "import sys; from pathlib import Path; "
@@ -72,7 +65,7 @@ def test_tiny_build_is_deterministic(tmp_path: Path, tiny_dir: Path) -> None:
     )
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "other")], check=True, env=env)
-    assert _files(tmp_path / "other") == _files(tiny_dir)
+    assert _files(tmp_path / "other") == _files(tokenizer_dir)
 
 
 def test_tiny_loads_as_fast_tokenizer(tiny: Tokenizer) -> None:
@@ -117,9 +110,9 @@ def test_tiny_decode_with_special_tokens(tiny: Tokenizer) -> None:
     assert tiny.decode([*ids, tiny.vocab_size, 10**9, -1]) == "user\n\nWhat is this?"
 
 
-def test_tiny_matches_transformers(tiny_dir: Path, tiny: Tokenizer) -> None:
+def test_tiny_matches_transformers(tokenizer_dir: Path, tiny: Tokenizer) -> None:
     transformers = pytest.importorskip("transformers")
-    ref = transformers.AutoTokenizer.from_pretrained(str(tiny_dir), local_files_only=True)
+    ref = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
     assert len(ref) == tiny.vocab_size
     assert (ref.bos_token_id, ref.eos_token_id, ref.pad_token_id) == (tiny.bos_id, tiny.eos_id, tiny.pad_id)
     texts = ("Hello world", "<|im_start|>system\nhi<|im_end|><img><IMG_CONTEXT></img>\nQ?", " x\n\ny 你好 ok")
@@ -341,13 +334,13 @@ def test_load_errors(tmp_path: Path) -> None:
         load_tokenizer(bad_sp)
 
 
-def test_transformers_fallback(tmp_path: Path, tiny_dir: Path, tiny: Tokenizer) -> None:
+def test_transformers_fallback(tmp_path: Path, tokenizer_dir: Path, tiny: Tokenizer) -> None:
     """No tokenizer.json, no remote code: a Qwen2-style vocab.json + merges.txt (InternVL2-1B) via AutoTokenizer."""
     pytest.importorskip("transformers")
     from tokenizers import Tokenizer as BackendTokenizer
 
-    BackendTokenizer.from_file(str(tiny_dir / "tokenizer.json")).model.save(str(tmp_path))
-    config = json.loads((tiny_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    BackendTokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).model.save(str(tmp_path))
+    config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
     config["tokenizer_class"] = "Qwen2Tokenizer"
     del config["add_bos_token"]  # Qwen2 adds no BOS
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
