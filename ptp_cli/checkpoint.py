@@ -83,7 +83,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 def resolve_model(name_or_path: str, *, offline: bool | None = None) -> Path:
     """A checkpoint directory for ``name_or_path``: a local directory, ``"tiny"`` (the built-in test model),
-    or a hub id (``OpenGVLab/InternVL2-2B``) taken from the local Hugging Face cache, else downloaded.
+    ``"mini"`` (the trained miniature InternVL2 shipped in the package), or a hub id (``OpenGVLab/InternVL2-2B``) taken from the local Hugging Face cache, else downloaded.
 
     ``offline``: never touch the network (default: the HF_HUB_OFFLINE environment variable).
     """
@@ -91,6 +91,10 @@ def resolve_model(name_or_path: str, *, offline: bool | None = None) -> Path:
         from ptp_cli.tiny import ensure_tiny  # tiny.py writes checkpoints with this module
 
         return ensure_tiny()
+    if name_or_path == "mini":
+        from ptp_cli.mini.shipped import shipped_checkpoint
+
+        return shipped_checkpoint()
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path

@@ -16,6 +16,7 @@ import typer
 from ptp_cli import __version__
 from ptp_cli.cli.bench import bench_command
 from ptp_cli.cli.infer import EXIT_FATAL, EXIT_USAGE, infer_command
+from ptp_cli.cli.synth import synth_command
 from ptp_cli.errors import PtpError, UsageError
 
 app = typer.Typer(
@@ -27,6 +28,7 @@ app = typer.Typer(
 )
 app.command("infer")(infer_command)
 app.command("bench")(bench_command)
+app.command("synth")(synth_command)
 
 
 def _version(value: bool) -> None:

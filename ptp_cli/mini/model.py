@@ -17,13 +17,13 @@ from torch import nn
 
 from ptp_cli.checkpoint import save_original_layout
 from ptp_cli.config import LLMConfig, ModelConfig, VisionConfig
+from ptp_cli.mini.shipped import SHIPPED_DIR
 from ptp_cli.models.internvl import InternVLModel
 from ptp_cli.prompts import INTERNVL2_SYSTEM_MESSAGE, TEMPLATES
 from ptp_cli.synth.scene import ANSWERS, COLOURS, PLURALS, SHAPES, SUFFIX, question_text
 from ptp_cli.tokenization import build_tiny_tokenizer, load_tokenizer
 
-# Where the shipped checkpoint lives inside the package (``--model mini``).
-SHIPPED_DIR = Path(__file__).resolve().parent / "checkpoint"
+__all__ = ["MINI", "SHIPPED_DIR", "build_mini_tokenizer", "export", "init_weights", "mini_config", "new_model"]
 
 MINI = ModelConfig(
     vision=VisionConfig(hidden_size=32, num_layers=12, num_heads=2, intermediate_size=128),

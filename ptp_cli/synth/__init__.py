@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from ptp_cli.synth.render import render
-from ptp_cli.synth.scene import ANSWERS, TYPES, Question, Scene, answer, make_example, more_questions
+from ptp_cli.synth.scene import ANSWERS, GRIDS, TYPES, Question, Scene, answer, make_example, more_questions
 
 __all__ = [
-    "ANSWERS", "TYPES", "Example", "Question", "Scene", "answer", "example", "more_questions", "render",
+    "ANSWERS", "GRIDS", "TYPES", "Example", "Question", "Scene", "answer", "example", "more_questions", "render",
     "write_benchmark",
 ]
 
