@@ -47,10 +47,12 @@ def score(rows: list[dict[str, Any]], gold: dict[str, dict[str, Any]]) -> dict[s
 
 
 def evaluate(
-    checkpoint: Path, folder: Path, *, n: int, method: str = "none", ratio: float = 0.5, max_tiles: int = 12
+    checkpoint: Path | str, folder: Path, *, n: int, method: str = "none", ratio: float = 0.5,
+    seed: int = EVAL_SEED, max_tiles: int = 12,
 ) -> dict[str, Any]:
-    """Accuracy of ``checkpoint`` on the first ``n`` held-out questions with one pruning setting."""
-    path = heldout_split(Path(folder), n=n, max_tiles=max_tiles)
+    """Accuracy of ``checkpoint`` (a folder or a built-in name) on the first ``n`` questions of the split with
+    ``seed`` (written into ``folder`` once), with one pruning setting."""
+    path = heldout_split(Path(folder), n=n, seed=seed, max_tiles=max_tiles)
     gold = {str(r["id"]): r for r in map(json.loads, path.read_text(encoding="utf-8").splitlines())}
     config = RunConfig(
         model=str(checkpoint), prune=PruneConfig(method=method, ratio=ratio), max_new_tokens=4, batch_size=4,

@@ -157,8 +157,10 @@ def _log(out: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def train(out: Path, cfg: TrainConfig) -> Path:
-    """Train (or resume) into ``out``; returns the exported checkpoint directory ``out/export``."""
+def train(out: Path, cfg: TrainConfig, *, stop_at: int | None = None) -> Path:
+    """Train (or resume) into ``out``; returns the exported checkpoint directory ``out/export``.
+
+    ``stop_at``: save and return after that step (a planned interruption; the run resumes from there)."""
     if not 0 <= cfg.seed < EVAL_SEED:
         raise ValueError(f"seeds {EVAL_SEED} and up are held out for evaluation; train with a seed in [0, {EVAL_SEED})")
     torch.set_num_threads(1)
@@ -185,7 +187,7 @@ def train(out: Path, cfg: TrainConfig) -> Path:
     model.train()
     t0 = time.perf_counter() - elapsed
     last_save, last_eval = time.perf_counter(), time.perf_counter()
-    while step < cfg.steps:
+    while step < (cfg.steps if stop_at is None else min(stop_at, cfg.steps)):
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, step)
         opt.zero_grad(set_to_none=True)
@@ -205,7 +207,7 @@ def train(out: Path, cfg: TrainConfig) -> Path:
         if step % 10 == 0 or step == cfg.steps:
             _log(out, {"step": step, "elapsed": round(now - t0, 1), "lr": round(lr_at(cfg, step - 1), 6),
                        "tiles": tiles, **{k: round(v, 4) for k, v in stats.items()}})
-        if now - last_save >= cfg.checkpoint_minutes * 60 or step == cfg.steps:
+        if now - last_save >= cfg.checkpoint_minutes * 60 or step in (cfg.steps, stop_at):
             _save(out, model, aux, opt, step, cfg, now - t0)
             last_save = now
         if cfg.eval_minutes and (now - last_eval >= cfg.eval_minutes * 60 or step == cfg.steps):
