@@ -25,17 +25,13 @@ from ptp_cli.tokenization import build_tiny_tokenizer, load_tokenizer
 
 __all__ = ["MINI", "SHIPPED_DIR", "build_mini_tokenizer", "export", "init_weights", "mini_config", "new_model"]
 
-MINI = ModelConfig(
-    vision=VisionConfig(hidden_size=32, num_layers=12, num_heads=2, intermediate_size=128),
-    llm=LLMConfig(
-        arch="internlm2", vocab_size=0, hidden_size=128, intermediate_size=384, num_layers=4,
-        num_heads=4, num_kv_heads=2, rope_theta=1_000_000.0, rms_norm_eps=1e-5,
-        max_position_embeddings=32768,
-    ),
-    template="internlm2-chat",
-    max_dynamic_patch=12,
-    name="mini",
+_VISION = VisionConfig(hidden_size=32, num_layers=12, num_heads=2, intermediate_size=128)
+_LLM = LLMConfig(
+    arch="internlm2", vocab_size=0, hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
+    num_kv_heads=2, rope_theta=1_000_000.0, rms_norm_eps=1e-5, max_position_embeddings=32768,
 )
+# vocab_size is the tokenizer's (see mini_config).
+MINI = ModelConfig(vision=_VISION, llm=_LLM, template="internlm2-chat", max_dynamic_patch=12, name="mini")
 MINI_MERGES = 700  # BPE merges: every benchmark word and the system message become a few tokens
 
 

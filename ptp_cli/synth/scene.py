@@ -87,22 +87,21 @@ class Question:
     target: tuple[str, ...]  # what the question names: (shape,), (colour,), (colour, shape), (c1, s1, c2, s2)
 
 
+# What each question type asks; {0}..{3} are the target's words, {plural} its shape's plural.
+QUESTIONS = {
+    "color": "What color is the {0}?",
+    "shape": "What shape is the {0} object?",
+    "text": "What is written on the {0} {1}?",
+    "count": "How many {plural} are there?",
+    "exist": "Is there a {0} {1}?",
+    "position": "Where is the {0} {1} relative to the {2} {3}?",
+}
+
+
 def question_text(qtype: str, target: tuple[str, ...]) -> str:
-    if qtype == "color":
-        body = f"What color is the {target[0]}?"
-    elif qtype == "shape":
-        body = f"What shape is the {target[0]} object?"
-    elif qtype == "text":
-        body = f"What is written on the {target[0]} {target[1]}?"
-    elif qtype == "count":
-        body = f"How many {PLURALS[target[0]]} are there?"
-    elif qtype == "exist":
-        body = f"Is there a {target[0]} {target[1]}?"
-    elif qtype == "position":
-        body = f"Where is the {target[0]} {target[1]} relative to the {target[2]} {target[3]}?"
-    else:
+    if qtype not in QUESTIONS:
         raise ValueError(f"unknown question type {qtype!r}")
-    return body + SUFFIX
+    return QUESTIONS[qtype].format(*target, plural=PLURALS.get(target[0], "")) + SUFFIX
 
 
 def direction(a: Obj, b: Obj) -> str | None:
