@@ -70,6 +70,12 @@ def test_canvases_tile_into_every_grid_and_objects_never_cross_a_seam(held_out):
     assert seen == set(GRIDS)
 
 
+def test_capped_canvases_tile_the_same_under_the_default_tile_cap():
+    for i in range(300):
+        scene = example(11, i, max_tiles=4).scene
+        assert find_grid(scene.width, scene.height, max_tiles=4) == scene.grid == find_grid(scene.width, scene.height)
+
+
 def test_rendered_objects_have_their_colour_and_glyph(held_out):
     for ex in held_out[:12]:
         pixels = np.asarray(render(ex.scene)).astype(int)

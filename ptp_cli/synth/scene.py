@@ -256,8 +256,10 @@ def make_example(
         grid = grids[int(rng.integers(len(grids)))]
         scale = float(rng.uniform(0.8, 1.25))
         width, height = round(grid[0] * TILE * scale), round(grid[1] * TILE * scale)
-        if find_grid(width, height, min_tiles=min_tiles, max_tiles=max_tiles) != grid:
-            continue  # e.g. a large 2x2 canvas that InternVL2 would cut 3x3
+        # The grid InternVL2 picks under these limits and under its defaults (1..12): e.g. a large 2x2 canvas
+        # would be cut 3x3 with up to 12 tiles.
+        if {find_grid(width, height, min_tiles=min_tiles, max_tiles=max_tiles), find_grid(width, height)} != {grid}:
+            continue
         place = _Placer(rng, grid, scale)
         extra = int(rng.integers(1, 5))
         try:
