@@ -1,6 +1,6 @@
 """Train ptp-mini on synth scenes, on the CPU, deterministically and resumably.
 
-    python -m ptp_cli.mini.train --out runs/mini --seed 1 --steps 2000
+    python -m ptp_cli.mini.train --out runs/mini --seed 1 --steps 2400
 
 trains ptp's own ``InternVLModel`` (the modules inference runs, with gradients) on ``ptp_cli.synth`` examples
 drawn with the training seed (never the held-out evaluation seed). Killed and started again with the same
@@ -47,7 +47,7 @@ STATE = "train_state.pt"
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 1  # training data and init seed; below EVAL_SEED (seeds from there on are held out)
-    steps: int = 2000  # optimizer steps
+    steps: int = 2400  # optimizer steps
     images_per_step: int = 2  # gradient accumulation: scenes per optimizer step
     extra_questions: int = 5  # further questions about each scene (later turns of the same chat)
     lr: float = 2e-3  # peak AdamW learning rate

@@ -282,20 +282,31 @@ def make_example(
 
 
 def more_questions(scene: Scene, rng: np.random.Generator, n: int) -> list[Question]:
-    """Up to ``n`` further questions the scene answers unambiguously (training: one ViT pass, several answers)."""
+    """Up to ``n`` further questions the scene answers unambiguously (training: one ViT pass, several answers).
+
+    Types take turns (in a random order), so each type gets its share whatever the scene holds most of.
+    """
     objs = scene.objects
     kinds = sorted({o.kind for o in objs})
-    pool: list[tuple[str, tuple[str, ...]]] = [("color", (s,)) for s in SHAPES]
-    pool += [("shape", (c,)) for c in COLOURS]
-    pool += [("text", o.kind) for o in objs if o.glyph]
-    pool += [("count", (s,)) for s in SHAPES]
-    pool += [("exist", k) for k in kinds]
-    pool += [("exist", (_pick(rng, tuple(COLOURS)), _pick(rng, SHAPES))) for _ in kinds]
-    pool += [("position", (*a, *b)) for a in kinds for b in kinds if a != b]
+    pool: dict[str, list[tuple[str, ...]]] = {
+        "color": [(s,) for s in SHAPES],
+        "shape": [(c,) for c in COLOURS],
+        "text": [o.kind for o in objs if o.glyph],
+        "count": [(s,) for s in SHAPES],
+        "exist": [*kinds, *((_pick(rng, tuple(COLOURS)), _pick(rng, SHAPES)) for _ in kinds)],
+        "position": [(*a, *b) for a in kinds for b in kinds if a != b],
+    }
+    answerable: dict[str, list[Question]] = {}
+    for qtype, targets in pool.items():
+        for i in rng.permutation(len(targets)):
+            got = answer(scene, qtype, targets[int(i)])
+            if got is not None:
+                text = question_text(qtype, targets[int(i)])
+                answerable.setdefault(qtype, []).append(Question(qtype, text, got, targets[int(i)]))
     out: list[Question] = []
-    for i in rng.permutation(len(pool)):
-        qtype, target = pool[int(i)]
-        got = answer(scene, qtype, target)
-        if got is not None and len(out) < n:
-            out.append(Question(type=qtype, text=question_text(qtype, target), answer=got, target=target))
+    order = [TYPES[int(i)] for i in rng.permutation(len(TYPES))]
+    while len(out) < n and any(answerable.values()):
+        for qtype in order:
+            if answerable.get(qtype) and len(out) < n:
+                out.append(answerable[qtype].pop(0))
     return out
