@@ -124,6 +124,18 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path: Path):
 # The shipped weights
 
 
+@pytest.mark.skipif(SHIPPED, reason="trained weights are shipped")
+def test_model_mini_without_shipped_weights_is_one_clear_error(tmp_path: Path):
+    write_benchmark(tmp_path, n=1, seed=CI_SEED, max_tiles=1)
+    done = subprocess.run(
+        [sys.executable, "-m", "ptp_cli.cli.main", "infer", str(tmp_path / "questions.jsonl"), "--model", "mini"],
+        capture_output=True, timeout=300, check=False,
+    )
+    err = done.stderr.decode().strip()
+    assert done.returncode == 1 and err.startswith("ptp: error:") and "ptp_cli.mini.train" in err, err
+    assert "\n" not in err
+
+
 @needs_weights
 def test_the_shipped_checkpoint_loads_through_the_public_path():
     loaded = load_model("mini")
