@@ -80,7 +80,7 @@ def test_token_truth_marks_each_object_once_per_grid_and_once_in_the_thumbnail()
         scene = example(5, i).scene
         n_tiles = scene.grid[0] * scene.grid[1]
         n_tiles += n_tiles > 1
-        labels, present = token_truth(scene, n_tiles)  # [T, 256, 4], [T, K]
+        labels, present, where = token_truth(scene, n_tiles)  # [T, 256, 4], [T, K], per object
         grid_tiles = labels[:-1] if n_tiles > 1 else labels
         assert int(grid_tiles[..., 3].sum()) == len(scene.objects)
         if n_tiles > 1:
@@ -90,6 +90,9 @@ def test_token_truth_marks_each_object_once_per_grid_and_once_in_the_thumbnail()
             colour, shape = list(COLOURS).index(o.colour) + 1, list(SHAPES).index(o.shape) + 1
             hits = (labels[..., 0] == colour) & (labels[..., 1] == shape)
             assert hits.any(), (i, o)
+        for n, tokens in enumerate(where):  # each object's tokens are labelled with it
+            o = scene.objects[n]
+            assert tokens and (labels.flatten(0, 1)[tokens, 1] == list(SHAPES).index(o.shape) + 1).any()
 
 
 def test_scoring_is_normalised_exact_match():

@@ -36,6 +36,8 @@ class Sample:
     cls_targets: torch.Tensor  # [T, CLS_TARGETS] float, what each tile contains
     has_object: torch.Tensor  # [T] bool, the tile shows part of an object
     types: list[str]  # the question types asked
+    answer_rows: list[int]  # per question: the position whose next token is the answer's first
+    focus: list[list[int]]  # per question: the visual tokens (0..T*256-1) showing the objects it is about
 
 
 def _body(tokenizer: Tokenizer, text: str) -> list[int]:
@@ -46,8 +48,9 @@ def _body(tokenizer: Tokenizer, text: str) -> list[int]:
 def chat_ids(
     tokenizer: Tokenizer, template: Template, questions: list[Question], *, num_image_tokens: int,
     system_message: str | None,
-) -> tuple[list[int], list[int], int]:
-    """(ids, labels, image_start) of a conversation: the image and the first question, then one turn each."""
+) -> tuple[list[int], list[int], int, list[int]]:
+    """(ids, labels, image_start, answer rows) of a conversation: the image and the first question, then one
+    turn each."""
     first = encode_prompt(
         tokenizer, template, question=questions[0].text, num_image_tokens=num_image_tokens,
         system_message=system_message,
@@ -55,6 +58,7 @@ def chat_ids(
     sep = tokenizer.token_to_id(template.sep_token)
     assert sep is not None
     ids, labels = list(first.ids), [IGNORE] * len(first.ids)
+    rows = []
     for i, q in enumerate(questions):
         if i:
             turn = _body(tokenizer, template.user_role + q.text + template.sep + template.assistant_role)
@@ -62,9 +66,22 @@ def chat_ids(
             labels += [IGNORE] * len(turn)
         target = [*_body(tokenizer, q.answer), sep]
         labels[-1] = target[0]  # the last prompt token predicts the answer's first token
+        rows.append(len(ids) - 1)
         ids += target
         labels += [*target[1:], IGNORE]
-    return ids, labels, first.image_start
+    return ids, labels, first.image_start, rows
+
+
+def focus_objects(scene: Scene, q: Question) -> list[int]:
+    """Indices of the scene's objects a question is about (none for a "no" existence question)."""
+    t = q.target
+    if q.type in ("color", "count"):
+        return [i for i, o in enumerate(scene.objects) if o.shape == t[0]]
+    if q.type == "shape":
+        return [i for i, o in enumerate(scene.objects) if o.colour == t[0]]
+    if q.type in ("text", "exist"):
+        return [i for i, o in enumerate(scene.objects) if o.kind == t]
+    return [i for i, o in enumerate(scene.objects) if o.kind in (t[:2], t[2:])]
 
 
 def _tile_frames(scene: Scene, n_tiles: int) -> list[tuple[float, float, float, float]]:
@@ -77,14 +94,16 @@ def _tile_frames(scene: Scene, n_tiles: int) -> list[tuple[float, float, float, 
     return frames
 
 
-def token_truth(scene: Scene, n_tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[T, 256, 4] per-token labels and [T, CLS_TARGETS] per-tile presence, from the scene's geometry."""
+def token_truth(scene: Scene, n_tiles: int) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
+    """[T, 256, 4] per-token labels, [T, CLS_TARGETS] per-tile presence, and each object's visual tokens
+    (indices t*256 + i over every tile, thumbnail included), from the scene's geometry."""
     labels = torch.zeros(n_tiles, TOKEN_GRID, TOKEN_GRID, 4, dtype=torch.long)
     present = torch.zeros(n_tiles, CLS_TARGETS)
+    where: list[list[int]] = [[] for _ in scene.objects]
     centres = (np.arange(TOKEN_GRID) + 0.5) * TOKEN_PX  # token centres along one side, tile px
     colours, shapes = list(COLOURS), list(SHAPES)
     for t, (fx, fy, ox, oy) in enumerate(_tile_frames(scene, n_tiles)):
-        for o in scene.objects:
+        for n, o in enumerate(scene.objects):
             x, y, r = o.x * fx - ox, o.y * fy - oy, o.size * fx / 2
             if not (0 <= x < TILE and 0 <= y < TILE):
                 continue
@@ -97,10 +116,11 @@ def token_truth(scene: Scene, n_tiles: int) -> tuple[torch.Tensor, torch.Tensor]
                 glyph = -100  # too small to read here: no target either way
             labels[t][cover] = torch.tensor([colours.index(o.colour) + 1, shapes.index(o.shape) + 1, glyph, 0])
             labels[t, ci, cj, 3] = 1
+            where[n] += (t * TOKEN_GRID * TOKEN_GRID + cover.flatten().nonzero()[:, 0]).tolist()
             present[t, colours.index(o.colour)] = 1
             present[t, len(colours) + shapes.index(o.shape)] = 1
             present[t, -1] = 1
-    return labels.flatten(1, 2), present
+    return labels.flatten(1, 2), present, where
 
 
 def make_sample(
@@ -115,13 +135,14 @@ def make_sample(
     pixels = tiling.preprocess(render(scene))  # [T, 3, 448, 448]
     n_tiles = pixels.shape[0]
     questions = [ex.question, *extra]
-    ids, labels, start = chat_ids(
+    ids, labels, start, rows = chat_ids(
         tokenizer, template, questions, num_image_tokens=n_tiles * cfg.tokens_per_tile,
         system_message=system_message,
     )
-    token_labels, present = token_truth(scene, n_tiles)
+    token_labels, present, where = token_truth(scene, n_tiles)
     return Sample(
         pixel_values=pixels, ids=torch.tensor(ids), labels=torch.tensor(labels), image_start=start,
         token_labels=token_labels, cls_targets=present, has_object=present[:, -1] > 0,
-        types=[q.type for q in questions],
+        types=[q.type for q in questions], answer_rows=rows,
+        focus=[sorted({i for n in focus_objects(scene, q) for i in where[n]}) for q in questions],
     )

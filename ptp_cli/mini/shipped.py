@@ -7,7 +7,7 @@ from pathlib import Path
 from ptp_cli.errors import ModelLoadError
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "checkpoint"  # package data: config.json, safetensors, tokenizer
-TRAIN_COMMAND = "python -m ptp_cli.mini.train --out runs/mini --seed 1 --steps 2400"
+TRAIN_COMMAND = "python -m ptp_cli.mini.train --out runs/mini --seed 1 --steps 4000"
 
 
 def shipped_checkpoint() -> Path:
