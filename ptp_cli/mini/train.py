@@ -195,6 +195,11 @@ def _save(out: Path, model, aux, opt, step: int, cfg: TrainConfig, elapsed: floa
     os.replace(tmp, out / STATE)  # atomic: a kill mid-save keeps the previous checkpoint
 
 
+def _results_part(config: dict) -> dict:
+    """The settings that change the weights (how often to save or evaluate does not)."""
+    return {k: v for k, v in config.items() if k not in ("checkpoint_minutes", "eval_minutes", "eval_questions")}
+
+
 def _log(out: Path, record: dict) -> None:
     with (out / "train.log").open("a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
@@ -219,7 +224,7 @@ def train(out: Path, cfg: TrainConfig, *, stop_at: int | None = None) -> Path:
     step, elapsed = 0, 0.0
     if (out / STATE).is_file():
         state = torch.load(out / STATE, weights_only=True)
-        if state["config"] != asdict(cfg):
+        if _results_part(state["config"]) != _results_part(asdict(cfg)):
             raise ValueError(f"{out} holds a run with other settings: {state['config']}")
         model.load_state_dict(state["model"])
         aux.load_state_dict(state["aux"])
