@@ -23,7 +23,7 @@ from ptp_cli.prompts import INTERNVL2_SYSTEM_MESSAGE, TEMPLATES
 from ptp_cli.synth.scene import ANSWERS, COLOURS, PLURALS, SHAPES, SUFFIX, question_text
 from ptp_cli.tokenization import build_tiny_tokenizer, load_tokenizer
 
-__all__ = ["MINI", "SHIPPED_DIR", "build_mini_tokenizer", "export", "init_weights", "mini_config", "new_model"]
+__all__ = ["MINI", "SHIPPED_DIR", "build_mini_tokenizer", "export", "init_weights", "mini_config", "new_model", "sincos_2d"]
 
 _VISION = VisionConfig(hidden_size=32, num_layers=12, num_heads=2, intermediate_size=128)
 _LLM = LLMConfig(
@@ -82,12 +82,28 @@ def init_weights(model: InternVLModel) -> None:
                 p.zero_()
             elif "patch_embedding" in name:
                 nn.init.normal_(p, std=1 / math.sqrt(p[0].numel()))
+            elif name.endswith("position_embedding"):
+                # 2-D sin-cos (as MAE starts): attention knows which patches neighbour from step 0, which
+                # telling shapes and glyphs apart needs; learnt further like any weight.
+                p[0, 0].zero_()  # CLS
+                p[0, 1:] = 0.5 * sincos_2d(model.cfg.vision.grid, p.shape[-1])
             else:
                 std = 0.02
                 if name.endswith(("attn.proj.weight", "mlp.fc2.weight", "attention.wo.weight", "w2.weight")):
                     std /= math.sqrt(2 * depth[name.split(".", 1)[0]])
                 nn.init.normal_(p, std=std)
     model.language_model.rotary.prepare(0)
+
+
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """[grid*grid, dim] row-major patch positions: sin and cos of the row, then of the column, at dim/4
+    frequencies from 1 to 1/100 per patch."""
+    quarter = dim // 4
+    freqs = 100.0 ** (-torch.arange(quarter, dtype=torch.float32) / quarter)  # [dim/4]
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    ang_r = rows.flatten()[:, None].float() * freqs  # [grid*grid, dim/4]
+    ang_c = cols.flatten()[:, None].float() * freqs
+    return torch.cat([ang_r.sin(), ang_r.cos(), ang_c.sin(), ang_c.cos()], dim=1)
 
 
 def export(model: InternVLModel, tokenizer_dir: Path, out_dir: Path) -> Path:
