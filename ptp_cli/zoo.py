@@ -23,8 +23,16 @@ def _tiny() -> Path:
     return ensure_tiny()
 
 
+def _mini() -> Path:
+    """ptp-mini, the trained miniature InternVL2 shipped as package data (ModelLoadError when not shipped)."""
+    from ptp_cli.mini.shipped import shipped_checkpoint
+
+    return shipped_checkpoint()
+
+
 BUILTINS: dict[str, Callable[[], Path]] = {
     "tiny": _tiny,
+    "mini": _mini,
 }
 
 

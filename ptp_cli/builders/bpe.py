@@ -71,20 +71,26 @@ def _train_bpe(words: Iterable[str], num_merges: int) -> list[tuple[str, str]]:
     return merges
 
 
-def build_tiny_tokenizer(out_dir: Path, *, extra_special_tokens: Sequence[str] = ()) -> None:
+def build_tiny_tokenizer(
+    out_dir: Path,
+    *,
+    extra_special_tokens: Sequence[str] = (),
+    corpus: str = _TINY_CORPUS,
+    num_merges: int = _TINY_MERGES,
+) -> None:
     """Write ``tokenizer.json`` and ``tokenizer_config.json`` for the built-in tiny model into ``out_dir``.
 
     Byte-level BPE: ids 0-2 are ``<unk>``, ``<s>``, ``</s>`` (as in InternLM2), then the 256 byte tokens,
-    then merges learnt from a fixed corpus, then the other InternVL2-2B special tokens and
-    ``extra_special_tokens`` (e.g. another template's role tokens, for tests). BOS is added on encode.
-    Byte-for-byte deterministic.
+    then ``num_merges`` merges learnt from ``corpus`` (the built-in mini model passes its own), then the other
+    InternVL2-2B special tokens and ``extra_special_tokens`` (e.g. another template's role tokens, for tests).
+    BOS is added on encode. Byte-for-byte deterministic.
     """
     from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
     from tokenizers import Tokenizer as BackendTokenizer
 
     pre = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    words = [w for line in _TINY_CORPUS.splitlines() for w, _ in pre.pre_tokenize_str(line)]
-    merges = _train_bpe(words, _TINY_MERGES)
+    words = [w for line in corpus.splitlines() for w, _ in pre.pre_tokenize_str(line)]
+    merges = _train_bpe(words, num_merges)
     vocab: dict[str, int] = {}
     for tok in (UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, *_byte_alphabet(), *(a + b for a, b in merges)):
         vocab.setdefault(tok, len(vocab))

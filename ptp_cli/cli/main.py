@@ -21,6 +21,7 @@ from ptp_cli.cli.eval import eval_command
 from ptp_cli.cli.infer import EXIT_FATAL, EXIT_INTERRUPTED, EXIT_USAGE, infer_command
 from ptp_cli.cli.methods import methods_command
 from ptp_cli.cli.show import show_command
+from ptp_cli.cli.synth import synth_command
 from ptp_cli.errors import PtpError, UsageError
 
 # Click's UsageError (bad option, bad value, missing argument), reached through Typer's public BadParameter:
@@ -46,6 +47,7 @@ app = typer.Typer(
 app.command("infer", cls=Command)(infer_command)
 app.command("eval", cls=Command)(eval_command)
 app.command("show", cls=Command)(show_command)
+app.command("synth", cls=Command)(synth_command)
 app.command("bench", cls=Command)(bench_command)
 app.command("methods", cls=Command)(methods_command)
 

@@ -1,0 +1,148 @@
+"""Training samples for ptp-mini: a synth scene tiled exactly as inference tiles it, a multi-turn prompt with
+the answers as targets, and the scene's ground truth per visual token (for the vision auxiliary losses).
+
+The prompt of the first turn is ``encode_prompt``'s, byte for byte the prompt ``ptp infer`` builds; further
+questions about the same image follow as later turns of the same chat template (one ViT pass, several answers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ptp_cli.config import ModelConfig
+from ptp_cli.image import TilingOptions, find_grid
+from ptp_cli.prompts import Template, encode_prompt
+from ptp_cli.synth import Example, Question, Scene, render
+from ptp_cli.synth.scene import COLOURS, GLYPHS, SHAPES, TILE
+from ptp_cli.tokenization import Tokenizer
+
+IGNORE = -100  # label of positions without a loss
+TOKEN_GRID = 16  # visual tokens per tile side after pixel shuffle
+TOKEN_PX = TILE // TOKEN_GRID  # 28 tile pixels per token
+MIN_GLYPH_PX = 44  # an object smaller than this (tile pixels) has no legible glyph: its glyph is not a target
+CLS_TARGETS = len(COLOURS) + len(SHAPES) + 1  # presence of each colour, each shape, any object
+
+
+@dataclass
+class Sample:
+    pixel_values: torch.Tensor  # [T, 3, 448, 448] float32, normalised
+    ids: torch.Tensor  # [S] prompt and answers, long
+    labels: torch.Tensor  # [S] next-token targets (IGNORE except answer tokens and their separators)
+    image_start: int  # index of the first <IMG_CONTEXT> in ids
+    token_labels: torch.Tensor  # [T, 256, 4] per visual token: colour, shape, glyph (0 = none), is-centre
+    cls_targets: torch.Tensor  # [T, CLS_TARGETS] float, what each tile contains
+    has_object: torch.Tensor  # [T] bool, the tile shows part of an object
+    types: list[str]  # the question types asked
+    answer_rows: list[int]  # per question: the position whose next token is the answer's first
+    focus: list[list[int]]  # per question: the visual tokens (0..T*256-1) showing the objects it is about
+
+
+def _body(tokenizer: Tokenizer, text: str) -> list[int]:
+    ids = tokenizer.encode(text)
+    return ids[1:] if ids and ids[0] == tokenizer.bos_id else ids
+
+
+def chat_ids(
+    tokenizer: Tokenizer, template: Template, questions: list[Question], *, num_image_tokens: int,
+    system_message: str | None,
+) -> tuple[list[int], list[int], int, list[int]]:
+    """(ids, labels, image_start, answer rows) of a conversation: the image and the first question, then one
+    turn each."""
+    first = encode_prompt(
+        tokenizer, template, question=questions[0].text, num_image_tokens=num_image_tokens,
+        system_message=system_message,
+    )
+    sep = tokenizer.token_to_id(template.sep_token)
+    assert sep is not None
+    ids, labels = list(first.ids), [IGNORE] * len(first.ids)
+    rows = []
+    for i, q in enumerate(questions):
+        if i:
+            turn = _body(tokenizer, template.user_role + q.text + template.sep + template.assistant_role)
+            ids += turn
+            labels += [IGNORE] * len(turn)
+        target = [*_body(tokenizer, q.answer), sep]
+        labels[-1] = target[0]  # the last prompt token predicts the answer's first token
+        rows.append(len(ids) - 1)
+        ids += target
+        labels += [*target[1:], IGNORE]
+    return ids, labels, first.image_start, rows
+
+
+def focus_objects(scene: Scene, q: Question) -> list[int]:
+    """Indices of the scene's objects a question is about (none for a "no" existence question)."""
+    t = q.target
+    if q.type in ("color", "count"):
+        return [i for i, o in enumerate(scene.objects) if o.shape == t[0]]
+    if q.type == "shape":
+        return [i for i, o in enumerate(scene.objects) if o.colour == t[0]]
+    if q.type in ("text", "exist"):
+        return [i for i, o in enumerate(scene.objects) if o.kind == t]
+    return [i for i, o in enumerate(scene.objects) if o.kind in (t[:2], t[2:])]
+
+
+def _tile_frames(scene: Scene, n_tiles: int) -> list[tuple[float, float, float, float]]:
+    """Per tile: (scale x, scale y, offset x, offset y) taking canvas pixels to that tile's pixels."""
+    cols, rows = scene.grid
+    fx, fy = cols * TILE / scene.width, rows * TILE / scene.height
+    frames = [(fx, fy, c * TILE, r * TILE) for r in range(rows) for c in range(cols)]
+    if n_tiles > len(frames):  # the thumbnail: the whole canvas squeezed into one tile
+        frames.append((TILE / scene.width, TILE / scene.height, 0.0, 0.0))
+    return frames
+
+
+def token_truth(scene: Scene, n_tiles: int) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
+    """[T, 256, 4] per-token labels, [T, CLS_TARGETS] per-tile presence, and each object's visual tokens
+    (indices t*256 + i over every tile, thumbnail included), from the scene's geometry."""
+    labels = torch.zeros(n_tiles, TOKEN_GRID, TOKEN_GRID, 4, dtype=torch.long)
+    present = torch.zeros(n_tiles, CLS_TARGETS)
+    where: list[list[int]] = [[] for _ in scene.objects]
+    centres = (np.arange(TOKEN_GRID) + 0.5) * TOKEN_PX  # token centres along one side, tile px
+    colours, shapes = list(COLOURS), list(SHAPES)
+    for t, (fx, fy, ox, oy) in enumerate(_tile_frames(scene, n_tiles)):
+        for n, o in enumerate(scene.objects):
+            x, y, r = o.x * fx - ox, o.y * fy - oy, o.size * fx / 2
+            if not (0 <= x < TILE and 0 <= y < TILE):
+                continue
+            dist = np.hypot(centres[None, :] - x, centres[:, None] - y)  # [16 rows, 16 cols]
+            cover = torch.from_numpy(dist <= r)
+            ci, cj = min(int(y // TOKEN_PX), TOKEN_GRID - 1), min(int(x // TOKEN_PX), TOKEN_GRID - 1)
+            cover[ci, cj] = True
+            glyph = GLYPHS.index(o.glyph) + 1 if o.glyph else 0
+            if glyph and 2 * r < MIN_GLYPH_PX:
+                glyph = -100  # too small to read here: no target either way
+            labels[t][cover] = torch.tensor([colours.index(o.colour) + 1, shapes.index(o.shape) + 1, glyph, 0])
+            labels[t, ci, cj, 3] = 1
+            where[n] += (t * TOKEN_GRID * TOKEN_GRID + cover.flatten().nonzero()[:, 0]).tolist()
+            present[t, colours.index(o.colour)] = 1
+            present[t, len(colours) + shapes.index(o.shape)] = 1
+            present[t, -1] = 1
+    return labels.flatten(1, 2), present, where
+
+
+def make_sample(
+    ex: Example, extra: list[Question], *, tokenizer: Tokenizer, template: Template, cfg: ModelConfig,
+    system_message: str | None = None,
+) -> Sample:
+    """Render, tile and tokenise one example with its extra questions (the order of turns is as given)."""
+    tiling = TilingOptions.from_config(cfg)
+    scene = ex.scene
+    if find_grid(scene.width, scene.height, max_tiles=tiling.max_tiles) != scene.grid:
+        raise ValueError(f"scene {ex.id} does not tile into its grid {scene.grid}")
+    pixels = tiling.preprocess(render(scene))  # [T, 3, 448, 448]
+    n_tiles = pixels.shape[0]
+    questions = [ex.question, *extra]
+    ids, labels, start, rows = chat_ids(
+        tokenizer, template, questions, num_image_tokens=n_tiles * cfg.tokens_per_tile,
+        system_message=system_message,
+    )
+    token_labels, present, where = token_truth(scene, n_tiles)
+    return Sample(
+        pixel_values=pixels, ids=torch.tensor(ids), labels=torch.tensor(labels), image_start=start,
+        token_labels=token_labels, cls_targets=present, has_object=present[:, -1] > 0,
+        types=[q.type for q in questions], answer_rows=rows,
+        focus=[sorted({i for n in focus_objects(scene, q) for i in where[n]}) for q in questions],
+    )

@@ -1,0 +1,50 @@
+"""Turn a training run into the shipped checkpoint: ``python -m ptp_cli.mini.ship RUN_DIR [--to DIR]``.
+
+Loads the run's last training state, writes the model (not the auxiliary heads) in the original InternVL2
+layout to the package's checkpoint folder, with a ``ptp_mini.json`` saying how it was trained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from ptp_cli.mini.model import export, new_model
+from ptp_cli.mini.shipped import SHIPPED_DIR
+from ptp_cli.mini.train import STATE
+
+
+def ship(run_dir: Path, to: Path = SHIPPED_DIR) -> Path:
+    """Export ``run_dir``'s training state to ``to`` (replacing what is there)."""
+    run_dir, to = Path(run_dir), Path(to)
+    state = torch.load(run_dir / STATE, weights_only=True)
+    tok_dir = run_dir / "tokenizer"
+    model = new_model(tok_dir, seed=0)  # the init is overwritten below
+    model.load_state_dict(state["model"])
+    if to.exists():
+        shutil.rmtree(to)
+    export(model, tok_dir, to)
+    provenance = {
+        "trained_by": "python -m ptp_cli.mini.train",
+        "config": state["config"],
+        "step": state["step"],
+        "train_seconds": round(state["elapsed"]),
+    }
+    (to / "ptp_mini.json").write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
+    return to
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m ptp_cli.mini.ship", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path, help="the --out folder of a training run")
+    parser.add_argument("--to", type=Path, default=SHIPPED_DIR, help="where to write the checkpoint")
+    args = parser.parse_args(argv)
+    print(ship(args.run_dir, args.to))
+
+
+if __name__ == "__main__":
+    main()

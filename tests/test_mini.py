@@ -1,0 +1,170 @@
+"""ptp-mini: its checkpoint is a real InternVL2 checkpoint, training sees exactly the inference prompt and tiles,
+training resumes to the same weights, and (once trained weights ship) its accuracy with and without pruning."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ptp_cli.mini.data import IGNORE, make_sample, token_truth
+from ptp_cli.mini.evaluate import EVAL_SEED, evaluate, normalise, score
+from ptp_cli.mini.model import build_mini_tokenizer, export, new_model
+from ptp_cli.mini.shipped import SHIPPED_DIR
+from ptp_cli.mini.train import STATE, TrainConfig, train
+from ptp_cli.pipeline import Pipeline, RunConfig
+from ptp_cli.prompts import get_template
+from ptp_cli.pruning import PruneConfig
+from ptp_cli.pruning.base import METHODS
+from ptp_cli.records import iter_records
+from ptp_cli.synth import example, write_benchmark
+from ptp_cli.synth.scene import COLOURS, SHAPES
+from ptp_cli.zoo import load_model
+
+CI_SEED = EVAL_SEED + 1  # the fixed CI split: never trained on (training refuses seeds >= EVAL_SEED)
+SHIPPED = (SHIPPED_DIR / "config.json").is_file()
+needs_weights = pytest.mark.skipif(not SHIPPED, reason="no trained ptp-mini weights shipped in this build yet")
+
+
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory: pytest.TempPathFactory):
+    """An untrained mini model and its export in the original InternVL2 layout."""
+    d = tmp_path_factory.mktemp("mini")
+    build_mini_tokenizer(d / "tok")
+    model = new_model(d / "tok", seed=0)
+    return model, export(model, d / "tok", d / "ckpt")
+
+
+def test_the_export_is_an_original_internvl2_checkpoint_that_loads_unchanged(fresh):
+    model, path = fresh
+    raw = json.loads((path / "config.json").read_text())
+    assert raw["architectures"] == ["InternVLChatModel"]
+    assert raw["llm_config"]["architectures"] == ["InternLM2ForCausalLM"]
+    loaded = load_model(str(path))
+    cfg = loaded.cfg
+    assert (cfg.vision.image_size, cfg.vision.patch_size, cfg.tokens_per_tile) == (448, 14, 256)
+    assert cfg.use_thumbnail and cfg.max_dynamic_patch == 12 and cfg.template == "internlm2-chat"
+    theirs = loaded.model.state_dict()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(theirs[name], tensor), name
+    for method in METHODS:  # ptp's default layers exist at this depth, for every method
+        PruneConfig(method=method).validate(cfg)
+
+
+def test_training_sees_exactly_the_inference_prompt_and_tiles(fresh, tmp_path: Path):
+    _, path = fresh
+    write_benchmark(tmp_path, n=6, seed=CI_SEED, max_tiles=4)
+    pipe = Pipeline(load_model(str(path)), RunConfig(model=str(path)))
+    template = get_template(pipe.cfg.template)
+    for i, record in enumerate(iter_records(tmp_path / "questions.jsonl")):
+        request = pipe.prepare(record).request
+        ex = example(CI_SEED, i, max_tiles=4)
+        sample = make_sample(ex, [], tokenizer=pipe.tokenizer, template=template, cfg=pipe.cfg)
+        n = len(request.ids)
+        assert sample.ids[:n].tolist() == request.ids
+        assert sample.image_start == request.image_start
+        assert torch.equal(sample.pixel_values, request.pixel_values)
+        # The answer follows the prompt, then the separator that stops generation; only they are targets.
+        assert pipe.tokenizer.decode(sample.ids[n:-1].tolist()) == ex.question.answer
+        assert sample.ids[-1].item() in request.stop_ids
+        assert sample.labels[n - 1 : -1].tolist() == sample.ids[n:].tolist()
+        assert set(sample.labels[: n - 1].tolist()) == {IGNORE}
+
+
+def test_token_truth_marks_each_object_once_per_grid_and_once_in_the_thumbnail():
+    for i in range(24):
+        scene = example(5, i).scene
+        n_tiles = scene.grid[0] * scene.grid[1]
+        n_tiles += n_tiles > 1
+        labels, present, where = token_truth(scene, n_tiles)  # [T, 256, 4], [T, K], per object
+        grid_tiles = labels[:-1] if n_tiles > 1 else labels
+        assert int(grid_tiles[..., 3].sum()) == len(scene.objects)
+        if n_tiles > 1:
+            assert int(labels[-1, :, 3].sum()) <= len(scene.objects)  # centres may share a thumbnail token
+            assert present[-1, -1] == 1
+        for o in scene.objects:
+            colour, shape = list(COLOURS).index(o.colour) + 1, list(SHAPES).index(o.shape) + 1
+            hits = (labels[..., 0] == colour) & (labels[..., 1] == shape)
+            assert hits.any(), (i, o)
+        for n, tokens in enumerate(where):  # each object's tokens are labelled with it
+            o = scene.objects[n]
+            assert tokens and (labels.flatten(0, 1)[tokens, 1] == list(SHAPES).index(o.shape) + 1).any()
+
+
+def test_scoring_is_normalised_exact_match():
+    gold = {"a": {"answer": "red", "type": "color"}, "b": {"answer": "3", "type": "count"},
+            "c": {"answer": "yes", "type": "exist"}}
+    rows = [{"id": "a", "answer": " Red."}, {"id": "b", "answer": "three"}, {"id": "c", "error": {}}]
+    assert normalise(" Red. ") == "red"
+    assert score(rows, gold) == {"accuracy": round(1 / 3, 4), "n": 3,
+                                 "per_type": {"color": 1.0, "count": 0.0, "exist": 0.0}}
+
+
+def test_training_refuses_held_out_seeds(tmp_path: Path):
+    with pytest.raises(ValueError, match="held out"):
+        train(tmp_path, TrainConfig(seed=EVAL_SEED))
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path: Path):
+    cfg = TrainConfig(steps=2, images_per_step=1, extra_questions=1, warmup=1, single_tile_until=1.0,
+                      checkpoint_minutes=60, eval_minutes=0)
+    train(tmp_path / "straight", cfg)
+    train(tmp_path / "twice", cfg, stop_at=1)
+    assert torch.load(tmp_path / "twice" / STATE, weights_only=True)["step"] == 1
+    train(tmp_path / "twice", cfg)
+    a = torch.load(tmp_path / "straight" / STATE, weights_only=True)
+    b = torch.load(tmp_path / "twice" / STATE, weights_only=True)
+    assert a["step"] == b["step"] == 2
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The shipped weights
+
+
+@pytest.mark.skipif(SHIPPED, reason="trained weights are shipped")
+def test_model_mini_without_shipped_weights_is_one_clear_error(tmp_path: Path):
+    write_benchmark(tmp_path, n=1, seed=CI_SEED, max_tiles=1)
+    done = subprocess.run(
+        [sys.executable, "-m", "ptp_cli.cli.main", "infer", str(tmp_path / "questions.jsonl"), "--model", "mini"],
+        capture_output=True, timeout=300, check=False,
+    )
+    err = done.stderr.decode().strip()
+    assert done.returncode == 1 and err.startswith("ptp: error:") and "ptp_cli.mini.train" in err, err
+    assert "\n" not in err
+
+
+@needs_weights
+def test_the_shipped_checkpoint_loads_through_the_public_path():
+    loaded = load_model("mini")
+    assert loaded.path == SHIPPED_DIR and loaded.cfg.name == "mini"
+
+
+@needs_weights
+def test_ptp_infer_model_mini_answers_a_synth_question(tmp_path: Path):
+    write_benchmark(tmp_path, n=6, seed=CI_SEED, max_tiles=2)
+    done = subprocess.run(
+        [sys.executable, "-m", "ptp_cli.cli.main", "infer", str(tmp_path / "questions.jsonl"), "--model", "mini",
+         "--max-new-tokens", "4", "-q"], capture_output=True, timeout=300, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in done.stdout.decode().splitlines()]
+    assert len(rows) == 6 and all(r["answer"] for r in rows)
+
+
+@pytest.fixture(scope="module")
+def ci_split(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("ci_split")
+
+
+@needs_weights
+def test_shipped_mini_accuracy_unpruned_and_with_ptp(ci_split: Path):
+    full = evaluate("mini", ci_split, n=42, seed=CI_SEED, max_tiles=6)
+    ptp = evaluate("mini", ci_split, n=42, seed=CI_SEED, max_tiles=6, method="ptp", ratio=0.5)
+    assert full["accuracy"] >= 0.85, full
+    assert ptp["accuracy"] >= full["accuracy"] - 0.05, (full, ptp)
