@@ -131,7 +131,8 @@ class Prepared:
 
 class Pipeline:
     def __init__(self, loaded: LoadedModel, config: RunConfig, *, engine: Engine | None = None) -> None:
-        """``engine``: run requests on this one instead of building one from ``loaded`` and ``config.prune``."""
+        """``engine``: run requests on this one instead of building one from ``loaded`` and ``config.prune`` (it
+        must prune as ``config.prune`` says: rows echo those settings)."""
         config.validate()
         config.prune.validate(loaded.cfg)
         self.loaded = loaded
