@@ -373,11 +373,6 @@ def shown_record(record: Record) -> dict[str, Any]:
     return shown
 
 
-def colliding_fields(extra: Mapping[str, Any]) -> list[str]:
-    """The input fields that ``_echo`` keeps under ``"input"``: their names are output fields."""
-    return [k for k in extra if k in OUTPUT_FIELDS]
-
-
 def _echo(row: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     """Add a record's extra fields to its row: at the top level, or under "input" when the name is taken."""
     kept = {k: v for k, v in extra.items() if k in OUTPUT_FIELDS}
