@@ -11,7 +11,7 @@ from ptp_cli.image import TilingOptions
 from ptp_cli.mini.data import TOKEN_GRID, token_truth
 from ptp_cli.mini.model import build_mini_tokenizer, new_model
 from ptp_cli.mini.pretrain import STATE, PretrainConfig, crop_features, crops_of, pretrain
-from ptp_cli.mini.train import TrainConfig, load_vision, train
+from ptp_cli.mini.train import AuxHeads, TrainConfig, load_vision, train
 from ptp_cli.synth import example, render
 
 
@@ -25,7 +25,8 @@ def model(tmp_path_factory: pytest.TempPathFactory):
 def test_a_whole_tile_crop_gives_exactly_the_inference_features(model):
     """The crop path is the inference path: a crop covering the whole tile, at corner (0, 0), gives the visual
     tokens ``vision_features`` gives the tile."""
-    pixels = TilingOptions.from_config(model.cfg).preprocess(render(example(5, 0, max_tiles=1).scene))  # [1, 3, 448, 448]
+    scene = example(5, 0, max_tiles=1).scene
+    pixels = TilingOptions.from_config(model.cfg).preprocess(render(scene))  # [1, 3, 448, 448]
     with torch.no_grad():
         theirs = model.vision_features(pixels).features  # [1, 256, D]
         ours = crop_features(model, pixels, torch.tensor([[0, 0]]))
@@ -57,9 +58,8 @@ def test_pretraining_resumes_to_the_same_weights_and_starts_the_vqa_stage(tmp_pa
     for name, tensor in a.items():
         assert torch.equal(tensor, b[name]), name
     fresh = new_model(tmp_path / "straight" / "tokenizer", seed=1)
-    assert not torch.equal(fresh.vision_model.embeddings.patch_embedding.weight, a["vision_model.embeddings.patch_embedding.weight"])
-    from ptp_cli.mini.train import AuxHeads
-
+    patches = "vision_model.embeddings.patch_embedding.weight"
+    assert not torch.equal(fresh.state_dict()[patches], a[patches])  # the stage trained the ViT
     load_vision(fresh, AuxHeads(128, 32), vision)
     for name, tensor in fresh.state_dict().items():
         assert torch.equal(tensor, a[name]), name  # ViT and projector from the stage, the LLM as initialised

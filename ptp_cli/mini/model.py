@@ -58,7 +58,8 @@ def build_mini_tokenizer(out_dir: Path) -> None:
 
 def mini_config(vocab_size: int, *, vit_width: int = _VISION.hidden_size) -> ModelConfig:
     """The mini shape for a tokenizer; ``vit_width`` widens the ViT (heads of 16, MLP 4x, depth unchanged)."""
-    vision = replace(MINI.vision, hidden_size=vit_width, num_heads=max(2, vit_width // 16), intermediate_size=4 * vit_width)
+    heads = max(2, vit_width // 16)
+    vision = replace(MINI.vision, hidden_size=vit_width, num_heads=heads, intermediate_size=4 * vit_width)
     return replace(MINI, vision=vision, llm=replace(MINI.llm, vocab_size=vocab_size))
 
 

@@ -16,7 +16,6 @@ VQA stage (``train_state.pt``, atomic, every few minutes).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -31,6 +30,7 @@ from torch import nn
 from ptp_cli.image import TilingOptions
 from ptp_cli.mini.data import TOKEN_GRID, TOKEN_PX, token_truth
 from ptp_cli.mini.model import build_mini_tokenizer, mimetic_init, new_model
+from ptp_cli.mini.train import AuxHeads, config_main  # the VQA stage's token heads: --init carries them over
 from ptp_cli.models.internvl import InternVLModel, pixel_shuffle
 from ptp_cli.synth import example, render
 
@@ -54,7 +54,10 @@ class PretrainConfig:
     probe_every: int = 250  # steps between probes of the token read-outs on unseen scenes (0: never)
 
 
-def crops_of(seed: int, index: int, *, crop_tokens: int, tiling: TilingOptions) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+Crops = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # pixels [N, 3, 28c, 28c], labels [N, c*c, 4], corners [N, 2]
+
+
+def crops_of(seed: int, index: int, *, crop_tokens: int, tiling: TilingOptions) -> Crops:
     """Crops of the ``index``-th single-tile scene of ``seed``: pixels [N, 3, 28c, 28c], token labels
     [N, c*c, 4] and each crop's top-left token (row, col) [N, 2]; one crop per object (the object's centre
     token at a random place at least one token from the crop's edge) and one at random."""
@@ -65,7 +68,8 @@ def crops_of(seed: int, index: int, *, crop_tokens: int, tiling: TilingOptions) 
     c, top = crop_tokens, TOKEN_GRID - crop_tokens
     corners = []
     for ci, cj in labels[..., 3].nonzero().tolist():  # object centres
-        corners.append([int(np.clip(ci - rng.integers(1, c - 1), 0, top)), int(np.clip(cj - rng.integers(1, c - 1), 0, top))])
+        i, j = ci - rng.integers(1, c - 1), cj - rng.integers(1, c - 1)
+        corners.append([int(np.clip(i, 0, top)), int(np.clip(j, 0, top))])
     corners.append(rng.integers(0, top + 1, size=2).tolist())
     px = [pixels[:, i * TOKEN_PX:(i + c) * TOKEN_PX, j * TOKEN_PX:(j + c) * TOKEN_PX] for i, j in corners]
     lab = [labels[i:i + c, j:j + c].reshape(c * c, 4) for i, j in corners]
@@ -92,7 +96,7 @@ def crop_features(model: InternVLModel, pixels: torch.Tensor, corners: torch.Ten
     return model.mlp1(merged.flatten(1, 2))  # [N, c*c, D]
 
 
-def batch(cfg: PretrainConfig, seed: int, first: int, n: int, tiling: TilingOptions) -> tuple[torch.Tensor, ...]:
+def batch(cfg: PretrainConfig, seed: int, first: int, n: int, tiling: TilingOptions) -> Crops:
     parts = [crops_of(seed, first + k, crop_tokens=cfg.crop_tokens, tiling=tiling) for k in range(n)]
     return tuple(torch.cat(z) for z in zip(*parts, strict=True))
 
@@ -122,8 +126,6 @@ def lr_at(cfg: PretrainConfig, step: int) -> float:
 
 def pretrain(out: Path, cfg: PretrainConfig, *, stop_at: int | None = None) -> Path:
     """Pretrain (or resume) into ``out``; returns ``out/vision.pt``."""
-    from ptp_cli.mini.train import AuxHeads  # the VQA stage's token heads, so --init carries them over
-
     if not 0 <= cfg.seed < PROBE_SEED:
         raise ValueError(f"seeds {PROBE_SEED} and up are held out; pretrain with a seed in [0, {PROBE_SEED})")
     torch.set_num_threads(1)
@@ -144,7 +146,8 @@ def pretrain(out: Path, cfg: PretrainConfig, *, stop_at: int | None = None) -> P
     step, elapsed = 0, 0.0
     if (out / STATE).is_file():
         state = torch.load(out / STATE, weights_only=True)
-        if {**state["config"], "checkpoint_minutes": 0, "probe_every": 0} != {**asdict(cfg), "checkpoint_minutes": 0, "probe_every": 0}:
+        schedule_only = {"checkpoint_minutes": 0, "probe_every": 0}  # settings that do not change the weights
+        if {**state["config"], **schedule_only} != {**asdict(cfg), **schedule_only}:
             raise ValueError(f"{out} holds a run with other settings: {state['config']}")
         model.load_state_dict(state["model"])
         heads.load_state_dict(state["heads"])
@@ -187,13 +190,8 @@ def pretrain(out: Path, cfg: PretrainConfig, *, stop_at: int | None = None) -> P
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m ptp_cli.mini.pretrain", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="run folder (checkpoint, log, vision.pt)")
-    for name, default in asdict(PretrainConfig()).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
-    args = vars(parser.parse_args(argv))
-    out = args.pop("out")
-    print(pretrain(out, PretrainConfig(**args)))
+    config_main(pretrain, PretrainConfig, argv, prog="python -m ptp_cli.mini.pretrain", doc=__doc__,
+                out_help="run folder (checkpoint, log, vision.pt)")
 
 
 if __name__ == "__main__":

@@ -287,14 +287,27 @@ def train(out: Path, cfg: TrainConfig, *, stop_at: int | None = None) -> Path:
     return export(model, tok_dir, out / "export")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m ptp_cli.mini.train", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, log, export)")
-    for name, default in asdict(TrainConfig()).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
+def _flag(text: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() in ("true", "1")
+
+
+def config_main(run, config_cls, argv: list[str] | None, *, prog: str, doc: str, out_help: str) -> None:
+    """A stage's command line: ``--out`` plus one option per field of its config dataclass."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help=out_help)
+    for name, default in asdict(config_cls()).items():
+        kind = _flag if isinstance(default, bool) else type(default)
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=default)
     args = vars(parser.parse_args(argv))
     out = args.pop("out")
-    print(train(out, TrainConfig(**args)))
+    print(run(out, config_cls(**args)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    config_main(train, TrainConfig, argv, prog="python -m ptp_cli.mini.train", doc=__doc__,
+                out_help="run folder (checkpoints, log, export)")
 
 
 if __name__ == "__main__":
