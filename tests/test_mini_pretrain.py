@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 from ptp_cli.image import TilingOptions
 from ptp_cli.mini.data import TOKEN_GRID, token_truth
-from ptp_cli.mini.model import build_mini_tokenizer, new_model
+from ptp_cli.mini.model import build_mini_tokenizer, mimetic_init, new_model
 from ptp_cli.mini.pretrain import STATE, PretrainConfig, crop_features, crops_of, pretrain
 from ptp_cli.mini.train import AuxHeads, TrainConfig, load_vision, train
 from ptp_cli.synth import example, render
@@ -65,3 +66,32 @@ def test_pretraining_resumes_to_the_same_weights_and_starts_the_vqa_stage(tmp_pa
         assert torch.equal(tensor, a[name]), name  # ViT and projector from the stage, the LLM as initialised
     train(tmp_path / "vqa", TrainConfig(steps=1, images_per_step=1, extra_questions=0, warmup=1, eval_minutes=0,
                                         init=str(vision)))
+
+
+
+def _object_self_attention(model, pixels: torch.Tensor, patch_colour: torch.Tensor) -> float:
+    """Attention mass (ViT layer 0, heads averaged) an object's patch puts on patches of its own colour."""
+    layer = model.vision_model.encoder.layers[0]
+    x = layer.norm1(model.vision_model.embeddings(pixels))[:, 1:]  # [1, P, C] patches only
+    c, h = x.shape[-1], layer.attn.num_heads
+    q, k, _ = layer.attn.qkv(x).split(c, dim=-1)
+    q, k = (z.view(1, -1, h, c // h).transpose(1, 2) for z in (q, k))  # [1, H, P, hd]
+    probs = (q @ k.transpose(-1, -2) * (c // h) ** -0.5).softmax(-1).mean(1)[0]  # [P, P]
+    obj = patch_colour > 0
+    same = (patch_colour[:, None] == patch_colour[None, :]) & obj[:, None]  # [P, P]
+    return (probs * same).sum(-1)[obj].mean().item()
+
+
+@pytest.mark.parametrize("index", [2, 3, 4])
+def test_mimetic_init_starts_object_patches_attending_to_their_object(model, index: int):
+    """The default init attends uniformly; the mimetic one groups an object's patches from step 0."""
+    scene = example(5, index, max_tiles=1).scene
+    pixels = TilingOptions.from_config(model.cfg).preprocess(render(scene))
+    colour = token_truth(scene, 1)[0][0, :, 0].view(TOKEN_GRID, TOKEN_GRID)  # [16, 16] per visual token
+    patch_colour = colour.repeat_interleave(2, 0).repeat_interleave(2, 1).flatten()  # [1024] per patch
+    grouped = copy.deepcopy(model)
+    mimetic_init(grouped, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = _object_self_attention(model, pixels, patch_colour)
+        mimetic = _object_self_attention(grouped, pixels, patch_colour)
+    assert mimetic > 2 * plain, (mimetic, plain)

@@ -101,8 +101,8 @@ def init_weights(model: InternVLModel) -> None:
 def mimetic_init(model: InternVLModel, *, generator: torch.Generator, qk: float = 0.7, vo: float = 0.4) -> None:
     """Mimetic initialisation of the ViT's attention (Trockman & Kolter, 2023): W_q^T W_k ~ qk (Z + I) and
     W_v^T W_proj^T ~ vo (Z - I), Z random, as in pretrained ViTs. Each patch then starts attending to patches
-    like itself and near it (the position embedding is in both), a locality prior a small ViT otherwise
-    learns slowly from little data."""
+    like itself: an object's patches group from step 0 (the default init attends uniformly), which a small ViT
+    otherwise learns slowly from little data."""
     c = model.cfg.vision.hidden_size
     eye = torch.eye(c)
     with torch.no_grad():

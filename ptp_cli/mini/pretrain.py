@@ -45,7 +45,7 @@ class PretrainConfig:
     steps: int = 1500  # optimizer steps
     scenes_per_step: int = 8  # single-tile scenes per step; every object gives one crop, plus one background crop
     vit_width: int = 32  # ViT width (12 layers, heads of 16 channels)
-    mimetic: bool = True  # mimetic init of the ViT's attention (a locality prior; see mini.model.mimetic_init)
+    mimetic: bool = True  # mimetic init of the ViT's attention (a grouping prior; see mini.model.mimetic_init)
     crop_tokens: int = 6  # crop side in visual tokens (2 patches each)
     lr: float = 3e-3  # peak AdamW learning rate
     warmup: int = 100  # linear warm-up steps
