@@ -56,13 +56,16 @@ def build_mini_tokenizer(out_dir: Path) -> None:
     build_tiny_tokenizer(out_dir, corpus=mini_corpus(), num_merges=MINI_MERGES)
 
 
-def mini_config(vocab_size: int) -> ModelConfig:
-    return replace(MINI, llm=replace(MINI.llm, vocab_size=vocab_size))
+def mini_config(vocab_size: int, *, vit_width: int = _VISION.hidden_size) -> ModelConfig:
+    """The mini shape for a tokenizer; ``vit_width`` widens the ViT (heads of 16, MLP 4x, depth unchanged)."""
+    heads = max(2, vit_width // 16)
+    vision = replace(MINI.vision, hidden_size=vit_width, num_heads=heads, intermediate_size=4 * vit_width)
+    return replace(MINI, vision=vision, llm=replace(MINI.llm, vocab_size=vocab_size))
 
 
-def new_model(tokenizer_dir: Path, *, seed: int) -> InternVLModel:
+def new_model(tokenizer_dir: Path, *, seed: int, vit_width: int = _VISION.hidden_size) -> InternVLModel:
     """A freshly initialised, trainable ``InternVLModel`` of the mini shape (ptp's own model code)."""
-    cfg = mini_config(load_tokenizer(tokenizer_dir).vocab_size)
+    cfg = mini_config(load_tokenizer(tokenizer_dir).vocab_size, vit_width=vit_width)
     torch.manual_seed(seed)
     model = InternVLModel(cfg)
     init_weights(model)
@@ -93,6 +96,29 @@ def init_weights(model: InternVLModel) -> None:
                 if name.endswith(("attn.proj.weight", "mlp.fc2.weight", "attention.wo.weight", "w2.weight")):
                     std /= math.sqrt(2 * depth[name.split(".", 1)[0]])
                 nn.init.normal_(p, std=std)
+
+
+def mimetic_init(model: InternVLModel, *, generator: torch.Generator, qk: float = 0.7, vo: float = 0.4) -> None:
+    """Mimetic initialisation of the ViT's attention (Trockman & Kolter, 2023): W_q^T W_k ~ qk (Z + I) and
+    W_v^T W_proj^T ~ vo (Z - I), Z random, as in pretrained ViTs. Each patch then starts attending to patches
+    like itself: an object's patches group from step 0 (the default init attends uniformly), which a small ViT
+    otherwise learns slowly from little data."""
+    c = model.cfg.vision.hidden_size
+    eye = torch.eye(c)
+    with torch.no_grad():
+        for layer in model.vision_model.encoder.layers:
+            w = layer.attn.qkv.weight  # [3C, C]: q, k, v rows
+            for pair, sign in (("qk", 1.0), ("vo", -1.0)):
+                scale = qk if pair == "qk" else vo
+                z = torch.randn(c, c, generator=generator) / math.sqrt(c)
+                u, sv, vh = torch.linalg.svd(scale * (z + sign * eye))
+                root = sv.sqrt()
+                if pair == "qk":  # q.k = x W_q^T W_k x^T
+                    w[:c] = root[:, None] * u.T
+                    w[c:2 * c] = root[:, None] * vh
+                else:  # proj(v(x)) = x W_v^T W_p^T
+                    w[2 * c:] = root[:, None] * u.T
+                    layer.attn.proj.weight.copy_(vh.T * root[None, :])
 
 
 def sincos_2d(grid: int, dim: int) -> torch.Tensor:

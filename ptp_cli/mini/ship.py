@@ -23,7 +23,7 @@ def ship(run_dir: Path, to: Path = SHIPPED_DIR) -> Path:
     run_dir, to = Path(run_dir), Path(to)
     state = torch.load(run_dir / STATE, weights_only=True)
     tok_dir = run_dir / "tokenizer"
-    model = new_model(tok_dir, seed=0)  # the init is overwritten below
+    model = new_model(tok_dir, seed=0, vit_width=state["config"].get("vit_width", 32))  # init overwritten below
     model.load_state_dict(state["model"])
     if to.exists():
         shutil.rmtree(to)

@@ -68,6 +68,8 @@ class TrainConfig:
     checkpoint_minutes: float = 5.0  # wall-clock minutes between checkpoints
     eval_minutes: float = 20.0  # wall-clock minutes between held-out evaluations (0: never)
     eval_questions: int = 60  # held-out questions per evaluation
+    vit_width: int = 32  # ViT width (12 layers, heads of 16 channels); must match --init's
+    init: str = ""  # vision.pt of the pretraining stage (ptp_cli.mini.pretrain) to start from; "": from scratch
 
 
 class AuxHeads(nn.Module):
@@ -83,9 +85,13 @@ class AuxHeads(nn.Module):
 
     def loss(self, features: torch.Tensor, cls: torch.Tensor, sample: Sample, grad_tiles: torch.Tensor) -> torch.Tensor:
         """features [G, 256, D], cls [G, Cv] of the G tiles that ran with gradients."""
-        labels = sample.token_labels[grad_tiles].flatten(0, 1)  # [G*256, 4]
-        flat = features.flatten(0, 1)  # [G*256, D]
         total = F.binary_cross_entropy_with_logits(self.cls(cls), sample.cls_targets[grad_tiles])
+        return total + self.token_loss(features.flatten(0, 1), sample.token_labels[grad_tiles].flatten(0, 1))
+
+    def token_loss(self, flat: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-token losses of visual tokens flat [N, D] against their labels [N, 4] (colour, shape, glyph,
+        centre)."""
+        total = flat.new_zeros(())
         for k, head in enumerate((self.colour, self.shape, self.glyph, self.centre)):
             target = labels[:, k]
             # Objects cover ~2% of the tokens: their tokens and the background's weigh apart, or "nothing
@@ -186,6 +192,17 @@ def _optimizer(model: nn.Module, aux: nn.Module, cfg: TrainConfig) -> torch.opti
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8)
 
 
+def load_vision(model: InternVLModel, aux: AuxHeads, path: Path) -> None:
+    """Start from a pretrained vision side: ViT, projector and token heads (``ptp_cli.mini.pretrain``)."""
+    state = torch.load(path, weights_only=True)
+    heads = {k.removeprefix("heads."): v for k, v in state.items() if k.startswith("heads.")}
+    aux.load_state_dict(heads)
+    vision = {k: v for k, v in state.items() if not k.startswith("heads.")}
+    missing, unexpected = model.load_state_dict(vision, strict=False)
+    if unexpected or any(k.startswith(("vision_model.", "mlp1.")) for k in missing):
+        raise ValueError(f"{path} is not a ptp-mini vision state (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
 def _save(out: Path, model, aux, opt, step: int, cfg: TrainConfig, elapsed: float) -> None:
     tmp = out / (STATE + ".tmp")
     torch.save(
@@ -219,8 +236,10 @@ def train(out: Path, cfg: TrainConfig, *, stop_at: int | None = None) -> Path:
     if not (tok_dir / "tokenizer.json").is_file():
         build_mini_tokenizer(tok_dir)
     tokenizer = load_tokenizer(tok_dir)
-    model = new_model(tok_dir, seed=cfg.seed)
+    model = new_model(tok_dir, seed=cfg.seed, vit_width=cfg.vit_width)
     aux = AuxHeads(model.cfg.llm.hidden_size, model.cfg.vision.hidden_size)
+    if cfg.init:
+        load_vision(model, aux, Path(cfg.init))
     opt = _optimizer(model, aux, cfg)
     step, elapsed = 0, 0.0
     if (out / STATE).is_file():
@@ -268,14 +287,27 @@ def train(out: Path, cfg: TrainConfig, *, stop_at: int | None = None) -> Path:
     return export(model, tok_dir, out / "export")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m ptp_cli.mini.train", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, log, export)")
-    for name, default in asdict(TrainConfig()).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
+def _flag(text: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() in ("true", "1")
+
+
+def config_main(run, config_cls, argv: list[str] | None, *, prog: str, doc: str, out_help: str) -> None:
+    """A stage's command line: ``--out`` plus one option per field of its config dataclass."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help=out_help)
+    for name, default in asdict(config_cls()).items():
+        kind = _flag if isinstance(default, bool) else type(default)
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=default)
     args = vars(parser.parse_args(argv))
     out = args.pop("out")
-    print(train(out, TrainConfig(**args)))
+    print(run(out, config_cls(**args)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    config_main(train, TrainConfig, argv, prog="python -m ptp_cli.mini.train", doc=__doc__,
+                out_help="run folder (checkpoints, log, export)")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,198 @@
+"""Stage 1 of ptp-mini: pretrain the vision side (InternViT + projector) alone on the scenes' dense labels.
+
+    python -m ptp_cli.mini.pretrain --out runs/vit --seed 1 --steps 1500
+
+From scratch, the full VQA loop learns colours at once but shapes and glyphs very slowly (a ViT has no
+locality prior, and each step sees two scenes whose objects cover ~2% of the tokens), so the LLM cannot find
+the object a question names. This stage stands in for a real InternViT's pretraining, cheaply: it trains on
+small crops around the objects (6 x 6 visual tokens, 12 x 12 patches: ~1/7 of a tile, mostly object), many
+per step, with the same per-token losses as the VQA stage (colour, shape, glyph, object centre). A crop runs
+the real ViT layers with the position embeddings of the patches it covers, so the weights transfer unchanged
+to full 448 px tiles. ``python -m ptp_cli.mini.train --init runs/vit/vision.pt`` starts the VQA stage from it.
+
+Deterministic for a seed (crops are a pure function of seed and index; one thread) and resumable like the
+VQA stage (``train_state.pt``, atomic, every few minutes).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ptp_cli.image import TilingOptions
+from ptp_cli.mini.data import TOKEN_GRID, TOKEN_PX, token_truth
+from ptp_cli.mini.model import build_mini_tokenizer, mimetic_init, new_model
+from ptp_cli.mini.train import AuxHeads, config_main  # the VQA stage's token heads: --init carries them over
+from ptp_cli.models.internvl import InternVLModel, pixel_shuffle
+from ptp_cli.synth import example, render
+
+STATE = "train_state.pt"
+VISION = "vision.pt"  # the stage's product: vision_model.*, mlp1.* and the token heads, for --init
+PROBE_SEED = 999  # unseen scenes for the probe (below EVAL_SEED, never a training seed of this stage)
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    seed: int = 1  # data and init seed (the VQA stage's init seed, so the LLM part is the same)
+    steps: int = 1500  # optimizer steps
+    scenes_per_step: int = 8  # single-tile scenes per step; every object gives one crop, plus one background crop
+    vit_width: int = 32  # ViT width (12 layers, heads of 16 channels)
+    mimetic: bool = True  # mimetic init of the ViT's attention (a grouping prior; see mini.model.mimetic_init)
+    crop_tokens: int = 6  # crop side in visual tokens (2 patches each)
+    lr: float = 3e-3  # peak AdamW learning rate
+    warmup: int = 100  # linear warm-up steps
+    weight_decay: float = 0.01  # AdamW decay of matrices
+    checkpoint_minutes: float = 5.0  # wall-clock minutes between checkpoints
+    probe_every: int = 250  # steps between probes of the token read-outs on unseen scenes (0: never)
+
+
+Crops = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # pixels [N, 3, 28c, 28c], labels [N, c*c, 4], corners [N, 2]
+
+
+def crops_of(seed: int, index: int, *, crop_tokens: int, tiling: TilingOptions) -> Crops:
+    """Crops of the ``index``-th single-tile scene of ``seed``: pixels [N, 3, 28c, 28c], token labels
+    [N, c*c, 4] and each crop's top-left token (row, col) [N, 2]; one crop per object (the object's centre
+    token at a random place at least one token from the crop's edge) and one at random."""
+    rng = np.random.default_rng([seed, index, 11])
+    ex = example(seed, index, max_tiles=1)
+    pixels = tiling.preprocess(render(ex.scene))[0]  # [3, 448, 448]
+    labels = token_truth(ex.scene, 1)[0][0].view(TOKEN_GRID, TOKEN_GRID, 4)  # [16, 16, 4]
+    c, top = crop_tokens, TOKEN_GRID - crop_tokens
+    corners = []
+    for ci, cj in labels[..., 3].nonzero().tolist():  # object centres
+        i, j = ci - rng.integers(1, c - 1), cj - rng.integers(1, c - 1)
+        corners.append([int(np.clip(i, 0, top)), int(np.clip(j, 0, top))])
+    corners.append(rng.integers(0, top + 1, size=2).tolist())
+    px = [pixels[:, i * TOKEN_PX:(i + c) * TOKEN_PX, j * TOKEN_PX:(j + c) * TOKEN_PX] for i, j in corners]
+    lab = [labels[i:i + c, j:j + c].reshape(c * c, 4) for i, j in corners]
+    return torch.stack(px), torch.stack(lab), torch.tensor(corners)
+
+
+def crop_features(model: InternVLModel, pixels: torch.Tensor, corners: torch.Tensor) -> torch.Tensor:
+    """Visual tokens [N, c*c, D] of crops [N, 3, 28c, 28c] whose top-left tokens are ``corners`` [N, 2]: the
+    ViT's own layers, each patch with the position embedding it has in a full tile."""
+    vit, g = model.vision_model, model.cfg.vision.grid
+    emb = vit.embeddings
+    x = emb.patch_embedding(pixels).flatten(2).transpose(1, 2)  # [N, P, C], P = (2c)^2 patches row-major
+    n, p, _ = x.shape
+    side = round(p**0.5)
+    f = model.cfg.shuffle_factor
+    rows = corners[:, :1, None] * f + torch.arange(side)[None, :, None]  # [N, side, 1] patch rows
+    cols = corners[:, 1:, None] * f + torch.arange(side)[None, None, :]  # [N, 1, side]
+    index = (1 + rows * g + cols).flatten(1)  # [N, P] into the 1 + g*g position table
+    pos = emb.position_embedding[0]  # [1 + g*g, C]
+    x = torch.cat([emb.class_embedding.expand(n, -1, -1) + pos[0], x + pos[index]], dim=1)  # [N, 1 + P, C]
+    for layer in vit.encoder.layers:
+        x, _ = layer(x)
+    merged = pixel_shuffle(x[:, 1:].reshape(n, side, side, -1), factor=f, version=model.cfg.ps_version)
+    return model.mlp1(merged.flatten(1, 2))  # [N, c*c, D]
+
+
+def batch(cfg: PretrainConfig, seed: int, first: int, n: int, tiling: TilingOptions) -> Crops:
+    parts = [crops_of(seed, first + k, crop_tokens=cfg.crop_tokens, tiling=tiling) for k in range(n)]
+    return tuple(torch.cat(z) for z in zip(*parts, strict=True))
+
+
+def probe(model: InternVLModel, heads, cfg: PretrainConfig, tiling: TilingOptions, *, scenes: int = 40) -> dict[str, float]:
+    """Accuracy of the colour, shape and glyph read-outs on object tokens (and of the centre read-out on
+    centre tokens) of crops from unseen scenes (seed PROBE_SEED)."""
+    pixels, labels, corners = batch(cfg, PROBE_SEED, 0, scenes, tiling)
+    with torch.no_grad():
+        flat = crop_features(model, pixels, corners).flatten(0, 1)  # [N*c*c, D]
+    labels = labels.flatten(0, 1)
+    out = {}
+    for k, name in enumerate(("colour", "shape", "glyph", "centre")):
+        target = labels[:, k]
+        part = target > 0
+        pred = (heads.colour, heads.shape, heads.glyph, heads.centre)[k](flat[part]).argmax(-1)
+        out[name] = round((pred == target[part]).float().mean().item(), 4)
+    return out
+
+
+def lr_at(cfg: PretrainConfig, step: int) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    p = (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(p, 1.0))))
+
+
+def pretrain(out: Path, cfg: PretrainConfig, *, stop_at: int | None = None) -> Path:
+    """Pretrain (or resume) into ``out``; returns ``out/vision.pt``."""
+    if not 0 <= cfg.seed < PROBE_SEED:
+        raise ValueError(f"seeds {PROBE_SEED} and up are held out; pretrain with a seed in [0, {PROBE_SEED})")
+    torch.set_num_threads(1)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok_dir = out / "tokenizer"
+    if not (tok_dir / "tokenizer.json").is_file():
+        build_mini_tokenizer(tok_dir)
+    model = new_model(tok_dir, seed=cfg.seed, vit_width=cfg.vit_width)
+    if cfg.mimetic:
+        mimetic_init(model, generator=torch.Generator().manual_seed(cfg.seed))
+    model.language_model.requires_grad_(False)
+    heads = AuxHeads(model.cfg.llm.hidden_size, model.cfg.vision.hidden_size)
+    params = [*model.vision_model.parameters(), *model.mlp1.parameters(), *heads.parameters()]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98))
+    step, elapsed = 0, 0.0
+    if (out / STATE).is_file():
+        state = torch.load(out / STATE, weights_only=True)
+        schedule_only = {"checkpoint_minutes": 0, "probe_every": 0}  # settings that do not change the weights
+        if {**state["config"], **schedule_only} != {**asdict(cfg), **schedule_only}:
+            raise ValueError(f"{out} holds a run with other settings: {state['config']}")
+        model.load_state_dict(state["model"])
+        heads.load_state_dict(state["heads"])
+        opt.load_state_dict(state["opt"])
+        step, elapsed = int(state["step"]), float(state["elapsed"])
+    tiling = TilingOptions.from_config(model.cfg)
+    t0, last_save = time.perf_counter() - elapsed, time.perf_counter()
+    end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
+    while step < end:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(cfg, step)
+        pixels, labels, corners = batch(cfg, cfg.seed, step * cfg.scenes_per_step, cfg.scenes_per_step, tiling)
+        feats = crop_features(model, pixels, corners)  # [N, c*c, D]
+        loss = heads.token_loss(feats.flatten(0, 1), labels.flatten(0, 1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        now = time.perf_counter()
+        record: dict = {}
+        if step % 10 == 0:
+            record = {"step": step, "elapsed": round(now - t0, 1), "loss": round(loss.item(), 4)}
+        if cfg.probe_every and (step % cfg.probe_every == 0 or step == end):
+            record = {"step": step, "elapsed": round(now - t0, 1), "loss": round(loss.item(), 4),
+                      "probe": probe(model, heads, cfg, tiling)}
+        if record:
+            with (out / "train.log").open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        if now - last_save >= cfg.checkpoint_minutes * 60 or step == end:
+            tmp = out / (STATE + ".tmp")
+            torch.save({"model": model.state_dict(), "heads": heads.state_dict(), "opt": opt.state_dict(),
+                        "step": step, "config": asdict(cfg), "elapsed": now - t0}, tmp)
+            os.replace(tmp, out / STATE)
+            last_save = now
+    vision = {k: v for k, v in model.state_dict().items() if k.startswith(("vision_model.", "mlp1."))}
+    vision.update({f"heads.{k}": v for k, v in heads.state_dict().items()})
+    torch.save(vision, out / VISION)
+    return out / VISION
+
+
+def main(argv: list[str] | None = None) -> None:
+    config_main(pretrain, PretrainConfig, argv, prog="python -m ptp_cli.mini.pretrain", doc=__doc__,
+                out_help="run folder (checkpoint, log, vision.pt)")
+
+
+if __name__ == "__main__":
+    main()
