@@ -1,6 +1,6 @@
 """Stage 1 of ptp-mini: pretrain the vision side (InternViT + projector) alone on the scenes' dense labels.
 
-    python -m ptp_cli.mini.pretrain --out runs/vit --seed 1 --steps 1500
+    python -m ptp_cli.mini.pretrain --out runs/vit --seed 1
 
 From scratch, the full VQA loop learns colours at once but shapes and glyphs very slowly (a ViT has no
 locality prior, and each step sees two scenes whose objects cover ~2% of the tokens), so the LLM cannot find
@@ -42,12 +42,12 @@ PROBE_SEED = 999  # unseen scenes for the probe (below EVAL_SEED, never a traini
 @dataclass(frozen=True)
 class PretrainConfig:
     seed: int = 1  # data and init seed (the VQA stage's init seed, so the LLM part is the same)
-    steps: int = 1500  # optimizer steps
+    steps: int = 6000  # optimizer steps (shapes are read at ~97% after 4000)
     scenes_per_step: int = 8  # single-tile scenes per step; every object gives one crop, plus one background crop
     vit_width: int = 32  # ViT width (12 layers, heads of 16 channels)
     mimetic: bool = True  # mimetic init of the ViT's attention (a grouping prior; see mini.model.mimetic_init)
     crop_tokens: int = 6  # crop side in visual tokens (2 patches each)
-    lr: float = 3e-3  # peak AdamW learning rate
+    lr: float = 6e-3  # peak AdamW learning rate
     warmup: int = 100  # linear warm-up steps
     weight_decay: float = 0.01  # AdamW decay of matrices
     checkpoint_minutes: float = 5.0  # wall-clock minutes between checkpoints
