@@ -8,12 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from ptp_cli.mini.data import IGNORE, make_sample, token_truth
 from ptp_cli.mini.evaluate import EVAL_SEED, evaluate, normalise, score
 from ptp_cli.mini.model import build_mini_tokenizer, export, new_model
+from ptp_cli.mini.pretrain import PretrainConfig, pretrain
 from ptp_cli.mini.shipped import SHIPPED_DIR
 from ptp_cli.mini.train import STATE, TrainConfig, train
 from ptp_cli.pipeline import Pipeline, RunConfig
@@ -21,8 +23,8 @@ from ptp_cli.prompts import get_template
 from ptp_cli.pruning import PruneConfig
 from ptp_cli.pruning.base import METHODS
 from ptp_cli.records import iter_records
-from ptp_cli.synth import example, write_benchmark
-from ptp_cli.synth.scene import COLOURS, SHAPES
+from ptp_cli.synth import TYPES, example, more_questions, write_benchmark
+from ptp_cli.synth.scene import COLOURS, PLURALS, SHAPES
 from ptp_cli.zoo import load_model
 
 CI_SEED = EVAL_SEED + 1  # the fixed CI split: never trained on (training refuses seeds >= EVAL_SEED)
@@ -75,6 +77,41 @@ def test_training_sees_exactly_the_inference_prompt_and_tiles(fresh, tmp_path: P
         assert set(sample.labels[: n - 1].tolist()) == {IGNORE}
 
 
+def test_naming_rows_end_each_phrase_that_names_objects_and_point_at_them(fresh, tmp_path: Path):
+    """The grounding loss's data: per question, the last token of each naming phrase, and the visual tokens of
+    exactly the objects that phrase names (e.g. every circle for "What color is the circle?")."""
+    model, path = fresh
+    tokenizer = load_model(str(path)).tokenizer
+    template = get_template(model.cfg.template)
+    seen = set()
+    for i in range(12):
+        ex = example(5, i, max_tiles=4)
+        sample = make_sample(ex, more_questions(ex.scene, np.random.default_rng(i), 3), tokenizer=tokenizer,
+                             template=template, cfg=model.cfg)
+        labels = sample.token_labels.flatten(0, 1)  # [T*256, 4]
+        flat = [r for rows in sample.naming_rows for r in rows]
+        assert len(flat) == len(sample.named)
+        k = 0
+        for qtype, rows in zip(sample.types, sample.naming_rows, strict=True):
+            assert len(rows) == (2 if qtype == "position" else 1)
+            for row in rows:
+                word = tokenizer.decode(sample.ids[row - 3 : row + 1].tolist())
+                after = tokenizer.decode(sample.ids[row + 1 : row + 2].tolist())
+                assert word.rstrip().split()[-1] in {*SHAPES, *COLOURS, *PLURALS.values()}, word
+                assert after[:1] in (" ", "?"), (word, after)  # the phrase ends at this token
+                named = sample.named[k]
+                if named:
+                    shapes = {int(x) for x in labels[named, 1]}
+                    colours = {int(x) for x in labels[named, 0]}
+                    if qtype in ("color", "count"):
+                        assert len(shapes) == 1, (qtype, word)
+                    if qtype == "shape":
+                        assert len(colours) == 1, (qtype, word)
+                seen.add(qtype)
+                k += 1
+    assert seen == set(TYPES)
+
+
 def test_token_truth_marks_each_object_once_per_grid_and_once_in_the_thumbnail():
     for i in range(24):
         scene = example(5, i).scene
@@ -109,9 +146,15 @@ def test_training_refuses_held_out_seeds(tmp_path: Path):
         train(tmp_path, TrainConfig(seed=EVAL_SEED))
 
 
+def test_the_vqa_stage_needs_a_pretrained_vision_side(tmp_path: Path):
+    with pytest.raises(ValueError, match="--init"):
+        train(tmp_path, TrainConfig())
+
+
 def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path: Path):
+    vision = pretrain(tmp_path / "vit", PretrainConfig(steps=1, scenes_per_step=1, warmup=1, probe_every=0))
     cfg = TrainConfig(steps=2, images_per_step=1, extra_questions=1, warmup=1, single_tile_until=1.0,
-                      checkpoint_minutes=60, eval_minutes=0)
+                      checkpoint_minutes=60, eval_minutes=0, init=str(vision))
     train(tmp_path / "straight", cfg)
     train(tmp_path / "twice", cfg, stop_at=1)
     assert torch.load(tmp_path / "twice" / STATE, weights_only=True)["step"] == 1
@@ -121,6 +164,10 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path: Path):
     assert a["step"] == b["step"] == 2
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
+    vit = torch.load(vision, weights_only=True)
+    for name, tensor in a["model"].items():  # the vision side stays as pretrained
+        if name.startswith(("vision_model.", "mlp1.")):
+            assert torch.equal(tensor, vit[name]), name
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -11,8 +11,16 @@ import torch
 from ptp_cli.image import TilingOptions
 from ptp_cli.mini.data import TOKEN_GRID, token_truth
 from ptp_cli.mini.model import build_mini_tokenizer, mimetic_init, new_model
-from ptp_cli.mini.pretrain import STATE, PretrainConfig, crop_features, crops_of, pretrain
-from ptp_cli.mini.train import AuxHeads, TrainConfig, load_vision, train
+from ptp_cli.mini.pretrain import (
+    STATE,
+    AuxHeads,
+    PretrainConfig,
+    crop_features,
+    crops_of,
+    load_vision,
+    pretrain,
+)
+from ptp_cli.mini.train import TrainConfig, train
 from ptp_cli.synth import example, render
 
 
@@ -29,9 +37,10 @@ def test_a_whole_tile_crop_gives_exactly_the_inference_features(model):
     scene = example(5, 0, max_tiles=1).scene
     pixels = TilingOptions.from_config(model.cfg).preprocess(render(scene))  # [1, 3, 448, 448]
     with torch.no_grad():
-        theirs = model.vision_features(pixels).features  # [1, 256, D]
-        ours = crop_features(model, pixels, torch.tensor([[0, 0]]))
-    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+        theirs = model.vision_features(pixels)  # features [1, 256, D], cls [1, Cv]
+        ours, cls = crop_features(model, pixels, torch.tensor([[0, 0]]))
+    torch.testing.assert_close(ours, theirs.features, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(cls, theirs.cls, atol=1e-5, rtol=1e-4)
 
 
 def test_each_object_crop_holds_its_object_away_from_the_edge(model):
@@ -61,7 +70,7 @@ def test_pretraining_resumes_to_the_same_weights_and_starts_the_vqa_stage(tmp_pa
     fresh = new_model(tmp_path / "straight" / "tokenizer", seed=1)
     patches = "vision_model.embeddings.patch_embedding.weight"
     assert not torch.equal(fresh.state_dict()[patches], a[patches])  # the stage trained the ViT
-    load_vision(fresh, AuxHeads(128, 32), vision)
+    load_vision(fresh, vision, AuxHeads(128, 32))
     for name, tensor in fresh.state_dict().items():
         assert torch.equal(tensor, a[name]), name  # ViT and projector from the stage, the LLM as initialised
     train(tmp_path / "vqa", TrainConfig(steps=1, images_per_step=1, extra_questions=0, warmup=1, eval_minutes=0,

@@ -7,6 +7,7 @@ questions about the same image follow as later turns of the same chat template (
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,7 +17,7 @@ from ptp_cli.config import ModelConfig
 from ptp_cli.image import TilingOptions, find_grid
 from ptp_cli.prompts import Template, encode_prompt
 from ptp_cli.synth import Example, Question, Scene, render
-from ptp_cli.synth.scene import COLOURS, GLYPHS, SHAPES, TILE
+from ptp_cli.synth.scene import COLOURS, GLYPHS, PLURALS, SHAPES, TILE, Obj
 from ptp_cli.tokenization import Tokenizer
 
 IGNORE = -100  # label of positions without a loss
@@ -37,7 +38,8 @@ class Sample:
     has_object: torch.Tensor  # [T] bool, the tile shows part of an object
     types: list[str]  # the question types asked
     answer_rows: list[int]  # per question: the position whose next token is the answer's first
-    focus: list[list[int]]  # per question: the visual tokens (0..T*256-1) showing the objects it is about
+    naming_rows: list[list[int]]  # per question: the last token of each phrase naming an object ("red circle")
+    named: list[list[int]]  # per naming row (flat, in order): visual tokens (0..T*256-1) of the objects it names
 
 
 def _body(tokenizer: Tokenizer, text: str) -> list[int]:
@@ -45,12 +47,37 @@ def _body(tokenizer: Tokenizer, text: str) -> list[int]:
     return ids[1:] if ids and ids[0] == tokenizer.bos_id else ids
 
 
+def _find(seq: list[int], sub: list[int], start: int) -> int:
+    for i in range(start, len(seq) - len(sub) + 1):
+        if seq[i:i + len(sub)] == sub:
+            return i
+    raise ValueError("a question's tokens are not where the chat template put them")
+
+
+def naming_phrases(q: Question) -> list[tuple[int, Callable[[Obj], bool]]]:
+    """Where each phrase of ``q`` that names objects ends (a character offset into ``q.text``) and which objects
+    it names: "What color is the [circle]?" names every circle; "Where is the [red circle] relative to the
+    [blue square]?" names two objects."""
+    t, target = q.text, q.target
+    if q.type == "position":
+        a, b = f"{target[0]} {target[1]}", f"{target[2]} {target[3]}"
+        end_a = t.index(a) + len(a)
+        return [(end_a, lambda o: o.kind == target[:2]), (t.index(b, end_a) + len(b), lambda o: o.kind == target[2:])]
+    if q.type in ("color", "count"):
+        phrase, which = (PLURALS[target[0]] if q.type == "count" else target[0]), lambda o: o.shape == target[0]
+    elif q.type == "shape":
+        phrase, which = target[0], lambda o: o.colour == target[0]
+    else:  # text, exist
+        phrase, which = f"{target[0]} {target[1]}", lambda o: o.kind == target
+    return [(t.index(phrase) + len(phrase), which)]
+
+
 def chat_ids(
     tokenizer: Tokenizer, template: Template, questions: list[Question], *, num_image_tokens: int,
     system_message: str | None,
-) -> tuple[list[int], list[int], int, list[int]]:
-    """(ids, labels, image_start, answer rows) of a conversation: the image and the first question, then one
-    turn each."""
+) -> tuple[list[int], list[int], int, list[int], list[list[int]]]:
+    """(ids, labels, image_start, answer rows, naming rows) of a conversation: the image and the first question,
+    then one turn each; per question, the rows of the last token of each phrase that names objects."""
     first = encode_prompt(
         tokenizer, template, question=questions[0].text, num_image_tokens=num_image_tokens,
         system_message=system_message,
@@ -58,30 +85,25 @@ def chat_ids(
     sep = tokenizer.token_to_id(template.sep_token)
     assert sep is not None
     ids, labels = list(first.ids), [IGNORE] * len(first.ids)
-    rows = []
+    rows, naming, cursor = [], [], first.image_start + num_image_tokens
     for i, q in enumerate(questions):
         if i:
             turn = _body(tokenizer, template.user_role + q.text + template.sep + template.assistant_role)
             ids += turn
             labels += [IGNORE] * len(turn)
+        text = _body(tokenizer, q.text)
+        begin = _find(ids, text, cursor)
+        cursor = begin + len(text)
+        prefixes = [_body(tokenizer, q.text[:end]) for end, _ in naming_phrases(q)]
+        if any(text[:len(p)] != p for p in prefixes):  # a phrase's last token must be a token of the question
+            raise ValueError(f"the tokenizer merges across a naming phrase's end in {q.text!r}")
+        naming.append([begin + len(p) - 1 for p in prefixes])
         target = [*_body(tokenizer, q.answer), sep]
         labels[-1] = target[0]  # the last prompt token predicts the answer's first token
         rows.append(len(ids) - 1)
         ids += target
         labels += [*target[1:], IGNORE]
-    return ids, labels, first.image_start, rows
-
-
-def focus_objects(scene: Scene, q: Question) -> list[int]:
-    """Indices of the scene's objects a question is about (none for a "no" existence question)."""
-    t = q.target
-    if q.type in ("color", "count"):
-        return [i for i, o in enumerate(scene.objects) if o.shape == t[0]]
-    if q.type == "shape":
-        return [i for i, o in enumerate(scene.objects) if o.colour == t[0]]
-    if q.type in ("text", "exist"):
-        return [i for i, o in enumerate(scene.objects) if o.kind == t]
-    return [i for i, o in enumerate(scene.objects) if o.kind in (t[:2], t[2:])]
+    return ids, labels, first.image_start, rows, naming
 
 
 def _tile_frames(scene: Scene, n_tiles: int) -> list[tuple[float, float, float, float]]:
@@ -135,7 +157,7 @@ def make_sample(
     pixels = tiling.preprocess(render(scene))  # [T, 3, 448, 448]
     n_tiles = pixels.shape[0]
     questions = [ex.question, *extra]
-    ids, labels, start, rows = chat_ids(
+    ids, labels, start, rows, naming = chat_ids(
         tokenizer, template, questions, num_image_tokens=n_tiles * cfg.tokens_per_tile,
         system_message=system_message,
     )
@@ -143,6 +165,9 @@ def make_sample(
     return Sample(
         pixel_values=pixels, ids=torch.tensor(ids), labels=torch.tensor(labels), image_start=start,
         token_labels=token_labels, cls_targets=present, has_object=present[:, -1] > 0,
-        types=[q.type for q in questions], answer_rows=rows,
-        focus=[sorted({i for n in focus_objects(scene, q) for i in where[n]}) for q in questions],
+        types=[q.type for q in questions], answer_rows=rows, naming_rows=naming,
+        named=[
+            sorted({i for n, o in enumerate(scene.objects) if names(o) for i in where[n]})
+            for q in questions for _, names in naming_phrases(q)
+        ],
     )

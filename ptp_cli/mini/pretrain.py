@@ -16,26 +16,26 @@ VQA stage (``train_state.pt``, atomic, every few minutes).
 
 from __future__ import annotations
 
-import json
-import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ptp_cli.image import TilingOptions
-from ptp_cli.mini.data import TOKEN_GRID, TOKEN_PX, token_truth
+from ptp_cli.mini.data import CLS_TARGETS, TOKEN_GRID, TOKEN_PX, token_truth
 from ptp_cli.mini.model import build_mini_tokenizer, mimetic_init, new_model
-from ptp_cli.mini.train import AuxHeads, config_main  # the VQA stage's token heads: --init carries them over
+from ptp_cli.mini.runs import config_main, load_state, log, lr_at, save_state
 from ptp_cli.models.internvl import InternVLModel, pixel_shuffle
 from ptp_cli.synth import example, render
+from ptp_cli.synth.scene import COLOURS, GLYPHS, SHAPES
 
 STATE = "train_state.pt"
 VISION = "vision.pt"  # the stage's product: vision_model.*, mlp1.* and the token heads, for --init
+BACKGROUND_WEIGHT = 0.2  # weight of the background tokens' losses against the objects' tokens
 PROBE_SEED = 999  # unseen scenes for the probe (below EVAL_SEED, never a training seed of this stage)
 
 
@@ -52,6 +52,49 @@ class PretrainConfig:
     weight_decay: float = 0.01  # AdamW decay of matrices
     checkpoint_minutes: float = 5.0  # wall-clock minutes between checkpoints
     probe_every: int = 250  # steps between probes of the token read-outs on unseen scenes (0: never)
+    cls_weight: float = 1.0  # weight of the CLS loss: the crop's CLS predicts which colours and shapes it shows
+    place_weight: float = 0.5  # weight of the place loss: each token predicts its row and column in the tile
+    init: str = ""  # a vision.pt to continue from (a fresh schedule on trained weights); "": from scratch
+
+
+class AuxHeads(nn.Module):
+    """Training-only read-outs of the vision features (not exported): per token and of the CLS."""
+
+    def __init__(self, llm_width: int, vit_width: int) -> None:
+        super().__init__()
+        self.colour = nn.Linear(llm_width, len(COLOURS) + 1)
+        self.shape = nn.Linear(llm_width, len(SHAPES) + 1)
+        self.glyph = nn.Linear(llm_width, len(GLYPHS) + 1)
+        self.centre = nn.Linear(llm_width, 2)
+        self.place = nn.Linear(llm_width, 2 * TOKEN_GRID)  # the token's row, then column, in its tile
+        self.cls = nn.Linear(vit_width, CLS_TARGETS)
+
+    def token_loss(self, flat: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-token losses of visual tokens flat [N, D] against their labels [N, 4] (colour, shape, glyph,
+        centre)."""
+        total = flat.new_zeros(())
+        for k, head in enumerate((self.colour, self.shape, self.glyph, self.centre)):
+            target = labels[:, k]
+            # Objects cover ~2% of the tokens: their tokens and the background's weigh apart, or "nothing
+            # here" everywhere is a good enough answer.
+            for part, weight in ((target > 0, 1.0), (target == 0, BACKGROUND_WEIGHT)):
+                if part.any():
+                    total = total + weight * F.cross_entropy(head(flat[part]), target[part])
+        return total
+
+
+def load_vision(model: InternVLModel, path: Path, heads: AuxHeads | None = None) -> None:
+    """Load a stage-1 product (``vision.pt``): ViT and projector into ``model``, token heads into ``heads``."""
+    state = torch.load(path, weights_only=True)
+    if heads is not None:
+        saved = {k.removeprefix("heads."): v for k, v in state.items() if k.startswith("heads.")}
+        missing, unexpected = heads.load_state_dict(saved, strict=False)
+        if unexpected or any(not k.startswith("place.") for k in missing):  # older states lack "place"
+            raise ValueError(f"{path} holds other token heads (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    vision = {k: v for k, v in state.items() if not k.startswith("heads.")}
+    missing, unexpected = model.load_state_dict(vision, strict=False)
+    if unexpected or any(k.startswith(("vision_model.", "mlp1.")) for k in missing):
+        raise ValueError(f"{path} is not a ptp-mini vision state (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
 Crops = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # pixels [N, 3, 28c, 28c], labels [N, c*c, 4], corners [N, 2]
@@ -76,9 +119,11 @@ def crops_of(seed: int, index: int, *, crop_tokens: int, tiling: TilingOptions) 
     return torch.stack(px), torch.stack(lab), torch.tensor(corners)
 
 
-def crop_features(model: InternVLModel, pixels: torch.Tensor, corners: torch.Tensor) -> torch.Tensor:
-    """Visual tokens [N, c*c, D] of crops [N, 3, 28c, 28c] whose top-left tokens are ``corners`` [N, 2]: the
-    ViT's own layers, each patch with the position embedding it has in a full tile."""
+def crop_features(
+    model: InternVLModel, pixels: torch.Tensor, corners: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Visual tokens [N, c*c, D] and last-layer CLS [N, Cv] of crops [N, 3, 28c, 28c] whose top-left tokens
+    are ``corners`` [N, 2]: the ViT's own layers, each patch with the position embedding it has in a full tile."""
     vit, g = model.vision_model, model.cfg.vision.grid
     emb = vit.embeddings
     x = emb.patch_embedding(pixels).flatten(2).transpose(1, 2)  # [N, P, C], P = (2c)^2 patches row-major
@@ -93,7 +138,7 @@ def crop_features(model: InternVLModel, pixels: torch.Tensor, corners: torch.Ten
     for layer in vit.encoder.layers:
         x, _ = layer(x)
     merged = pixel_shuffle(x[:, 1:].reshape(n, side, side, -1), factor=f, version=model.cfg.ps_version)
-    return model.mlp1(merged.flatten(1, 2))  # [N, c*c, D]
+    return model.mlp1(merged.flatten(1, 2)), x[:, 0]  # [N, c*c, D], [N, Cv]
 
 
 def batch(cfg: PretrainConfig, seed: int, first: int, n: int, tiling: TilingOptions) -> Crops:
@@ -101,12 +146,14 @@ def batch(cfg: PretrainConfig, seed: int, first: int, n: int, tiling: TilingOpti
     return tuple(torch.cat(z) for z in zip(*parts, strict=True))
 
 
+@torch.no_grad()
 def probe(model: InternVLModel, heads, cfg: PretrainConfig, tiling: TilingOptions, *, scenes: int = 40) -> dict[str, float]:
     """Accuracy of the colour, shape and glyph read-outs on object tokens (and of the centre read-out on
     centre tokens) of crops from unseen scenes (seed PROBE_SEED)."""
     pixels, labels, corners = batch(cfg, PROBE_SEED, 0, scenes, tiling)
-    with torch.no_grad():
-        flat = crop_features(model, pixels, corners).flatten(0, 1)  # [N*c*c, D]
+    feats, cls = crop_features(model, pixels, corners)
+    flat = feats.flatten(0, 1)  # [N*c*c, D]
+    present = crop_presence(labels)
     labels = labels.flatten(0, 1)
     out = {}
     for k, name in enumerate(("colour", "shape", "glyph", "centre")):
@@ -114,14 +161,38 @@ def probe(model: InternVLModel, heads, cfg: PretrainConfig, tiling: TilingOption
         part = target > 0
         pred = (heads.colour, heads.shape, heads.glyph, heads.centre)[k](flat[part]).argmax(-1)
         out[name] = round((pred == target[part]).float().mean().item(), 4)
+    rows, cols = places(corners, cfg.crop_tokens)
+    logits = heads.place(flat)
+    out["place"] = round(((logits[:, :TOKEN_GRID].argmax(-1) == rows) & (logits[:, TOKEN_GRID:].argmax(-1) == cols))
+                         .float().mean().item(), 4)
+    out["cls"] = round(((heads.cls(cls) > 0).float() == present).float().mean().item(), 4)
     return out
 
 
-def lr_at(cfg: PretrainConfig, step: int) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    p = (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(p, 1.0))))
+def places(corners: torch.Tensor, crop_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tile rows and columns [N*c*c] of the tokens of crops with top-left tokens ``corners`` [N, 2]."""
+    local = torch.arange(crop_tokens)
+    rows = (corners[:, 0, None, None] + local[None, :, None]).expand(-1, -1, crop_tokens)  # [N, c, c]
+    cols = (corners[:, 1, None, None] + local[None, None, :]).expand(-1, crop_tokens, -1)
+    return rows.flatten(), cols.flatten()
+
+
+def place_loss(heads, flat: torch.Tensor, corners: torch.Tensor, crop_tokens: int) -> torch.Tensor:
+    """Cross-entropy of each token's row and column read-out (flat [N*c*c, D]): keeps where a token lies in
+    the features, which relative-position questions need."""
+    rows, cols = places(corners, crop_tokens)
+    logits = heads.place(flat)
+    return F.cross_entropy(logits[:, :TOKEN_GRID], rows) + F.cross_entropy(logits[:, TOKEN_GRID:], cols)
+
+
+def crop_presence(labels: torch.Tensor) -> torch.Tensor:
+    """[N, CLS_TARGETS] float: which colours and shapes each crop shows (any token), and whether any object,
+    from token labels [N, c*c, 4] (the targets of the CLS read-out, as for whole tiles in the VQA stage)."""
+    n = labels.shape[0]
+    colours = F.one_hot(labels[..., 0], len(COLOURS) + 1).amax(1)[:, 1:]  # [N, colours]
+    shapes = F.one_hot(labels[..., 1], len(SHAPES) + 1).amax(1)[:, 1:]  # [N, shapes]
+    anything = (labels[..., 0] > 0).any(1, keepdim=True)
+    return torch.cat([colours, shapes, anything], dim=1).float().reshape(n, CLS_TARGETS)
 
 
 def pretrain(out: Path, cfg: PretrainConfig, *, stop_at: int | None = None) -> Path:
@@ -139,16 +210,15 @@ def pretrain(out: Path, cfg: PretrainConfig, *, stop_at: int | None = None) -> P
         mimetic_init(model, generator=torch.Generator().manual_seed(cfg.seed))
     model.language_model.requires_grad_(False)
     heads = AuxHeads(model.cfg.llm.hidden_size, model.cfg.vision.hidden_size)
+    if cfg.init:
+        load_vision(model, Path(cfg.init), heads)
     params = [*model.vision_model.parameters(), *model.mlp1.parameters(), *heads.parameters()]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98))
     step, elapsed = 0, 0.0
-    if (out / STATE).is_file():
-        state = torch.load(out / STATE, weights_only=True)
-        schedule_only = {"checkpoint_minutes": 0, "probe_every": 0}  # settings that do not change the weights
-        if {**state["config"], **schedule_only} != {**asdict(cfg), **schedule_only}:
-            raise ValueError(f"{out} holds a run with other settings: {state['config']}")
+    state = load_state(out / STATE, cfg, ("checkpoint_minutes", "probe_every"))
+    if state is not None:
         model.load_state_dict(state["model"])
         heads.load_state_dict(state["heads"])
         opt.load_state_dict(state["opt"])
@@ -158,10 +228,14 @@ def pretrain(out: Path, cfg: PretrainConfig, *, stop_at: int | None = None) -> P
     end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
     while step < end:
         for group in opt.param_groups:
-            group["lr"] = lr_at(cfg, step)
+            group["lr"] = lr_at(cfg.lr, cfg.warmup, cfg.steps, step)
         pixels, labels, corners = batch(cfg, cfg.seed, step * cfg.scenes_per_step, cfg.scenes_per_step, tiling)
-        feats = crop_features(model, pixels, corners)  # [N, c*c, D]
+        feats, cls = crop_features(model, pixels, corners)  # [N, c*c, D], [N, Cv]
         loss = heads.token_loss(feats.flatten(0, 1), labels.flatten(0, 1))
+        if cfg.place_weight:
+            loss = loss + cfg.place_weight * place_loss(heads, feats.flatten(0, 1), corners, cfg.crop_tokens)
+        if cfg.cls_weight:
+            loss = loss + cfg.cls_weight * F.binary_cross_entropy_with_logits(heads.cls(cls), crop_presence(labels))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(params, 1.0)
@@ -175,13 +249,11 @@ def pretrain(out: Path, cfg: PretrainConfig, *, stop_at: int | None = None) -> P
             record = {"step": step, "elapsed": round(now - t0, 1), "loss": round(loss.item(), 4),
                       "probe": probe(model, heads, cfg, tiling)}
         if record:
-            with (out / "train.log").open("a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            log(out, record)
         if now - last_save >= cfg.checkpoint_minutes * 60 or step == end:
-            tmp = out / (STATE + ".tmp")
-            torch.save({"model": model.state_dict(), "heads": heads.state_dict(), "opt": opt.state_dict(),
-                        "step": step, "config": asdict(cfg), "elapsed": now - t0}, tmp)
-            os.replace(tmp, out / STATE)
+            save_state(out / STATE, {"model": model.state_dict(), "heads": heads.state_dict(),
+                                     "opt": opt.state_dict(), "step": step, "config": asdict(cfg),
+                                     "elapsed": now - t0})
             last_save = now
     vision = {k: v for k, v in model.state_dict().items() if k.startswith(("vision_model.", "mlp1."))}
     vision.update({f"heads.{k}": v for k, v in heads.state_dict().items()})
