@@ -40,6 +40,8 @@ class Sample:
     answer_rows: list[int]  # per question: the position whose next token is the answer's first
     naming_rows: list[list[int]]  # per question: the last token of each phrase naming an object ("red circle")
     named: list[list[int]]  # per naming row (flat, in order): visual tokens (0..T*256-1) of the objects it names
+    named_one: list[tuple[int, int, int] | None]  # per naming row: (colour, shape, glyph) classes of the one
+    # object it names (glyph IGNORE when it carries none); None when it names several or none
 
 
 def _body(tokenizer: Tokenizer, text: str) -> list[int]:
@@ -170,4 +172,15 @@ def make_sample(
             sorted({i for n, o in enumerate(scene.objects) if names(o) for i in where[n]})
             for q in questions for _, names in naming_phrases(q)
         ],
+        named_one=[_classes(scene, names) for q in questions for _, names in naming_phrases(q)],
     )
+
+
+def _classes(scene: Scene, names: Callable[[Obj], bool]) -> tuple[int, int, int] | None:
+    """(colour, shape, glyph) class indices of the one object ``names`` picks out (None: several or none)."""
+    picked = [o for o in scene.objects if names(o)]
+    if len(picked) != 1:
+        return None
+    o = picked[0]
+    glyph = GLYPHS.index(o.glyph) if o.glyph else IGNORE
+    return list(COLOURS).index(o.colour), SHAPES.index(o.shape), glyph

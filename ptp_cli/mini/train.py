@@ -42,6 +42,7 @@ from ptp_cli.models.llm import apply_rope
 from ptp_cli.prompts import get_template
 from ptp_cli.pruning.scores import attention_rows
 from ptp_cli.synth import example, more_questions
+from ptp_cli.synth.scene import COLOURS, GLYPHS, SHAPES
 from ptp_cli.tokenization import load_tokenizer
 
 STATE = "train_state.pt"
@@ -59,6 +60,9 @@ class TrainConfig:
     weight_decay: float = 0.01  # AdamW decay of matrices
     ground_weight: float = 1.0  # weight of the grounding loss: naming tokens attend to the objects they name
     ground_layer: int = 0  # the LLM layer whose attention that loss shapes
+    carry_weight: float = 1.0  # weight of the carry loss: after that layer, a naming token holds its object
+    route_weight: float = 1.0  # weight of the routing loss: the answer position attends to the naming tokens
+    route_layer: int = 1  # the LLM layer (one head of it) whose attention that loss shapes
     single_tile_until: float = 0.15  # fraction of training on one-tile scenes only
     small_grid_until: float = 0.45  # then scenes of up to 4 tiles until this fraction, then up to 12
     checkpoint_minutes: float = 5.0  # wall-clock minutes between checkpoints
@@ -86,43 +90,82 @@ def sample_for(cfg: TrainConfig, step: int, k: int, tokenizer, template, model_c
     return make_sample(ex, extra, tokenizer=tokenizer, template=template, cfg=model_cfg)
 
 
-def ground_loss(lm, h: torch.Tensor, positions: torch.Tensor, sample: Sample, *, layer: int) -> torch.Tensor | None:
-    """-log of the attention mass (mean over heads) each naming token ("... the [red circle]?") puts on the
-    visual tokens of the objects it names, at LLM ``layer``; h [1, S, D] is that layer's input. None when no
-    named object is in the picture (a "no" existence question)."""
-    rows = [r for rs in sample.naming_rows for r in rs]
-    asked = [(r, named) for r, named in zip(rows, sample.named, strict=True) if named]
-    if not asked:
-        return None
+class CarryHeads(nn.Module):
+    """Training-only read-outs of a naming token's hidden state: the named object's colour, shape and glyph."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.colour = nn.Linear(width, len(COLOURS))
+        self.shape = nn.Linear(width, len(SHAPES))
+        self.glyph = nn.Linear(width, len(GLYPHS))
+
+    def loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """h [R, D] hidden states, targets [R, 3] classes (glyph IGNORE where there is none)."""
+        h = F.rms_norm(h, (h.shape[-1],))
+        total = F.cross_entropy(self.colour(h), targets[:, 0]) + F.cross_entropy(self.shape(h), targets[:, 1])
+        if (targets[:, 2] != IGNORE).any():
+            total = total + F.cross_entropy(self.glyph(h), targets[:, 2], ignore_index=IGNORE)
+        return total
+
+
+def attention_loss(
+    lm, h: torch.Tensor, positions: torch.Tensor, rows: list[int], targets: list[torch.Tensor], *, layer: int,
+    head: int | None = None,
+) -> torch.Tensor:
+    """-log of the attention mass each query row puts on its target positions at LLM ``layer`` (mean over
+    heads, or one ``head``); h [1, S, D] is that layer's input, targets[i] [K_i] positions for rows[i]."""
     block = lm.layers[layer]
     hn = block.attention_norm(h)  # [1, S, D]
-    q_rows = torch.tensor([r for r, _ in asked])[None]  # [1, R]
+    q_rows = torch.tensor(rows)[None]  # [1, R]
     lengths = torch.tensor([h.shape[1]])  # [1]: RoPE scaling as for the whole sequence
     cos_q, sin_q = lm.rotary(q_rows, hn.dtype, lengths=lengths)
     cos_k, sin_k = lm.rotary(positions, hn.dtype, lengths=lengths)
     q = apply_rope(block.attention.project_q(hn[:, q_rows[0]]), cos_q, sin_q)  # [1, Hq, R, hd]
     k = apply_rope(block.attention.project_k(hn), cos_k, sin_k)  # [1, Hkv, S, hd]
-    valid = torch.ones(1, h.shape[1], dtype=torch.bool)
-    probs = attention_rows(q, k, q_rows, valid).mean(1)[0]  # [R, S]
-    mass = torch.stack([probs[i, sample.image_start + torch.tensor(t)].sum() for i, (_, t) in enumerate(asked)])
+    probs = attention_rows(q, k, q_rows, torch.ones(1, h.shape[1], dtype=torch.bool))  # [1, Hq, R, S]
+    probs = probs[0].mean(0) if head is None else probs[0, head]  # [R, S]
+    mass = torch.stack([probs[i, t].sum() for i, t in enumerate(targets)])
     return -(mass + 1e-6).log().mean()
 
 
-def forward_loss(model: InternVLModel, sample: Sample, cfg: TrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    """Answer loss (+ grounding loss) of one sample, through the inference modules; the vision side is frozen."""
+def guide_losses(lm, carry: CarryHeads, h: torch.Tensor, positions: torch.Tensor, sample: Sample, cfg: TrainConfig,
+                 layer: int) -> dict[str, torch.Tensor]:
+    """The losses that guide the LLM's attention and hidden states at ``layer`` (h [1, S, D] its input)."""
+    out: dict[str, torch.Tensor] = {}
+    rows = [r for rs in sample.naming_rows for r in rs]
+    if layer == cfg.ground_layer and cfg.ground_weight:
+        asked = [(r, t) for r, t in zip(rows, sample.named, strict=True) if t]  # "no" questions name nothing
+        if asked:
+            out["ground"] = attention_loss(lm, h, positions, [r for r, _ in asked],
+                                           [sample.image_start + torch.tensor(t) for _, t in asked], layer=layer)
+    if layer == cfg.ground_layer + 1 and cfg.carry_weight:
+        one = [(r, c) for r, c in zip(rows, sample.named_one, strict=True) if c is not None]
+        if one:
+            out["carry"] = carry.loss(h[0, [r for r, _ in one]], torch.tensor([c for _, c in one]))
+    if layer == cfg.route_layer and cfg.route_weight:
+        out["route"] = attention_loss(lm, h, positions, sample.answer_rows,
+                                      [torch.tensor(rs) for rs in sample.naming_rows], layer=layer, head=0)
+    return out
+
+
+def forward_loss(
+    model: InternVLModel, carry: CarryHeads, sample: Sample, cfg: TrainConfig
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Answer loss (+ the guiding losses) of one sample, through the inference modules; the vision side is
+    frozen."""
     lm = model.language_model
     with torch.no_grad():
         visual = model.vision_features(sample.pixel_values).features.flatten(0, 1)  # [T*256, D], tiles in order
     ids, start = sample.ids, sample.image_start
     emb = lm.tok_embeddings(ids)  # [S, D]
-    x = torch.cat([emb[:start], visual, emb[start + visual.shape[0]:]])[None]  # [1, S, D]
-    s = x.shape[1]
+    h = torch.cat([emb[:start], visual, emb[start + visual.shape[0]:]])[None]  # [1, S, D]
+    s = h.shape[1]
     valid = torch.ones(1, s, dtype=torch.bool)
     positions = torch.arange(s)[None]
-    h = lm.run_layers(x, positions, valid, end=cfg.ground_layer)  # [1, S, D]
-    ground = ground_loss(lm, h, positions, sample, layer=cfg.ground_layer) if cfg.ground_weight else None
     cos, sin = lm.rotary(positions, h.dtype, lengths=torch.tensor([s]))
-    for block in lm.layers[cfg.ground_layer :]:
+    guides: dict[str, torch.Tensor] = {}
+    for i, block in enumerate(lm.layers):
+        guides.update(guide_losses(lm, carry, h, positions, sample, cfg, i))
         h = block(h, cos, sin, None, valid, causal=True).hidden
     targets = sample.labels
     scored = targets != IGNORE
@@ -131,14 +174,15 @@ def forward_loss(model: InternVLModel, sample: Sample, cfg: TrainConfig) -> tupl
     answers = torch.searchsorted(scored.nonzero()[:, 0], torch.tensor(sample.answer_rows))  # rows among scored
     right = (logits[answers].argmax(-1) == targets[scored][answers]).float()
     stats = {"lm": loss.item(), "answer_acc": right.mean().item()}
-    if ground is not None:
-        loss = loss + cfg.ground_weight * ground
-        stats["ground"] = ground.item()
+    weights = {"ground": cfg.ground_weight, "carry": cfg.carry_weight, "route": cfg.route_weight}
+    for name, value in guides.items():
+        loss = loss + weights[name] * value
+        stats[name] = value.item()
     return loss, stats
 
 
-def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+def _optimizer(model: nn.Module, carry: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in [*model.parameters(), *carry.parameters()] if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     rest = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
@@ -165,16 +209,18 @@ def train(out: Path, cfg: TrainConfig, *, stop_at: int | None = None) -> Path:
     load_vision(model, Path(cfg.init))
     model.vision_model.requires_grad_(False)
     model.mlp1.requires_grad_(False)
-    opt = _optimizer(model, cfg)
+    carry = CarryHeads(model.cfg.llm.hidden_size)
+    opt = _optimizer(model, carry, cfg)
     step, elapsed = 0, 0.0
     state = load_state(out / STATE, cfg, SCHEDULE_ONLY)
     if state is not None:
         model.load_state_dict(state["model"])
+        carry.load_state_dict(state["carry"])
         opt.load_state_dict(state["opt"])
         step, elapsed = int(state["step"]), float(state["elapsed"])
         log(out, {"event": "resume", "step": step})
     template = get_template(model.cfg.template)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in [*model.parameters(), *carry.parameters()] if p.requires_grad]
     model.train()
     t0 = time.perf_counter() - elapsed
     last_save, last_eval = time.perf_counter(), time.perf_counter()
@@ -186,7 +232,7 @@ def train(out: Path, cfg: TrainConfig, *, stop_at: int | None = None) -> Path:
         tiles = 0
         for k in range(cfg.images_per_step):
             sample = sample_for(cfg, step, k, tokenizer, template, model.cfg)
-            loss, st = forward_loss(model, sample, cfg)
+            loss, st = forward_loss(model, carry, sample, cfg)
             (loss / cfg.images_per_step).backward()
             tiles += sample.pixel_values.shape[0]
             for key, v in st.items():
@@ -200,7 +246,7 @@ def train(out: Path, cfg: TrainConfig, *, stop_at: int | None = None) -> Path:
             log(out, {"step": step, "elapsed": round(now - t0, 1), "lr": round(lr, 6), "tiles": tiles,
                       **{k: round(v, 4) for k, v in stats.items()}})
         if now - last_save >= cfg.checkpoint_minutes * 60 or step in (cfg.steps, stop_at):
-            save_state(out / STATE, {"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
+            save_state(out / STATE, {"model": model.state_dict(), "carry": carry.state_dict(), "opt": opt.state_dict(), "step": step,
                                      "config": asdict(cfg), "elapsed": now - t0})
             last_save = now
         if cfg.eval_minutes and (now - last_eval >= cfg.eval_minutes * 60 or step == cfg.steps):
