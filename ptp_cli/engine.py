@@ -24,6 +24,7 @@ from ptp_cli.models.internvl import InternVLModel
 from ptp_cli.models.llm import LayerCache, sequence_lengths
 from ptp_cli.pruning.base import LayerState, NoPruning, PruningMethod, VisualContext
 from ptp_cli.pruning.scores import instruction_scores, vit_token_scores
+from ptp_cli.vision_cache import VisionCache, VisionEntry
 
 
 @dataclass
@@ -136,11 +137,13 @@ class Engine:
         image_token_id: int,
         method: PruningMethod | None = None,
         vit_batch: int = 64,
+        vision_cache: VisionCache | None = None,
     ) -> None:
         self.model = model
         self.image_token_id = image_token_id
         self.method = method or NoPruning()
         self.vit_batch = vit_batch  # tiles per ViT call: bounds activation memory
+        self.vision_cache = vision_cache  # shared by engines that run the same images (the eval grid)
         self.cfg = model.cfg
 
     @torch.inference_mode()
@@ -174,22 +177,41 @@ class Engine:
 
     @torch.inference_mode()
     def encode_images(self, requests: Sequence[Request]) -> VisualFeatures:
-        """ViT + projector over every tile of the batch, in chunks of ``vit_batch`` tiles."""
-        m = self.method
+        """ViT + projector over every tile of the batch, in chunks of ``vit_batch`` tiles (images already in
+        the vision cache, if there is one, are not run again)."""
+        m, cache = self.method, self.vision_cache
+        layer = m.vit_score_layer()
+        keys = [cache.key(r.pixel_values) for r in requests] if cache is not None else [None] * len(requests)
+        entries = [cache.get(k, layer) if cache is not None and k is not None else None for k in keys]
+        todo = [r for r, e in zip(requests, entries, strict=True) if e is None]
+        if todo:
+            fresh = iter(self._run_vit(todo, layer))
+            entries = [e if e is not None else next(fresh) for e in entries]
+            if cache is not None:
+                for k, e in zip(keys, entries, strict=True):
+                    cache.put(k, e)
+        return VisualFeatures(
+            features=[e.features.flatten(0, 1) for e in entries],
+            cls=[e.cls for e in entries],
+            token_scores=[
+                vit_token_scores(e.cls_attn, head_agg=m.head_aggregation(), model_cfg=self.cfg) for e in entries
+            ] if layer is not None else None,
+        )
+
+    def _run_vit(self, requests: Sequence[Request], layer: int | None) -> list[VisionEntry]:
         pix = torch.cat([r.pixel_values for r in requests]).to(self.model.device, self.model.dtype)
-        feats, cls, scores = [], [], []
+        feats, cls, attn = [], [], []
         for chunk in pix.split(self.vit_batch):
-            out = self.model.vision_features(chunk, cls_attn_layer=m.vit_score_layer())
+            out = self.model.vision_features(chunk, cls_attn_layer=layer)
             feats.append(out.features)  # [t, 256, D]
             cls.append(out.cls)
-            if out.cls_attn is not None:
-                scores.append(vit_token_scores(out.cls_attn, head_agg=m.head_aggregation(), model_cfg=self.cfg))
+            attn.append(out.cls_attn)  # [t, H, P] or None
         splits = [r.num_tiles for r in requests]
-        return VisualFeatures(
-            features=[f.flatten(0, 1) for f in torch.cat(feats).split(splits)],
-            cls=list(torch.cat(cls).split(splits)),
-            token_scores=list(torch.cat(scores).split(splits)) if scores else None,
-        )
+        per_attn = list(torch.cat(attn).split(splits)) if layer is not None else [None] * len(requests)
+        return [
+            VisionEntry(features=f, cls=c, cls_attn=a, layer=layer)
+            for f, c, a in zip(torch.cat(feats).split(splits), torch.cat(cls).split(splits), per_attn, strict=True)
+        ]
 
     @torch.inference_mode()
     def probe(self, requests: Sequence[Request], features: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -144,3 +144,25 @@ def test_flops_and_timing_reported(model):
     assert all(v >= 0 for v in res.timing.values())
     assert res.flops["total"] == res.flops["vit"] + res.flops["probe"] + res.flops["prefill"] + res.flops["decode"]
     assert res.layer_lengths == [len(make_request(2).ids)] * model.cfg.llm.num_layers
+
+
+def test_a_shared_vision_cache_changes_no_result_and_runs_the_vit_once_per_image_and_layer(model):
+    """The eval grid's engines share one VisionCache: results equal uncached engines', for a method that reads
+    no ViT attention and for PTP (which reads layer 11's); each image runs once per score layer."""
+    from ptp_cli.pruning import PruneConfig, make_method
+    from ptp_cli.vision_cache import VisionCache
+
+    reqs = [make_request(t, stop_ids=[], max_new_tokens=3) for t in (1, 3, 2)]
+    cache = VisionCache()
+    for prune in (PruneConfig(method="random", ratio=0.5), PruneConfig(method="ptp", ratio=0.5),
+                  PruneConfig(method="ptp", ratio=0.75)):
+        method = make_method(prune, model.cfg)
+        plain = Engine(model, image_token_id=IMG, method=method).generate(reqs)
+        cached = Engine(model, image_token_id=IMG, method=method, vision_cache=cache).generate(reqs)
+        again = Engine(model, image_token_id=IMG, method=method, vision_cache=cache).generate(reqs[::-1])[::-1]
+        for a, b, c in zip(plain, cached, again, strict=True):
+            assert a.tokens == b.tokens == c.tokens
+            assert a.kept == b.kept == c.kept
+            assert a.logprobs == pytest.approx(b.logprobs, abs=1e-6)
+    # random: 3 misses then 3 hits; ptp@0.5: 3 misses (no layer-11 attention yet) then 3 hits; ptp@0.75: 6 hits
+    assert (cache.misses, cache.hits, len(cache)) == (6, 12, 3)

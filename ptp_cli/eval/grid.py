@@ -15,12 +15,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ptp_cli.engine import Engine
 from ptp_cli.errors import UsageError
 from ptp_cli.output import OrderedWriter
 from ptp_cli.pipeline import Pipeline, RunConfig
 from ptp_cli.pruning import PruneConfig, make_method
 from ptp_cli.records import iter_records
 from ptp_cli.resume import scan_output
+from ptp_cli.vision_cache import VisionCache
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,14 @@ def run_grid(
     out_dir.mkdir(parents=True, exist_ok=True)
     first = Pipeline.load(dataclasses.replace(config, prune=dataclasses.replace(config.prune, method="none")))
     specs = plan_runs(config.prune, first, methods, ratios)
-    pipelines = [Pipeline(first.loaded, dataclasses.replace(config, prune=s.prune)) for s in specs]
+    cache = VisionCache()  # every run reads the same images: the ViT runs once per image and score layer
+    pipelines = [
+        Pipeline(first.loaded, dataclasses.replace(config, prune=s.prune), engine=Engine(
+            first.loaded.model, image_token_id=first.loaded.image_token_id,
+            method=make_method(s.prune, first.cfg), vision_cache=cache,
+        ))
+        for s in specs
+    ]
     log(f"loaded {first.settings()['model']}; {len(specs)} runs: {', '.join(s.name for s in specs)}")
     for spec, pipeline in zip(specs, pipelines, strict=True):
         out = out_dir / f"{spec.name}.jsonl"
