@@ -197,7 +197,7 @@ class Pipeline:
             "method": self.engine.method.name,
         }
         if r.pruning:  # what the method chose for this record (PTP: the alpha used and the score signals)
-            result["pruning"] = {k: round(v, 6) if isinstance(v, float) else v for k, v in r.pruning.items()}
+            result["pruning"] = dict(r.pruning)
         if self.config.logprobs:
             result["logprobs"] = {"ids": r.tokens, "values": r.logprobs}
         if self.config.kept:
