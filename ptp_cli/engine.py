@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -61,6 +62,7 @@ class Result:
     flops: dict[str, int]  # per stage, 2 FLOPs per multiply-add
     timing: dict[str, float] = field(default_factory=dict)  # seconds per stage of the batch this ran in
     batch_size: int = 1  # requests in that batch
+    pruning: dict[str, Any] = field(default_factory=dict)  # the method's notes on this sample (PTP: alpha, signals)
 
 
 def sync_device(device: torch.device) -> None:
@@ -104,6 +106,14 @@ class VisualFeatures:
     features: list[torch.Tensor]  # [T_i * 256, D] projected visual tokens, in tile order
     cls: list[torch.Tensor]  # [T_i, Cv] last-layer CLS embedding of each tile
     token_scores: list[torch.Tensor] | None  # [T_i, 256] CLS->patch attention at the method's ViT layer
+
+
+@dataclass
+class Selection:
+    """The pre-LLM pruning decision for a batch, per sample."""
+
+    keep: list[torch.Tensor | None]  # [K_i] kept visual token indices in [0, T_i * 256), or None: all of them
+    notes: list[dict[str, Any]]  # what the method noted about each choice (``VisualContext.notes``)
 
 
 @dataclass
@@ -155,14 +165,14 @@ class Engine:
         clock = _Clock(self.model.device)
         visual = self.encode_images(requests)
         clock.lap("vit")
-        keep = self.select(requests, visual)
+        selection = self.select(requests, visual)
         clock.lap("probe")
-        prompts = self.build_prompts(requests, visual.features, keep)
+        prompts = self.build_prompts(requests, visual.features, selection.keep)
         state = self.prefill(prompts, room=max(r.max_new_tokens for r in requests))
         clock.lap("prefill")
         tokens, logps = self.decode(requests, state)
         clock.lap("decode")
-        return self._results(requests, prompts, state.layer_tokens, tokens, logps, clock.times)
+        return self._results(requests, prompts, state.layer_tokens, tokens, logps, clock.times, selection.notes)
 
     # ------------------------------------------------------------------------------------------ stages
 
@@ -228,10 +238,10 @@ class Engine:
                 enumerate(zip(requests, features, strict=True))]
 
     @torch.inference_mode()
-    def select(self, requests: Sequence[Request], visual: VisualFeatures) -> list[torch.Tensor | None]:
-        """The pre-LLM pruning decision: kept visual token indices per sample (None: all of them)."""
+    def select(self, requests: Sequence[Request], visual: VisualFeatures) -> Selection:
+        """The pre-LLM pruning decision: kept visual token indices per sample, and the method's notes."""
         m = self.method
-        return m.select(VisualContext(
+        ctx = VisualContext(
             tiles=[r.num_tiles for r in requests],
             has_thumbnail=[r.has_thumbnail and r.num_tiles > 1 for r in requests],
             tokens_per_tile=self.cfg.tokens_per_tile,
@@ -239,7 +249,8 @@ class Engine:
             token_scores=visual.token_scores,
             instruction_scores=self.probe(requests, visual.features) if m.probe_layer() is not None else None,
             seeds=[r.seed for r in requests],
-        ))
+        )
+        return Selection(keep=m.select(ctx), notes=ctx.notes)
 
     def build_prompts(
         self, requests: Sequence[Request], features: list[torch.Tensor], keep: Sequence[torch.Tensor | None]
@@ -383,7 +394,7 @@ class Engine:
 
     def _results(
         self, requests: Sequence[Request], prompts: Prompts, layer_tokens: torch.Tensor, tokens: torch.Tensor,
-        logps: torch.Tensor, times: dict[str, float],
+        logps: torch.Tensor, times: dict[str, float], notes: list[dict[str, Any]],
     ) -> list[Result]:
         """Cut each row at its stop token or limit; count tokens and FLOPs."""
         tok, lp = tokens.tolist(), logps.tolist()  # [B, steps]
@@ -420,6 +431,6 @@ class Engine:
                 tokens=out, logprobs=outp, finish_reason=reason, prompt_tokens=len(prompts.ids[i]),
                 visual_before=r.num_tiles * ntok, visual_after=len(kept), visual_after_per_tile=per_tile,
                 kept=kept, layer_lengths=lengths, flops=fl.as_dict(), timing=dict(times),
-                batch_size=len(requests),
+                batch_size=len(requests), pruning=notes[i],
             ))
         return results

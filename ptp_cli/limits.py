@@ -20,6 +20,7 @@ DTYPE_NAMES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 # itself imports every method); a test keeps these equal to ptp_cli.pruning's METHODS and PRESETS.
 METHOD_NAMES = ("fastv", "none", "pdrop", "ptp", "random", "spatial", "vtw")
 PRESET_NAMES = ("default", "ocr", "scene")
+AUTO = "auto"  # the one word a number setting may take instead of a number: alpha chosen per sample
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,11 @@ def _optional(limit: Limit) -> Limit:
     return Limit(lambda v: v is None or limit.ok(v), limit.rule)
 
 
+def _or_auto(limit: Limit) -> Limit:
+    """``limit`` for a number, or the word ``auto``; any other string fails (rather than raising TypeError)."""
+    return Limit(lambda v: v == AUTO or (not isinstance(v, str) and limit.ok(v)), f"{limit.rule} or {AUTO}")
+
+
 _AT_LEAST_1 = Limit(lambda v: v >= 1, "must be at least 1")
 _TILES = _optional(Limit(lambda v: 1 <= v <= MAX_TILES, f"must be in 1..{MAX_TILES}"))
 
@@ -42,7 +48,7 @@ LIMITS: dict[str, Limit] = {
     "method": Limit(lambda v: v in METHOD_NAMES, f"must be one of {', '.join(METHOD_NAMES)}"),
     "preset": Limit(lambda v: v in PRESET_NAMES, f"must be one of {', '.join(PRESET_NAMES)}"),
     "ratio": Limit(lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
-    "alpha": Limit(lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]"),
+    "alpha": _or_auto(Limit(lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]")),
     "tau": Limit(lambda v: v > 0, "must be > 0"),
     "head_agg": Limit(lambda v: v in AGGREGATIONS, f"must be one of {', '.join(AGGREGATIONS)}"),
     "instr_agg": Limit(lambda v: v in AGGREGATIONS, f"must be one of {', '.join(AGGREGATIONS)}"),

@@ -196,6 +196,8 @@ class Pipeline:
             "flops": r.flops,
             "method": self.engine.method.name,
         }
+        if r.pruning:  # what the method chose for this record (PTP: the alpha used and the score signals)
+            result["pruning"] = dict(r.pruning)
         if self.config.logprobs:
             result["logprobs"] = {"ids": r.tokens, "values": r.logprobs}
         if self.config.kept:

@@ -59,6 +59,7 @@ OUTPUT_FIELDS: frozenset[str] = frozenset(
         "logprob",
         "logprobs",
         "method",
+        "pruning",
         "settings",
     }
 )

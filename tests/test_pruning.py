@@ -370,14 +370,20 @@ def test_ratio_zero_is_exactly_unpruned(model):
     assert pruned.logprobs != base.logprobs  # pruning does change the outputs: the comparison can fail
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+# Every registered method, and PTP with alpha chosen per sample (--alpha auto).
+BATCH_CONFIGS = {name: PruneConfig(method=name) for name in METHODS} | {"ptp-auto": PruneConfig(alpha="auto")}
+
+
+@pytest.mark.parametrize("name", sorted(BATCH_CONFIGS))
 def test_batch_equals_each_sample_alone(model, name):
     reqs = [make_request(1, 4, seed=1), make_request(3, 9, seed=2), make_request(7, 6, seed=3)]
-    method = make_method(PruneConfig(method=name), CFG)
+    method = make_method(BATCH_CONFIGS[name], CFG)
     batch = run(model, method, reqs)
     for r, b in zip(reqs, batch, strict=True):
         (alone,) = run(model, method, [r])
         assert b.kept == alone.kept
+        # PTP's alpha and signals: the scores differ by float32 rounding between batch shapes (~1e-7), nothing more.
+        assert b.pruning == pytest.approx(alone.pruning, rel=1e-5, abs=1e-9)
         assert b.tokens == alone.tokens
         assert b.layer_lengths == alone.layer_lengths
         assert b.flops == alone.flops

@@ -26,7 +26,7 @@ import yaml
 
 from ptp_cli.config import MAX_TILES
 from ptp_cli.errors import UsageError
-from ptp_cli.limits import check_values
+from ptp_cli.limits import AUTO, check_values
 
 if TYPE_CHECKING:
     from ptp_cli.pipeline import RunConfig
@@ -40,7 +40,8 @@ COMMAND_LINE = "command line"
 class Setting:
     """One user-facing setting: its value type and the config it feeds."""
 
-    kind: Literal["str", "int", "float", "bool", "ints"]  # "ints": comma-separated integers, e.g. 6,12,18
+    # "ints": comma-separated integers, e.g. 6,12,18; "float_or_auto": a number or the word auto (--alpha auto)
+    kind: Literal["str", "int", "float", "bool", "ints", "float_or_auto"]
     target: Target  # RunConfig field, PruneConfig field, or a CLI-only setting
     field: str | None = None  # the dataclass field, when it is not named like the setting
 
@@ -72,7 +73,7 @@ SETTINGS: dict[str, Setting] = {
     "preset": Setting("str", "cli"),
     "method": Setting("str", "prune"),
     "ratio": Setting("float", "prune"),
-    "alpha": Setting("float", "prune"),
+    "alpha": Setting("float_or_auto", "prune"),
     "vit_layer": Setting("int", "prune"),
     "llm_layer": Setting("int", "prune"),
     "tau": Setting("float", "prune"),
@@ -102,7 +103,9 @@ SETTINGS: dict[str, Setting] = {
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off", ""})
 _WHAT = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false",
-         "ints": "comma-separated integers (e.g. 6,12,18)"}
+         "ints": "comma-separated integers (e.g. 6,12,18)", "float_or_auto": f"a number or {AUTO}"}
+# Kinds Typer takes as text, parsed here as the environment's values are (Typer has no type for them).
+_PARSED_FROM_TEXT = frozenset({"ints", "float_or_auto"})
 _OPTION_IN_MESSAGE = re.compile(r"--(?:no-)?([a-z][a-z0-9-]*)")
 
 
@@ -161,8 +164,9 @@ Method = Annotated[str | None, typer.Option(
          "does). [default: ptp]", rich_help_panel=_PRUNE)]
 Ratio = Annotated[float | None, typer.Option(
     help="Fraction of visual tokens pruned, in [0, 1). [default: 0.5]", rich_help_panel=_PRUNE)]
-Alpha = Annotated[float | None, typer.Option(
-    help="PTP weight of the instruction score, in [0, 1]. [default: 0.5]", rich_help_panel=_PRUNE)]
+Alpha = Annotated[str | None, typer.Option(
+    metavar="NUMBER|auto", help="PTP weight of the instruction score, in [0, 1], or 'auto': chosen per sample "
+    "from how concentrated the two scores are. [default: 0.5]", rich_help_panel=_PRUNE)]
 VitLayer = Annotated[int | None, typer.Option(
     help="0-based ViT layer whose CLS attention scores tokens. [default: 11]", rich_help_panel=_PRUNE)]
 LlmLayer = Annotated[int | None, typer.Option(
@@ -239,6 +243,8 @@ def _parse_text(kind: str, raw: str) -> Any:
         if not math.isfinite(value):
             raise ValueError
         return value
+    if kind == "float_or_auto":
+        return AUTO if text.lower() == AUTO else _parse_text("float", text)
     if kind == "bool":
         if text.lower() in _TRUE:
             return True
@@ -258,6 +264,8 @@ def _check_yaml(kind: str, value: Any) -> Any:
         if not math.isfinite(value):
             raise ValueError
         return float(value)
+    if kind == "float_or_auto":
+        return _parse_text(kind, value) if isinstance(value, str) else _check_yaml("float", value)
     if kind == "bool" and isinstance(value, bool):
         return value
     if kind == "ints":
@@ -365,11 +373,13 @@ def resolve(
         layers.append((from_yaml(config, names), lambda _name: str(config)))
     layers.append((from_environment(environ, names), lambda name: f"{env_var(name)}={environ[env_var(name)]}"))
     cli = {k: v for k, v in given.items() if v is not None}
-    if "pdrop_layers" in cli and isinstance(cli["pdrop_layers"], str):
-        try:
-            cli["pdrop_layers"] = _parse_text("ints", cli["pdrop_layers"])
-        except ValueError:
-            raise UsageError(f"--pdrop-layers must be {_WHAT['ints']}") from None
+    for name, value in cli.items():
+        kind = SETTINGS[name].kind
+        if kind in _PARSED_FROM_TEXT and isinstance(value, str):
+            try:
+                cli[name] = _parse_text(kind, value)
+            except ValueError:
+                raise UsageError(f"{flag(name)} must be {_WHAT[kind]}, got {value!r}") from None
     layers.append((cli, lambda _name: COMMAND_LINE))
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}

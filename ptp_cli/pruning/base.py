@@ -17,7 +17,7 @@ The engine knows nothing about any method; a method knows nothing about tokeniza
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -34,6 +34,14 @@ class VisualContext:
     token_scores: list[torch.Tensor] | None  # [T_i, 256] CLS->patch attention at the ViT score layer, pooled
     instruction_scores: list[torch.Tensor] | None  # [T_i * 256] probe scores of the visual tokens
     seeds: list[int]  # per-sample seed (random baseline)
+    # Per sample, what the method reports about its choice (PTP: the alpha used and its signals): ``select``
+    # may fill these dicts; the engine returns them in ``Result.pruning`` and the pipeline writes them to the
+    # row under "pruning". Empty dicts (one per sample) unless given.
+    notes: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.notes:
+            self.notes = [{} for _ in self.tiles]
 
 
 @dataclass
@@ -72,7 +80,9 @@ class PruningMethod:
         return "max"
 
     def select(self, ctx: VisualContext) -> list[torch.Tensor | None]:
-        """Per sample, the visual token indices to keep (sorted, in [0, T_i*256)), or None to keep all."""
+        """Per sample, the visual token indices to keep (sorted, in [0, T_i*256)), or None to keep all.
+
+        May also record what it decided per sample in ``ctx.notes[i]`` (JSON-ready values)."""
         return [None] * len(ctx.tiles)
 
     def drop_layers(self) -> frozenset[int]:

@@ -6,6 +6,8 @@ from typing import Any
 
 import torch
 
+from ptp_cli.limits import AUTO
+from ptp_cli.pruning.adaptive import auto_alpha, signals
 from ptp_cli.pruning.base import VisualContext, register
 from ptp_cli.pruning.budgets import tile_budgets
 from ptp_cli.pruning.settings import ConfiguredMethod
@@ -35,17 +37,25 @@ class PTP(ConfiguredMethod):
 
     s is dropped (and the ViT read-out skipped) when alpha == 1 or ``use_token_score`` is off; the probe is
     skipped when alpha == 0. At ratio 0 nothing is scored and every token is kept.
+
+    With alpha "auto", both scores are computed and each sample's alpha comes from ``adaptive.auto_alpha``; the
+    ranking is then exactly that of the fixed alpha. Every ranked sample notes the alpha used and the
+    concentration signals of the scores computed (``ctx.notes``).
     """
 
     name = "ptp"
 
     @property
+    def _auto(self) -> bool:
+        return self.cfg.alpha == AUTO
+
+    @property
     def _uses_s(self) -> bool:
-        return self.cfg.ratio > 0 and self.cfg.use_token_score and self.cfg.alpha < 1
+        return self.cfg.ratio > 0 and self.cfg.use_token_score and (self._auto or self.cfg.alpha < 1)
 
     @property
     def _uses_c(self) -> bool:
-        return self.cfg.ratio > 0 and self.cfg.alpha > 0
+        return self.cfg.ratio > 0 and (self._auto or self.cfg.alpha > 0)
 
     def vit_score_layer(self) -> int | None:
         return self.cfg.vit_layer if self._uses_s else None
@@ -59,16 +69,24 @@ class PTP(ConfiguredMethod):
     def select(self, ctx: VisualContext) -> list[torch.Tensor | None]:
         if self.cfg.ratio == 0:
             return [None] * len(ctx.tiles)
-        alpha, n = self.cfg.alpha, ctx.tokens_per_tile
+        n = ctx.tokens_per_tile
         out: list[torch.Tensor | None] = []
         for i, t in enumerate(ctx.tiles):
-            score = torch.zeros(t, n)  # [T, 256]
+            s = c = None
             if self._uses_s:
                 assert ctx.token_scores is not None
-                score += (1 - alpha) * minmax(ctx.token_scores[i].float().cpu())
+                s = ctx.token_scores[i].float().cpu()  # [T, 256]
             if self._uses_c:
                 assert ctx.instruction_scores is not None
-                score += alpha * minmax(ctx.instruction_scores[i].float().cpu().view(t, n))
+                c = ctx.instruction_scores[i].float().cpu().view(t, n)  # [T, 256]
+            found = signals(token_scores=s, instruction_scores=c)
+            alpha = auto_alpha(found["s_concentration"], found["c_concentration"]) if self._auto else self.cfg.alpha
+            ctx.notes[i].update(alpha=alpha, **found)
+            score = torch.zeros(t, n)  # [T, 256]
+            if s is not None:
+                score += (1 - alpha) * minmax(s)
+            if c is not None:
+                score += alpha * minmax(c)
             out.append(top_per_tile(score, tile_budgets(ctx, i, self.cfg)))
         return out
 

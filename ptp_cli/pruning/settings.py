@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields, replace
 
 from ptp_cli.config import ModelConfig
 from ptp_cli.errors import UsageError
-from ptp_cli.limits import check_values
+from ptp_cli.limits import AUTO, check_values
 from ptp_cli.pruning.base import METHODS, PruningMethod
 
 
@@ -22,7 +22,9 @@ from ptp_cli.pruning.base import METHODS, PruningMethod
 class PruneConfig:
     method: str = "ptp"  # a name in METHODS: none, ptp, random, spatial, fastv, vtw, pdrop
     ratio: float = 0.5  # fraction of visual tokens pruned, in [0, 1) (ignored by none, vtw and pdrop)
-    alpha: float = 0.5  # PTP fusion weight of the instruction score c against the token score s, in [0, 1]
+    # PTP fusion weight of the instruction score c against the token score s, in [0, 1], or "auto": chosen per
+    # sample from how concentrated s and c are (``adaptive.auto_alpha``)
+    alpha: float | str = 0.5
     vit_layer: int = 11  # PTP's L: 0-based ViT layer whose CLS attention gives s
     llm_layer: int = 1  # PTP's M: 0-based LLM layer whose instruction attention gives c
     tau: float = 1.0  # softmax temperature of the region importance (> 0)
@@ -53,6 +55,8 @@ class PruneConfig:
             raise UsageError(f"--method: unknown method {self.method!r}; choose one of {', '.join(sorted(METHODS))}")
         if self.method == "ptp" and not self.use_token_score and self.alpha == 0:
             raise UsageError("--no-token-score needs --alpha > 0 (nothing would rank the tokens)")
+        if self.method == "ptp" and not self.use_token_score and self.alpha == AUTO:
+            raise UsageError(f"--no-token-score does not go with --alpha {AUTO} (the rule weighs s against c)")
         return self
 
     def check_layers(self, model_cfg: ModelConfig) -> PruneConfig:
