@@ -164,3 +164,28 @@ def test_grid_with_the_tiny_model_scores_every_run_and_resumes(tmp_path: Path, p
     rows = read_rows(out / "random@0.5.jsonl")
     assert [r["line"] for r in rows] == [1, 2, 3] and after["random@0.5.jsonl"].startswith(first)
     assert json.loads(report.read_text())["runs"][2]["n"] == 3
+
+
+def test_grid_alphas_and_ablations_add_ptp_variants(tmp_path: Path, ptp_home: Path) -> None:
+    """--alphas and --ablations run PTP beside the grid at each ratio, each variant with its own settings."""
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (200, 320, 3), dtype=np.uint8)).save(tmp_path / "wide.png")
+    gold = jsonl(tmp_path / "gold.jsonl", [
+        {"id": i, "image": "wide.png", "question": q, "answer": "yes"} for i, q in enumerate(("Noisy?", "Any red?"))
+    ])
+    out, report = tmp_path / "runs", tmp_path / "report.json"
+    proc = ptp("eval", gold, "--model", "tiny", "--methods", "none", "--ratios", "0.5,0.75", "--alphas", "0,auto",
+               "--ablations", "--max-new-tokens", "1", "--max-tiles", "1", "--out-dir", out, "--json", report,
+               home=ptp_home)
+    assert proc.returncode == 0, proc.stderr
+    names = [r["name"] for r in json.loads(report.read_text())["runs"]]
+    assert names == ["none", "ptp@0.5,alpha=0", "ptp@0.5,alpha=auto", "ptp@0.75,alpha=0", "ptp@0.75,alpha=auto",
+                     "ptp@0.5,uniform", "ptp@0.75,uniform"]
+    for name in names[1:]:
+        settings = read_rows(out / f"{name}.jsonl")[0]["settings"]
+        ratio, variant = name.removeprefix("ptp@").split(",")
+        assert settings["method"] == "ptp" and settings["ratio"] == float(ratio)
+        assert settings["alpha"] == {"alpha=0": 0.0, "alpha=auto": "auto", "uniform": 0.5}[variant]
+        assert settings["region_budgets"] is (variant != "uniform")
+    bad = ptp("eval", gold, "--model", "tiny", "--alphas", "0,2", "--out-dir", out, home=ptp_home)
+    assert bad.returncode == 2 and "--alphas" in one_error_line(bad)

@@ -77,20 +77,39 @@ def parse_grid(methods: str, ratios: str) -> tuple[tuple[str, ...], tuple[float,
     return names, values
 
 
+def parse_alphas(text: str | None) -> tuple[float | str, ...]:
+    """``"0,0.25,auto"`` -> (0.0, 0.25, "auto"), each once; UsageError if a value is not a number in [0, 1] or
+    auto."""
+    if text is None:
+        return ()
+    values: list[float | str] = []
+    for part in (p.strip().lower() for p in text.split(",") if p.strip()):
+        try:
+            value: float | str = part if part == "auto" else float(part)
+        except ValueError:
+            value = -1.0
+        if value != "auto" and not 0.0 <= float(value) <= 1.0:
+            raise UsageError(f"--alphas must be comma-separated numbers in [0, 1] or auto, got {text!r}")
+        values.append(value)
+    return tuple(dict.fromkeys(values))
+
+
 def _grid_runs(gold: Path, resolved: opt.Resolved, *, methods: str, ratios: str, out_dir: Path | None,
-               log: Log) -> list[tuple[str, Path]]:
+               log: Log, alphas: str | None = None, ablations: bool = False) -> list[tuple[str, Path]]:
     if out_dir is None:
         raise UsageError("running models needs --out-dir DIR: each run's predictions are kept there "
                          "(one JSONL per run), so an interrupted grid continues where it stopped")
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--out-dir {out_dir} is a file")
     names, values = parse_grid(methods, ratios)
+    alpha_values = parse_alphas(alphas)
     config = opt.run_config(resolved)
-    from ptp_cli.eval.grid import run_grid
+    from ptp_cli.eval.grid import ptp_variants, run_grid
 
+    extra = tuple(ptp_variants(config.prune, values, alphas=alpha_values, ablations=ablations))
     try:
         return [(spec.name, path) for spec, path in
-                run_grid(gold, config, methods=names, ratios=values, out_dir=out_dir, log=log)]
+                run_grid(gold, config, methods=names, ratios=values, out_dir=out_dir, extra=extra, log=log)]
     except UsageError as e:
         raise resolved.explain(e) from None
 
@@ -106,6 +125,10 @@ def eval_command(
         help="Pruned fractions of the grid, comma-separated. [default: 0.5]")] = None,
     out_dir: Annotated[Path | None, typer.Option(
         help="Folder of the grid's predictions, one JSONL per run (resumable).")] = None,
+    alphas: Annotated[str | None, typer.Option(
+        help="Also PTP at each ratio with each of these alphas, comma-separated (0: s only, 1: c only, auto).")] = None,
+    ablations: Annotated[bool, typer.Option(
+        "--ablations", help="Also PTP at each ratio with uniform region budgets.")] = False,
     metric: Annotated[str | None, typer.Option(
         help="Metric of records that name none: exact, vqa, anls, relaxed, mc or yesno. [default: inferred]")] = None,
     by: Annotated[str | None, typer.Option(help="Also score per value of this gold field (e.g. type).")] = None,
@@ -131,8 +154,8 @@ def eval_command(
     for path, option in ((json_out, "--json"), (plot, "--plot")):
         _check_output(path, option)
     if predictions:
-        grid_given = [flag for flag, v in (("--methods", methods), ("--ratios", ratios), ("--out-dir", out_dir))
-                      if v is not None]
+        grid_given = [flag for flag, v in (("--methods", methods), ("--ratios", ratios), ("--out-dir", out_dir),
+                                           ("--alphas", alphas), ("--ablations", ablations or None)) if v is not None]
         grid_given += [opt.flag(n) for n in RUN_OPTIONS if settings.get(n) is not None]
         if grid_given:
             raise UsageError(f"{grid_given[0]} runs a model; it does not go with --predictions")
@@ -140,7 +163,7 @@ def eval_command(
     else:
         try:
             runs = _grid_runs(gold, resolved, methods=methods or "none,ptp", ratios=ratios or "0.5",
-                              out_dir=out_dir, log=log)
+                              out_dir=out_dir, log=log, alphas=alphas, ablations=ablations)
         except KeyboardInterrupt:
             log("interrupted; run the same command again to continue where it stopped")
             raise typer.Exit(EXIT_INTERRUPTED) from None

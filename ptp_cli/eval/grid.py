@@ -46,6 +46,19 @@ def plan_runs(base: PruneConfig, pipeline: Pipeline, methods: tuple[str, ...],
     return specs
 
 
+def ptp_variants(base: PruneConfig, ratios: tuple[float, ...], *, alphas: tuple[float | str, ...] = (),
+                 ablations: bool = False) -> list[RunSpec]:
+    """PTP beside the grid, at each ratio: one run per alpha in ``alphas`` (0: s only, 1: c only, "auto"),
+    and with ``ablations`` the run with uniform instead of CLS-similarity region budgets."""
+    ptp = dataclasses.replace(base, method="ptp")
+    specs = [RunSpec(f"ptp@{r:g},alpha={a:g}" if isinstance(a, float) else f"ptp@{r:g},alpha={a}",
+                     dataclasses.replace(ptp, ratio=r, alpha=a)) for r in ratios for a in alphas]
+    if ablations:
+        specs += [RunSpec(f"ptp@{r:g},uniform", dataclasses.replace(ptp, ratio=r, region_budgets=False))
+                  for r in ratios]
+    return specs
+
+
 def _count_records(path: Path) -> int:
     with path.open("rb") as f:
         return sum(1 for raw in f if raw.strip())
@@ -78,6 +91,7 @@ def run_grid(
     methods: tuple[str, ...],
     ratios: tuple[float, ...],
     out_dir: str | Path,
+    extra: tuple[RunSpec, ...] = (),
     log: Callable[[str], None] = lambda _msg: None,
 ) -> Iterator[tuple[RunSpec, Path]]:
     """Run the grid (loading the model once) and yield each run with its predictions file as it finishes.
@@ -87,7 +101,9 @@ def run_grid(
     gold, out_dir = Path(gold), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     first = Pipeline.load(dataclasses.replace(config, prune=dataclasses.replace(config.prune, method="none")))
-    specs = plan_runs(config.prune, first, methods, ratios)
+    specs = plan_runs(config.prune, first, methods, ratios) + list(extra)
+    for spec in extra:  # the grid's own runs are valid by construction; these are checked before any runs
+        spec.prune.validate(first.cfg)
     cache = VisionCache()  # every run reads the same images: the ViT runs once per image and score layer
     pipelines = [
         Pipeline(first.loaded, dataclasses.replace(config, prune=s.prune), engine=Engine(

@@ -168,7 +168,8 @@ def draw_plot(report: Report, path: str | Path) -> None:
         y = mean_score(run.scores())
         if run.visual_tokens is None or y is None:
             continue
-        points.setdefault(run.method or run.name, []).append((run.visual_tokens, y))
+        variant = run.name.split(",", 1)[1] if "," in run.name else ""  # ptp@0.75,alpha=0: its own line
+        points.setdefault(f"{run.method or run.name} {variant}".strip(), []).append((run.visual_tokens, y))
     if not points:
         raise ValueError("no run has an answered record to plot")
     xs = [x for pts in points.values() for x, _ in pts]
