@@ -60,13 +60,15 @@ class PretrainConfig:
 class AuxHeads(nn.Module):
     """Training-only read-outs of the vision features (not exported): per token and of the CLS."""
 
-    def __init__(self, llm_width: int, vit_width: int) -> None:
+    def __init__(self, llm_width: int, vit_width: int, *, place: bool = True) -> None:
         super().__init__()
         self.colour = nn.Linear(llm_width, len(COLOURS) + 1)
         self.shape = nn.Linear(llm_width, len(SHAPES) + 1)
         self.glyph = nn.Linear(llm_width, len(GLYPHS) + 1)
         self.centre = nn.Linear(llm_width, 2)
-        self.place = nn.Linear(llm_width, 2 * TOKEN_GRID)  # the token's row, then column, in its tile
+        # The place head exists only when its loss is on: a run without it draws its initial weights exactly
+        # as runs did before the head existed (the shipped stage 1a is one of those; see docs/accuracy.md).
+        self.place = nn.Linear(llm_width, 2 * TOKEN_GRID) if place else None  # the token's row, then column
         self.cls = nn.Linear(vit_width, CLS_TARGETS)
 
     def token_loss(self, flat: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -88,6 +90,8 @@ def load_vision(model: InternVLModel, path: Path, heads: AuxHeads | None = None)
     state = torch.load(path, weights_only=True)
     if heads is not None:
         saved = {k.removeprefix("heads."): v for k, v in state.items() if k.startswith("heads.")}
+        if heads.place is None:
+            saved = {k: v for k, v in saved.items() if not k.startswith("place.")}
         missing, unexpected = heads.load_state_dict(saved, strict=False)
         if unexpected or any(not k.startswith("place.") for k in missing):  # older states lack "place"
             raise ValueError(f"{path} holds other token heads (missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -161,10 +165,11 @@ def probe(model: InternVLModel, heads, cfg: PretrainConfig, tiling: TilingOption
         part = target > 0
         pred = (heads.colour, heads.shape, heads.glyph, heads.centre)[k](flat[part]).argmax(-1)
         out[name] = round((pred == target[part]).float().mean().item(), 4)
-    rows, cols = places(corners, cfg.crop_tokens)
-    logits = heads.place(flat)
-    out["place"] = round(((logits[:, :TOKEN_GRID].argmax(-1) == rows) & (logits[:, TOKEN_GRID:].argmax(-1) == cols))
-                         .float().mean().item(), 4)
+    if heads.place is not None:
+        rows, cols = places(corners, cfg.crop_tokens)
+        logits = heads.place(flat)
+        hit = (logits[:, :TOKEN_GRID].argmax(-1) == rows) & (logits[:, TOKEN_GRID:].argmax(-1) == cols)
+        out["place"] = round(hit.float().mean().item(), 4)
     out["cls"] = round(((heads.cls(cls) > 0).float() == present).float().mean().item(), 4)
     return out
 
@@ -209,7 +214,7 @@ def pretrain(out: Path, cfg: PretrainConfig, *, stop_at: int | None = None) -> P
     if cfg.mimetic:
         mimetic_init(model, generator=torch.Generator().manual_seed(cfg.seed))
     model.language_model.requires_grad_(False)
-    heads = AuxHeads(model.cfg.llm.hidden_size, model.cfg.vision.hidden_size)
+    heads = AuxHeads(model.cfg.llm.hidden_size, model.cfg.vision.hidden_size, place=cfg.place_weight > 0)
     if cfg.init:
         load_vision(model, Path(cfg.init), heads)
     params = [*model.vision_model.parameters(), *model.mlp1.parameters(), *heads.parameters()]
