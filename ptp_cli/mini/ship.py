@@ -29,7 +29,8 @@ def ship(run_dir: Path, to: Path = SHIPPED_DIR) -> Path:
         shutil.rmtree(to)
     export(model, tok_dir, to)
     provenance = {
-        "trained_by": "python -m ptp_cli.mini.train",
+        "trained_by": "python -m ptp_cli.mini.pretrain (stage 1), python -m ptp_cli.mini.train (stage 2); "
+                      "the commands are in docs/accuracy.md",
         "config": state["config"],
         "step": state["step"],
         "train_seconds": round(state["elapsed"]),
