@@ -204,6 +204,22 @@ def test_ptp_infer_model_mini_answers_a_synth_question(tmp_path: Path):
     assert len(rows) == 6 and all(r["answer"] for r in rows)
 
 
+@needs_weights
+def test_the_readme_quick_start_answers_the_bundled_synth_samples(tmp_path: Path):
+    """`ptp infer samples/synth/questions.jsonl --model mini` (the README's first command) answers every
+    sample as the benchmark's own generator says (the samples are examples of seed 1003)."""
+    samples = Path(__file__).resolve().parent.parent / "samples" / "synth" / "questions.jsonl"
+    done = subprocess.run([sys.executable, "-m", "ptp_cli.cli.main", "infer", str(samples), "--model", "mini", "-q"],
+                          capture_output=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in done.stdout.decode().splitlines()]
+    assert len(rows) == 6
+    for row in rows:
+        seed, index = (int(x) for x in row["id"].split("-"))
+        ex = example(seed, index)
+        assert (row["type"], row["answer"]) == (ex.question.type, ex.question.answer), row["id"]
+
+
 @pytest.fixture(scope="module")
 def ci_split(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("ci_split")
