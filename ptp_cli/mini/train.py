@@ -1,24 +1,24 @@
-"""Train ptp-mini on synth scenes, on the CPU, deterministically and resumably.
+"""Stage 2 of ptp-mini: train the LLM on synth scenes over the frozen vision side, on the CPU, deterministically
+and resumably.
 
-    python -m ptp_cli.mini.train --out runs/mini --seed 1 --steps 4000
+    python -m ptp_cli.mini.train --out runs/mini --seed 1 --steps 5000 --single-tile-until 0.25 \
+        --small-grid-until 0.6 --init runs/vit-b/vision.pt
 
 trains ptp's own ``InternVLModel`` (the modules inference runs, with gradients) on ``ptp_cli.synth`` examples
-drawn with the training seed (never the held-out evaluation seed). Killed and started again with the same
-arguments, it continues from its last checkpoint (weights, optimizer, step) and reaches the same weights as an
-uninterrupted run: every example is a pure function of (seed, index) and nothing else draws random numbers.
+drawn with the training seed (never an evaluation seed). The ViT and projector come from stage 1
+(``ptp_cli.mini.pretrain``, ``--init``) and stay frozen. Killed and started again with the same arguments, it
+continues from its last checkpoint (weights, optimizer, step) and reaches the same weights as an uninterrupted
+run: every example is a pure function of (seed, index) and nothing else draws random numbers.
 
-Losses: next-token cross-entropy on the answers (and the separator that ends each), plus auxiliary vision
-losses from the scene's ground truth, standing in for the pretraining a real InternViT gets: each visual token
-predicts the colour, shape and glyph of the object under it and whether the object's centre is there; each
-tile's CLS predicts which colours and shapes the tile holds (a real ViT's CLS summarises its image the same
-way after contrastive pretraining). The auxiliary heads are not part of the exported checkpoint. And a
-grounding loss (like the referring/grounding data real InternVL2 is trained on): at LLM layer ``focus_layer``
-the position that predicts an answer should put its attention on the visual tokens of the objects the
-question is about. Without it, a model this small trained this briefly stays at chance: it learns the answer
-priors but not to look.
+Losses: next-token cross-entropy on the answers (and the separator that ends each), plus three guides that
+make an LLM this small learn to look within an hour (without them it learns each question type's answer
+prior and nothing else): *grounding*, the tokens that end a phrase naming objects attend (layer
+``ground_layer``) to those objects' visual tokens, as referring/grounding data teaches real VLMs; *carry*, after
+that layer those tokens' hidden states hold the named object's colour, shape and glyph (training-only
+read-outs, not exported); *routing*, one head of the answer position attends to the naming tokens at layer
+``route_layer``. PTP's instruction score (the question tokens' attention at LLM layer 1) is shaped by none.
 
-Curriculum: single-tile scenes first, then ever larger grids; tiles that show no object run the ViT without
-gradients (about a third of the cost), since most of a high-resolution canvas is background.
+Curriculum: single-tile scenes first, then grids of up to 4 tiles, then up to 12 (docs/accuracy.md).
 """
 
 from __future__ import annotations
