@@ -17,7 +17,7 @@ from ptp_cli.mini.evaluate import EVAL_SEED, evaluate, normalise, score
 from ptp_cli.mini.model import build_mini_tokenizer, export, new_model
 from ptp_cli.mini.pretrain import PretrainConfig, pretrain
 from ptp_cli.mini.shipped import SHIPPED_DIR
-from ptp_cli.mini.train import STATE, TrainConfig, train
+from ptp_cli.mini.train import STATE, CarryHeads, TrainConfig, ground_targets, guide_losses, train
 from ptp_cli.pipeline import Pipeline, RunConfig
 from ptp_cli.prompts import get_template
 from ptp_cli.pruning import PruneConfig
@@ -110,6 +110,82 @@ def test_naming_rows_end_each_phrase_that_names_objects_and_point_at_them(fresh,
                 seen.add(qtype)
                 k += 1
     assert seen == set(TYPES)
+
+
+def _multi_tile_samples(model, tokenizer, n: int = 16):
+    template = get_template(model.cfg.template)
+    for i in range(n):
+        ex = example(6, i, min_tiles=2, max_tiles=6)
+        extra = more_questions(ex.scene, np.random.default_rng(i), 5)
+        sample = make_sample(ex, extra, tokenizer=tokenizer, template=template, cfg=model.cfg)
+        yield ex, [ex.question, *extra], sample
+
+
+def test_place_and_count_targets_come_from_the_scene_and_position_and_count_ground_on_the_thumbnail(fresh):
+    """The carry read-outs' place and count targets agree with the generator's oracle (a position question's
+    answer from the two places, a count question's answer); position and count phrases ground on the
+    thumbnail's tokens only, other phrases on every tile's."""
+    model, path = fresh
+    tokenizer = load_model(str(path)).tokenizer
+    cfg = TrainConfig()
+    seen = set()
+    for ex, questions, sample in _multi_tile_samples(model, tokenizer):
+        n_tiles = sample.pixel_values.shape[0]
+        thumb = (n_tiles - 1) * 256
+        asked = dict(ground_targets(sample, cfg))
+        k = 0
+        for q, qtype, rows in zip(questions, sample.types, sample.naming_rows, strict=True):
+            places = sample.named_place[k:k + len(rows)]
+            counts = sample.named_count[k:k + len(rows)]
+            if qtype == "position":
+                (ax, ay), (bx, by) = places
+                dx, dy = (ax - bx) * ex.scene.width, (ay - by) * ex.scene.height
+                want = ("left" if dx < 0 else "right") if abs(dx) > abs(dy) else ("above" if dy < 0 else "below")
+                assert want == q.answer
+                seen.add("position")
+            if qtype == "count":
+                assert counts == [int(q.answer)]
+                seen.add("count")
+            for r, named in zip(rows, sample.named[k:k + len(rows)], strict=True):
+                if not named:
+                    assert r not in asked
+                elif qtype in ("position", "count"):
+                    assert asked[r] == [i for i in named if i >= thumb] and asked[r]
+                else:
+                    assert asked[r] == named and min(named) < thumb
+            k += len(rows)
+    assert seen == {"position", "count"}
+
+
+def test_every_guide_gives_a_finite_loss_with_gradients(fresh):
+    """Grounding (layer ``ground_layer``), carry (its output) and routing (heads 0 and 1 of ``route_layer``)
+    each produce a loss on a multi-tile sample that asks every question type, and each reaches the LLM."""
+    model, path = fresh
+    tokenizer = load_model(str(path)).tokenizer
+    cfg = TrainConfig()
+    lm = model.language_model
+    carry = CarryHeads(model.cfg.llm.hidden_size)
+    sample = next(s for _, _, s in _multi_tile_samples(model, tokenizer, 40) if {"position", "count"} <= set(s.types))
+    with torch.no_grad():
+        visual = model.vision_features(sample.pixel_values).features.flatten(0, 1)
+    emb = lm.tok_embeddings(sample.ids)
+    start = sample.image_start
+    h = torch.cat([emb[:start], visual, emb[start + visual.shape[0]:]])[None]
+    positions = torch.arange(h.shape[1])[None]
+    cos, sin = lm.rotary(positions, h.dtype, lengths=torch.tensor([h.shape[1]]))
+    valid = torch.ones(1, h.shape[1], dtype=torch.bool)
+    losses = {}
+    for i, block in enumerate(lm.layers):
+        losses.update(guide_losses(lm, carry, h, positions, sample, cfg, i))
+        h = block(h, cos, sin, None, valid, causal=True).hidden
+    assert set(losses) == {"ground", "carry", "route"}
+    for name, value in losses.items():
+        assert torch.isfinite(value) and value > 0, name
+        model.zero_grad(set_to_none=True)
+        value.backward(retain_graph=True)
+        grads = [p.grad for p in lm.layers[cfg.ground_layer].attention.parameters() if p.grad is not None]
+        assert grads or name == "route", name
+    assert carry.place.weight.grad is not None and carry.count.weight.grad is not None
 
 
 def test_token_truth_marks_each_object_once_per_grid_and_once_in_the_thumbnail():

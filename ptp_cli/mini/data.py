@@ -42,6 +42,9 @@ class Sample:
     named: list[list[int]]  # per naming row (flat, in order): visual tokens (0..T*256-1) of the objects it names
     named_one: list[tuple[int, int, int] | None]  # per naming row: (colour, shape, glyph) classes of the one
     # object it names (glyph IGNORE when it carries none); None when it names several or none
+    named_place: list[tuple[float, float] | None]  # per naming row: that one object's centre, fractions of the
+    # canvas width and height (None as above)
+    named_count: list[int]  # per naming row: how many objects it names
 
 
 def _body(tokenizer: Tokenizer, text: str) -> list[int]:
@@ -173,7 +176,15 @@ def make_sample(
             for q in questions for _, names in naming_phrases(q)
         ],
         named_one=[_classes(scene, names) for q in questions for _, names in naming_phrases(q)],
+        named_place=[_place(scene, names) for q in questions for _, names in naming_phrases(q)],
+        named_count=[sum(map(names, scene.objects)) for q in questions for _, names in naming_phrases(q)],
     )
+
+
+def _place(scene: Scene, names: Callable[[Obj], bool]) -> tuple[float, float] | None:
+    """The centre of the one object ``names`` picks out, as fractions of the canvas (None: several or none)."""
+    picked = [o for o in scene.objects if names(o)]
+    return (picked[0].x / scene.width, picked[0].y / scene.height) if len(picked) == 1 else None
 
 
 def _classes(scene: Scene, names: Callable[[Obj], bool]) -> tuple[int, int, int] | None:

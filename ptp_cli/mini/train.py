@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ptp_cli.mini.data import IGNORE, Sample, make_sample
+from ptp_cli.mini.data import IGNORE, TOKEN_GRID, Sample, make_sample
 from ptp_cli.mini.evaluate import EVAL_SEED, evaluate
 from ptp_cli.mini.model import build_mini_tokenizer, export, new_model
 from ptp_cli.mini.pretrain import load_vision
@@ -42,10 +42,11 @@ from ptp_cli.models.llm import apply_rope
 from ptp_cli.prompts import get_template
 from ptp_cli.pruning.scores import attention_rows
 from ptp_cli.synth import example, more_questions
-from ptp_cli.synth.scene import COLOURS, GLYPHS, SHAPES
+from ptp_cli.synth.scene import COLOURS, COUNTS, GLYPHS, SHAPES
 from ptp_cli.tokenization import load_tokenizer
 
 STATE = "train_state.pt"
+PLACE_BINS = 16  # carry read-out of an object's place: this many bins across the canvas, per axis
 SCHEDULE_ONLY = ("checkpoint_minutes", "eval_minutes", "eval_questions")  # settings that do not change the weights
 
 
@@ -59,10 +60,12 @@ class TrainConfig:
     warmup: int = 100  # linear warm-up steps
     weight_decay: float = 0.01  # AdamW decay of matrices
     ground_weight: float = 1.0  # weight of the grounding loss: naming tokens attend to the objects they name
-    ground_layer: int = 0  # the LLM layer whose attention that loss shapes
+    ground_layer: int = 2  # the LLM layer whose attention that loss shapes (after the text has mixed)
+    thumb_ground: bool = True  # position and count phrases ground on the thumbnail's tokens only (one view of
+    # the whole canvas: global places, each object once) when the scene has more than one tile
     carry_weight: float = 1.0  # weight of the carry loss: after that layer, a naming token holds its object
     route_weight: float = 1.0  # weight of the routing loss: the answer position attends to the naming tokens
-    route_layer: int = 1  # the LLM layer (one head of it) whose attention that loss shapes
+    route_layer: int = 3  # the LLM layer (heads 0 and 1 of it) whose attention that loss shapes
     single_tile_until: float = 0.15  # fraction of training on one-tile scenes only
     small_grid_until: float = 0.45  # then scenes of up to 4 tiles until this fraction, then up to 12
     checkpoint_minutes: float = 5.0  # wall-clock minutes between checkpoints
@@ -91,13 +94,16 @@ def sample_for(cfg: TrainConfig, step: int, k: int, tokenizer, template, model_c
 
 
 class CarryHeads(nn.Module):
-    """Training-only read-outs of a naming token's hidden state: the named object's colour, shape and glyph."""
+    """Training-only read-outs of a naming token's hidden state: the named object's colour, shape, glyph and
+    place on the canvas, and how many objects the phrase names."""
 
     def __init__(self, width: int) -> None:
         super().__init__()
         self.colour = nn.Linear(width, len(COLOURS))
         self.shape = nn.Linear(width, len(SHAPES))
         self.glyph = nn.Linear(width, len(GLYPHS))
+        self.place = nn.Linear(width, 2 * PLACE_BINS)  # column bin, then row bin
+        self.count = nn.Linear(width, len(COUNTS))
 
     def loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """h [R, D] hidden states, targets [R, 3] classes (glyph IGNORE where there is none)."""
@@ -106,6 +112,17 @@ class CarryHeads(nn.Module):
         if (targets[:, 2] != IGNORE).any():
             total = total + F.cross_entropy(self.glyph(h), targets[:, 2], ignore_index=IGNORE)
         return total
+
+    def place_loss(self, h: torch.Tensor, places: torch.Tensor) -> torch.Tensor:
+        """h [R, D] hidden states, places [R, 2] centres as fractions of the canvas (x, y)."""
+        bins = (places * PLACE_BINS).long().clamp(0, PLACE_BINS - 1)  # [R, 2]
+        logits = self.place(F.rms_norm(h, (h.shape[-1],))).unflatten(-1, (2, PLACE_BINS))  # [R, 2, B]
+        return F.cross_entropy(logits.flatten(0, 1), bins.flatten())
+
+    def count_loss(self, h: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """h [R, D] hidden states, counts [R] objects named (clamped to the largest countable answer)."""
+        logits = self.count(F.rms_norm(h, (h.shape[-1],)))
+        return F.cross_entropy(logits, counts.clamp(max=len(COUNTS) - 1))
 
 
 def attention_loss(
@@ -128,23 +145,57 @@ def attention_loss(
     return -(mass + 1e-6).log().mean()
 
 
+def ground_targets(sample: Sample, cfg: TrainConfig) -> list[tuple[int, list[int]]]:
+    """(naming row, visual tokens it should attend to) for the grounding loss: the named objects' tokens, only
+    the thumbnail's for position and count phrases (``thumb_ground``); rows naming nothing are left out."""
+    n_tiles = sample.pixel_values.shape[0]
+    thumb = (n_tiles - 1) * TOKEN_GRID**2 if cfg.thumb_ground and n_tiles > 1 else 0  # first thumbnail token
+    kinds = [t for t, rs in zip(sample.types, sample.naming_rows, strict=True) for _ in rs]  # question type per row
+    rows = [r for rs in sample.naming_rows for r in rs]
+    asked = []
+    for r, t, kind in zip(rows, sample.named, kinds, strict=True):
+        if kind in ("position", "count"):
+            t = [i for i in t if i >= thumb]
+        if t:  # "no" questions name nothing
+            asked.append((r, t))
+    return asked
+
+
 def guide_losses(lm, carry: CarryHeads, h: torch.Tensor, positions: torch.Tensor, sample: Sample, cfg: TrainConfig,
                  layer: int) -> dict[str, torch.Tensor]:
     """The losses that guide the LLM's attention and hidden states at ``layer`` (h [1, S, D] its input)."""
     out: dict[str, torch.Tensor] = {}
     rows = [r for rs in sample.naming_rows for r in rs]
+    kinds = [t for t, rs in zip(sample.types, sample.naming_rows, strict=True) for _ in rs]  # question type per row
     if layer == cfg.ground_layer and cfg.ground_weight:
-        asked = [(r, t) for r, t in zip(rows, sample.named, strict=True) if t]  # "no" questions name nothing
+        asked = ground_targets(sample, cfg)
         if asked:
             out["ground"] = attention_loss(lm, h, positions, [r for r, _ in asked],
                                            [sample.image_start + torch.tensor(t) for _, t in asked], layer=layer)
     if layer == cfg.ground_layer + 1 and cfg.carry_weight:
+        terms = []
         one = [(r, c) for r, c in zip(rows, sample.named_one, strict=True) if c is not None]
         if one:
-            out["carry"] = carry.loss(h[0, [r for r, _ in one]], torch.tensor([c for _, c in one]))
+            terms.append(carry.loss(h[0, [r for r, _ in one]], torch.tensor([c for _, c in one])))
+        placed = [(r, p) for r, p, k in zip(rows, sample.named_place, kinds, strict=True)
+                  if p is not None and k == "position"]
+        if placed:
+            terms.append(carry.place_loss(h[0, [r for r, _ in placed]], torch.tensor([p for _, p in placed])))
+        counted = [(r, n) for r, n, k in zip(rows, sample.named_count, kinds, strict=True) if k in ("count", "exist")]
+        if counted:
+            terms.append(carry.count_loss(h[0, [r for r, _ in counted]], torch.tensor([n for _, n in counted])))
+        if terms:
+            out["carry"] = torch.stack(terms).sum()
     if layer == cfg.route_layer and cfg.route_weight:
-        out["route"] = attention_loss(lm, h, positions, sample.answer_rows,
-                                      [torch.tensor(rs) for rs in sample.naming_rows], layer=layer, head=0)
+        # head 0: the answer position reads the (first) naming token; head 1: the second one, where a question
+        # names two objects (position: compare their places)
+        first = [torch.tensor(rs[:1]) for rs in sample.naming_rows]
+        route = attention_loss(lm, h, positions, sample.answer_rows, first, layer=layer, head=0)
+        pairs = [(a, rs[1]) for a, rs in zip(sample.answer_rows, sample.naming_rows, strict=True) if len(rs) > 1]
+        if pairs:
+            route = route + attention_loss(lm, h, positions, [a for a, _ in pairs],
+                                           [torch.tensor([b]) for _, b in pairs], layer=layer, head=1)
+        out["route"] = route
     return out
 
 
