@@ -121,10 +121,11 @@ def _multi_tile_samples(model, tokenizer, n: int = 16):
         yield ex, [ex.question, *extra], sample
 
 
-def test_place_and_count_targets_come_from_the_scene_and_position_and_count_ground_on_the_thumbnail(fresh):
+def test_place_and_count_targets_come_from_the_scene_and_each_phrase_grounds_on_its_view(fresh):
     """The carry read-outs' place and count targets agree with the generator's oracle (a position question's
-    answer from the two places, a count question's answer); position and count phrases ground on the
-    thumbnail's tokens only, other phrases on every tile's."""
+    answer from the two places, a count question's answer); on multi-tile scenes position phrases ground on
+    the thumbnail's tokens, text phrases on the tiles', count and existence phrases on a sink plus one centre
+    token per named object in the thumbnail, colour and shape phrases on every view."""
     model, path = fresh
     tokenizer = load_model(str(path)).tokenizer
     cfg = TrainConfig()
@@ -132,6 +133,7 @@ def test_place_and_count_targets_come_from_the_scene_and_position_and_count_grou
     for ex, questions, sample in _multi_tile_samples(model, tokenizer):
         n_tiles = sample.pixel_values.shape[0]
         thumb = (n_tiles - 1) * 256
+        centres = set(sample.token_labels.flatten(0, 1)[:, 3].nonzero()[:, 0].tolist())
         asked = dict(ground_targets(sample, cfg))
         k = 0
         for q, qtype, rows in zip(questions, sample.types, sample.naming_rows, strict=True):
@@ -147,12 +149,19 @@ def test_place_and_count_targets_come_from_the_scene_and_position_and_count_grou
                 assert counts == [int(q.answer)]
                 seen.add("count")
             for r, named in zip(rows, sample.named[k:k + len(rows)], strict=True):
-                if not named:
+                got = [p - sample.image_start for p in asked.get(r, [])]
+                if qtype in ("count", "exist"):  # a sink first, then the named objects' thumbnail centres
+                    assert asked[r][0] == 0
+                    assert got[1:] == [i for i in named if i >= thumb and i in centres]
+                    assert len(got) - 1 == counts[0] or qtype == "exist"
+                elif not named:
                     assert r not in asked
-                elif qtype in ("position", "count"):
-                    assert asked[r] == [i for i in named if i >= thumb] and asked[r]
+                elif qtype == "position":
+                    assert got == [i for i in named if i >= thumb] and got
+                elif qtype == "text":
+                    assert got == [i for i in named if i < thumb] and got
                 else:
-                    assert asked[r] == named and min(named) < thumb
+                    assert got == named and min(named) < thumb
             k += len(rows)
     assert seen == {"position", "count"}
 

@@ -63,6 +63,8 @@ class TrainConfig:
     ground_layer: int = 2  # the LLM layer whose attention that loss shapes (after the text has mixed)
     thumb_ground: bool = True  # position and count phrases ground on the thumbnail's tokens only (one view of
     # the whole canvas: global places, each object once) when the scene has more than one tile
+    sink_ground: bool = True  # count and existence phrases ground on the named objects' centres or a sink
+    text_tiles: bool = True  # text phrases ground on the tiles' tokens only (not the thumbnail's)
     carry_weight: float = 1.0  # weight of the carry loss: after that layer, a naming token holds its object
     route_weight: float = 1.0  # weight of the routing loss: the answer position attends to the naming tokens
     route_layer: int = 3  # the LLM layer (heads 0 and 1 of it) whose attention that loss shapes
@@ -146,18 +148,30 @@ def attention_loss(
 
 
 def ground_targets(sample: Sample, cfg: TrainConfig) -> list[tuple[int, list[int]]]:
-    """(naming row, visual tokens it should attend to) for the grounding loss: the named objects' tokens, only
-    the thumbnail's for position and count phrases (``thumb_ground``); rows naming nothing are left out."""
+    """(naming row, sequence positions it should attend to) for the grounding loss: the named objects' visual
+    tokens; on a multi-tile scene only the thumbnail's for position and count phrases (``thumb_ground``: global
+    places, each object once) and only the tiles' for text phrases (``text_tiles``: glyphs are legible there).
+    With ``sink_ground``, count and existence phrases aim at the named objects' centre tokens (thumbnail) or
+    the first token of the sequence, the model's choice: the share left on that sink can say how many objects
+    there are (none, for "no" questions). Other rows naming nothing are left out."""
     n_tiles = sample.pixel_values.shape[0]
-    thumb = (n_tiles - 1) * TOKEN_GRID**2 if cfg.thumb_ground and n_tiles > 1 else 0  # first thumbnail token
+    thumb = (n_tiles - 1) * TOKEN_GRID**2 if n_tiles > 1 else 0  # first thumbnail token
+    centres = set(sample.token_labels.flatten(0, 1)[:, 3].nonzero()[:, 0].tolist())
     kinds = [t for t, rs in zip(sample.types, sample.naming_rows, strict=True) for _ in rs]  # question type per row
     rows = [r for rs in sample.naming_rows for r in rs]
     asked = []
     for r, t, kind in zip(rows, sample.named, kinds, strict=True):
-        if kind in ("position", "count"):
+        if cfg.sink_ground and kind in ("count", "exist"):
+            t = [i for i in t if i >= thumb and i in centres]
+        elif cfg.thumb_ground and kind in ("position", "count"):
             t = [i for i in t if i >= thumb]
-        if t:  # "no" questions name nothing
-            asked.append((r, t))
+        elif cfg.text_tiles and kind == "text" and thumb:
+            t = [i for i in t if i < thumb]
+        positions = [sample.image_start + i for i in t]
+        if cfg.sink_ground and kind in ("count", "exist"):
+            positions = [0, *positions]
+        if positions:  # "no" questions name nothing
+            asked.append((r, positions))
     return asked
 
 
@@ -171,7 +185,7 @@ def guide_losses(lm, carry: CarryHeads, h: torch.Tensor, positions: torch.Tensor
         asked = ground_targets(sample, cfg)
         if asked:
             out["ground"] = attention_loss(lm, h, positions, [r for r, _ in asked],
-                                           [sample.image_start + torch.tensor(t) for _, t in asked], layer=layer)
+                                           [torch.tensor(t) for _, t in asked], layer=layer)
     if layer == cfg.ground_layer + 1 and cfg.carry_weight:
         terms = []
         one = [(r, c) for r, c in zip(rows, sample.named_one, strict=True) if c is not None]
