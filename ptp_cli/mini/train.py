@@ -46,7 +46,6 @@ from ptp_cli.synth.scene import COLOURS, COUNTS, GLYPHS, SHAPES
 from ptp_cli.tokenization import load_tokenizer
 
 STATE = "train_state.pt"
-PLACE_BINS = 16  # carry read-out of an object's place: this many bins across the canvas, per axis
 SCHEDULE_ONLY = ("checkpoint_minutes", "eval_minutes", "eval_questions")  # settings that do not change the weights
 
 
@@ -63,6 +62,8 @@ class TrainConfig:
     ground_layer: int = 2  # the LLM layer whose attention that loss shapes (after the text has mixed)
     thumb_ground: bool = True  # position and count phrases ground on the thumbnail's tokens only (one view of
     # the whole canvas: global places, each object once) when the scene has more than one tile
+    place_bins: int = 8  # the carry read-out of an object's place: this many bins across the canvas, per axis
+    place_head: int = 1  # position phrases ground with this head of the layer alone (-1: the mean of all heads)
     sink_ground: bool = True  # count and existence phrases ground on the named objects' centres or a sink
     text_tiles: bool = True  # text phrases ground on the tiles' tokens only (not the thumbnail's)
     carry_weight: float = 1.0  # weight of the carry loss: after that layer, a naming token holds its object
@@ -99,12 +100,13 @@ class CarryHeads(nn.Module):
     """Training-only read-outs of a naming token's hidden state: the named object's colour, shape, glyph and
     place on the canvas, and how many objects the phrase names."""
 
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: int, place_bins: int = 8) -> None:
         super().__init__()
+        self.bins = place_bins
         self.colour = nn.Linear(width, len(COLOURS))
         self.shape = nn.Linear(width, len(SHAPES))
         self.glyph = nn.Linear(width, len(GLYPHS))
-        self.place = nn.Linear(width, 2 * PLACE_BINS)  # column bin, then row bin
+        self.place = nn.Linear(width, 2 * place_bins)  # column bin, then row bin
         self.count = nn.Linear(width, len(COUNTS))
 
     def loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -117,8 +119,8 @@ class CarryHeads(nn.Module):
 
     def place_loss(self, h: torch.Tensor, places: torch.Tensor) -> torch.Tensor:
         """h [R, D] hidden states, places [R, 2] centres as fractions of the canvas (x, y)."""
-        bins = (places * PLACE_BINS).long().clamp(0, PLACE_BINS - 1)  # [R, 2]
-        logits = self.place(F.rms_norm(h, (h.shape[-1],))).unflatten(-1, (2, PLACE_BINS))  # [R, 2, B]
+        bins = (places * self.bins).long().clamp(0, self.bins - 1)  # [R, 2]
+        logits = self.place(F.rms_norm(h, (h.shape[-1],))).unflatten(-1, (2, self.bins))  # [R, 2, B]
         return F.cross_entropy(logits.flatten(0, 1), bins.flatten())
 
     def count_loss(self, h: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -183,9 +185,15 @@ def guide_losses(lm, carry: CarryHeads, h: torch.Tensor, positions: torch.Tensor
     kinds = [t for t, rs in zip(sample.types, sample.naming_rows, strict=True) for _ in rs]  # question type per row
     if layer == cfg.ground_layer and cfg.ground_weight:
         asked = ground_targets(sample, cfg)
-        if asked:
-            out["ground"] = attention_loss(lm, h, positions, [r for r, _ in asked],
-                                           [torch.tensor(t) for _, t in asked], layer=layer)
+        place_rows = {r for r, k in zip(rows, kinds, strict=True) if k == "position"} if cfg.place_head >= 0 else set()
+        terms = []
+        for head, group in ((None, [a for a in asked if a[0] not in place_rows]),
+                            (cfg.place_head, [a for a in asked if a[0] in place_rows])):
+            if group:  # one head finds a position phrase's object in the thumbnail, the mean of all heads the rest
+                terms.append(len(group) * attention_loss(lm, h, positions, [r for r, _ in group],
+                                                         [torch.tensor(t) for _, t in group], layer=layer, head=head))
+        if terms:
+            out["ground"] = torch.stack(terms).sum() / len(asked)
     if layer == cfg.ground_layer + 1 and cfg.carry_weight:
         terms = []
         one = [(r, c) for r, c in zip(rows, sample.named_one, strict=True) if c is not None]
@@ -274,7 +282,7 @@ def train(out: Path, cfg: TrainConfig, *, stop_at: int | None = None) -> Path:
     load_vision(model, Path(cfg.init))
     model.vision_model.requires_grad_(False)
     model.mlp1.requires_grad_(False)
-    carry = CarryHeads(model.cfg.llm.hidden_size)
+    carry = CarryHeads(model.cfg.llm.hidden_size, cfg.place_bins)
     opt = _optimizer(model, carry, cfg)
     step, elapsed = 0, 0.0
     state = load_state(out / STATE, cfg, SCHEDULE_ONLY)
