@@ -13,10 +13,12 @@ run: every example is a pure function of (seed, index) and nothing else draws ra
 Losses: next-token cross-entropy on the answers (and the separator that ends each), plus three guides that
 make an LLM this small learn to look within an hour (without them it learns each question type's answer
 prior and nothing else): *grounding*, the tokens that end a phrase naming objects attend (layer
-``ground_layer``) to those objects' visual tokens, as referring/grounding data teaches real VLMs; *carry*, after
-that layer those tokens' hidden states hold the named object's colour, shape and glyph (training-only
-read-outs, not exported); *routing*, one head of the answer position attends to the naming tokens at layer
-``route_layer``. PTP's instruction score (the question tokens' attention at LLM layer 1) is shaped by none.
+``ground_layer``, after the question's words have mixed) to those objects' visual tokens, in the view the
+question needs (``ground_targets``), as referring/grounding data teaches real VLMs; *carry*, after that layer
+those tokens' hidden states hold the named object's colour, shape, glyph and place and how many objects the
+phrase names (training-only read-outs, not exported); *routing*, heads 0 and 1 of the answer position attend
+to the (first and second) naming tokens at layer ``route_layer``. No loss shapes PTP's instruction score (the
+question tokens' attention at LLM layer 1).
 
 Curriculum: single-tile scenes first, then grids of up to 4 tiles, then up to 12 (docs/accuracy.md).
 """
@@ -62,8 +64,8 @@ class TrainConfig:
     ground_layer: int = 2  # the LLM layer whose attention that loss shapes (after the text has mixed)
     thumb_ground: bool = True  # position and count phrases ground on the thumbnail's tokens only (one view of
     # the whole canvas: global places, each object once) when the scene has more than one tile
-    place_bins: int = 8  # the carry read-out of an object's place: this many bins across the canvas, per axis
-    place_head: int = 1  # position phrases ground with this head of the layer alone (-1: the mean of all heads)
+    place_bins: int = 16  # the carry read-out of an object's place: this many bins across the canvas, per axis
+    place_head: int = -1  # >= 0: position phrases ground with that head of the layer alone (-1: mean of all heads)
     sink_ground: bool = True  # count and existence phrases ground on the named objects' centres or a sink
     text_tiles: bool = True  # text phrases ground on the tiles' tokens only (not the thumbnail's)
     carry_weight: float = 1.0  # weight of the carry loss: after that layer, a naming token holds its object
@@ -100,7 +102,7 @@ class CarryHeads(nn.Module):
     """Training-only read-outs of a naming token's hidden state: the named object's colour, shape, glyph and
     place on the canvas, and how many objects the phrase names."""
 
-    def __init__(self, width: int, place_bins: int = 8) -> None:
+    def __init__(self, width: int, place_bins: int = 16) -> None:
         super().__init__()
         self.bins = place_bins
         self.colour = nn.Linear(width, len(COLOURS))
