@@ -151,6 +151,11 @@ def attention_loss(
     return -(mass + 1e-6).log().mean()
 
 
+def row_types(sample: Sample) -> list[str]:
+    """The question type of each naming row, flat and in order (as ``Sample.named``)."""
+    return [t for t, rs in zip(sample.types, sample.naming_rows, strict=True) for _ in rs]
+
+
 def ground_targets(sample: Sample, cfg: TrainConfig) -> list[tuple[int, list[int]]]:
     """(naming row, sequence positions it should attend to) for the grounding loss: the named objects' visual
     tokens; on a multi-tile scene only the thumbnail's for position and count phrases (``thumb_ground``: global
@@ -161,7 +166,7 @@ def ground_targets(sample: Sample, cfg: TrainConfig) -> list[tuple[int, list[int
     n_tiles = sample.pixel_values.shape[0]
     thumb = (n_tiles - 1) * TOKEN_GRID**2 if n_tiles > 1 else 0  # first thumbnail token
     centres = set(sample.token_labels.flatten(0, 1)[:, 3].nonzero()[:, 0].tolist())
-    kinds = [t for t, rs in zip(sample.types, sample.naming_rows, strict=True) for _ in rs]  # question type per row
+    kinds = row_types(sample)
     rows = [r for rs in sample.naming_rows for r in rs]
     asked = []
     for r, t, kind in zip(rows, sample.named, kinds, strict=True):
@@ -184,7 +189,7 @@ def guide_losses(lm, carry: CarryHeads, h: torch.Tensor, positions: torch.Tensor
     """The losses that guide the LLM's attention and hidden states at ``layer`` (h [1, S, D] its input)."""
     out: dict[str, torch.Tensor] = {}
     rows = [r for rs in sample.naming_rows for r in rs]
-    kinds = [t for t, rs in zip(sample.types, sample.naming_rows, strict=True) for _ in rs]  # question type per row
+    kinds = row_types(sample)
     if layer == cfg.ground_layer and cfg.ground_weight:
         asked = ground_targets(sample, cfg)
         place_rows = {r for r, k in zip(rows, kinds, strict=True) if k == "position"} if cfg.place_head >= 0 else set()
