@@ -18,7 +18,15 @@ import torch.nn.functional as F
 from ptp_cli.mini.data import make_sample
 from ptp_cli.mini.evaluate import EVAL_SEED
 from ptp_cli.mini.model import new_model
-from ptp_cli.mini.train import STATE, CarryHeads, TrainConfig, attention_loss, ground_targets
+from ptp_cli.mini.train import (
+    STATE,
+    CarryHeads,
+    TrainConfig,
+    attention_loss,
+    ground_targets,
+    row_types,
+    sequence_inputs,
+)
 from ptp_cli.prompts import get_template
 from ptp_cli.synth import example, more_questions
 from ptp_cli.tokenization import load_tokenizer
@@ -56,14 +64,8 @@ def main(argv: list[str] | None = None) -> None:
             ex = example(EVAL_SEED, i, min_tiles=args.min_tiles, max_tiles=args.max_tiles)
             extra = more_questions(ex.scene, np.random.default_rng(i), cfg.extra_questions)
             s = make_sample(ex, extra, tokenizer=tokenizer, template=template, cfg=model.cfg)
-            visual = model.vision_features(s.pixel_values).features.flatten(0, 1)  # [T*256, D]
-            emb = lm.tok_embeddings(s.ids)
-            h = torch.cat([emb[:s.image_start], visual, emb[s.image_start + visual.shape[0]:]])[None]  # [1, S, D]
-            n = h.shape[1]
-            pos = torch.arange(n)[None]
-            cos, sin = lm.rotary(pos, h.dtype, lengths=torch.tensor([n]))
-            valid = torch.ones(1, n, dtype=torch.bool)
-            kinds = [t for t, rs in zip(s.types, s.naming_rows, strict=True) for _ in rs]
+            h, pos, cos, sin, valid = sequence_inputs(model, s)
+            kinds = row_types(s)
             rows = [r for rs in s.naming_rows for r in rs]
             for layer, block in enumerate(lm.layers):
                 if layer == cfg.ground_layer:

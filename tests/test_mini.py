@@ -17,7 +17,15 @@ from ptp_cli.mini.evaluate import EVAL_SEED, evaluate, normalise, score
 from ptp_cli.mini.model import build_mini_tokenizer, export, new_model
 from ptp_cli.mini.pretrain import PretrainConfig, pretrain
 from ptp_cli.mini.shipped import SHIPPED_DIR
-from ptp_cli.mini.train import STATE, CarryHeads, TrainConfig, ground_targets, guide_losses, train
+from ptp_cli.mini.train import (
+    STATE,
+    CarryHeads,
+    TrainConfig,
+    ground_targets,
+    guide_losses,
+    sequence_inputs,
+    train,
+)
 from ptp_cli.pipeline import Pipeline, RunConfig
 from ptp_cli.prompts import get_template
 from ptp_cli.pruning import PruneConfig
@@ -175,14 +183,7 @@ def test_every_guide_gives_a_finite_loss_with_gradients(fresh):
     lm = model.language_model
     carry = CarryHeads(model.cfg.llm.hidden_size)
     sample = next(s for _, _, s in _multi_tile_samples(model, tokenizer, 40) if {"position", "count"} <= set(s.types))
-    with torch.no_grad():
-        visual = model.vision_features(sample.pixel_values).features.flatten(0, 1)
-    emb = lm.tok_embeddings(sample.ids)
-    start = sample.image_start
-    h = torch.cat([emb[:start], visual, emb[start + visual.shape[0]:]])[None]
-    positions = torch.arange(h.shape[1])[None]
-    cos, sin = lm.rotary(positions, h.dtype, lengths=torch.tensor([h.shape[1]]))
-    valid = torch.ones(1, h.shape[1], dtype=torch.bool)
+    h, positions, cos, sin, valid = sequence_inputs(model, sample)
     losses = {}
     for i, block in enumerate(lm.layers):
         losses.update(guide_losses(lm, carry, h, positions, sample, cfg, i))

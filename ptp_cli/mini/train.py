@@ -228,21 +228,28 @@ def guide_losses(lm, carry: CarryHeads, h: torch.Tensor, positions: torch.Tensor
     return out
 
 
+def sequence_inputs(model: InternVLModel, sample: Sample) -> tuple[torch.Tensor, ...]:
+    """(h [1, S, D], positions [1, S], cos, sin, valid [1, S]) the LLM's first layer takes for ``sample``: its
+    token embeddings with the (frozen, gradient-free) visual features in the image's place."""
+    lm = model.language_model
+    with torch.no_grad():
+        visual = model.vision_features(sample.pixel_values).features.flatten(0, 1)  # [T*256, D], tiles in order
+    emb = lm.tok_embeddings(sample.ids)  # [S, D]
+    start = sample.image_start
+    h = torch.cat([emb[:start], visual, emb[start + visual.shape[0]:]])[None]  # [1, S, D]
+    s = h.shape[1]
+    positions = torch.arange(s)[None]
+    cos, sin = lm.rotary(positions, h.dtype, lengths=torch.tensor([s]))
+    return h, positions, cos, sin, torch.ones(1, s, dtype=torch.bool)
+
+
 def forward_loss(
     model: InternVLModel, carry: CarryHeads, sample: Sample, cfg: TrainConfig
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Answer loss (+ the guiding losses) of one sample, through the inference modules; the vision side is
     frozen."""
     lm = model.language_model
-    with torch.no_grad():
-        visual = model.vision_features(sample.pixel_values).features.flatten(0, 1)  # [T*256, D], tiles in order
-    ids, start = sample.ids, sample.image_start
-    emb = lm.tok_embeddings(ids)  # [S, D]
-    h = torch.cat([emb[:start], visual, emb[start + visual.shape[0]:]])[None]  # [1, S, D]
-    s = h.shape[1]
-    valid = torch.ones(1, s, dtype=torch.bool)
-    positions = torch.arange(s)[None]
-    cos, sin = lm.rotary(positions, h.dtype, lengths=torch.tensor([s]))
+    h, positions, cos, sin, valid = sequence_inputs(model, sample)
     guides: dict[str, torch.Tensor] = {}
     for i, block in enumerate(lm.layers):
         guides.update(guide_losses(lm, carry, h, positions, sample, cfg, i))
