@@ -26,6 +26,7 @@ from ptp_cli.mini.train import (
     ground_targets,
     row_types,
     sequence_inputs,
+    view_objects,
 )
 from ptp_cli.prompts import get_template
 from ptp_cli.synth import example, more_questions
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     model = new_model(args.run / "tokenizer", seed=cfg.seed, vit_width=cfg.vit_width)
     model.load_state_dict(state["model"])
     model.eval()
-    carry = CarryHeads(model.cfg.llm.hidden_size, cfg.place_bins)
+    carry = CarryHeads(model.cfg.llm.hidden_size, cfg.place_bins, token_place=cfg.token_place_weight > 0)
     carry.load_state_dict(state["carry"])
     template = get_template(model.cfg.template)
     lm = model.language_model
@@ -68,6 +69,13 @@ def main(argv: list[str] | None = None) -> None:
             kinds = row_types(s)
             rows = [r for rs in s.naming_rows for r in rs]
             for layer, block in enumerate(lm.layers):
+                if layer == cfg.ground_layer and carry.token_place is not None:
+                    index = view_objects(s)
+                    at = s.image_start + (s.pixel_values.shape[0] - 1) * 256 + index
+                    got = carry.token_place(F.rms_norm(h[0, at], (h.shape[-1],))).view(-1, 2, 16).argmax(-1)
+                    want = torch.stack([index // 16, index % 16], 1)
+                    for ok in ((got - want).abs() <= 1).all(1):
+                        add("token place read-out, both within 1", ok)
                 if layer == cfg.ground_layer:
                     asked = dict(ground_targets(s, cfg))
                     for r, k in zip(rows, kinds, strict=True):

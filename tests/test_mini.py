@@ -25,6 +25,7 @@ from ptp_cli.mini.train import (
     guide_losses,
     sequence_inputs,
     train,
+    view_objects,
 )
 from ptp_cli.pipeline import Pipeline, RunConfig
 from ptp_cli.prompts import get_template
@@ -129,14 +130,16 @@ def _multi_tile_samples(model, tokenizer, n: int = 16):
         yield ex, [ex.question, *extra], sample
 
 
-def test_place_and_count_targets_come_from_the_scene_and_each_phrase_grounds_on_its_view(fresh):
+@pytest.mark.parametrize("count_view", ["thumbnail", "tiles"])
+def test_place_and_count_targets_come_from_the_scene_and_each_phrase_grounds_on_its_view(fresh, count_view: str):
     """The carry read-outs' place and count targets agree with the generator's oracle (a position question's
     answer from the two places, a count question's answer); on multi-tile scenes position phrases ground on
     the thumbnail's tokens, text phrases on the tiles', count and existence phrases on a sink plus one centre
-    token per named object in the thumbnail, colour and shape phrases on every view."""
+    token per named object in the ``count_view`` (the thumbnail or the tiles), colour and shape phrases on
+    every view."""
     model, path = fresh
     tokenizer = load_model(str(path)).tokenizer
-    cfg = TrainConfig()
+    cfg = TrainConfig(count_view=count_view)
     seen = set()
     for ex, questions, sample in _multi_tile_samples(model, tokenizer):
         n_tiles = sample.pixel_values.shape[0]
@@ -158,9 +161,10 @@ def test_place_and_count_targets_come_from_the_scene_and_each_phrase_grounds_on_
                 seen.add("count")
             for r, named in zip(rows, sample.named[k:k + len(rows)], strict=True):
                 got = [p - sample.image_start for p in asked.get(r, [])]
-                if qtype in ("count", "exist"):  # a sink first, then the named objects' thumbnail centres
+                if qtype in ("count", "exist"):  # a sink first, then the named objects' centres in one view
                     assert asked[r][0] == 0
-                    assert got[1:] == [i for i in named if i >= thumb and i in centres]
+                    in_view = [i for i in named if (i >= thumb) == (count_view == "thumbnail") and i in centres]
+                    assert got[1:] == in_view
                     assert len(got) - 1 == counts[0] or qtype == "exist"
                 elif not named:
                     assert r not in asked
@@ -175,27 +179,32 @@ def test_place_and_count_targets_come_from_the_scene_and_each_phrase_grounds_on_
 
 
 def test_every_guide_gives_a_finite_loss_with_gradients(fresh):
-    """Grounding (layer ``ground_layer``), carry (its output) and routing (heads 0 and 1 of ``route_layer``)
-    each produce a loss on a multi-tile sample that asks every question type, and each reaches the LLM."""
+    """Grounding (layer ``ground_layer``), carry (its output), routing (heads 0 and 1 of ``route_layer``) and
+    token place (the thumbnail's object tokens at the grounding layer's input) each produce a loss on a
+    multi-tile sample that asks every question type, and each reaches the LLM."""
     model, path = fresh
     tokenizer = load_model(str(path)).tokenizer
-    cfg = TrainConfig()
+    cfg = TrainConfig(token_place_weight=1.0)
     lm = model.language_model
-    carry = CarryHeads(model.cfg.llm.hidden_size)
+    carry = CarryHeads(model.cfg.llm.hidden_size, token_place=True)
     sample = next(s for _, _, s in _multi_tile_samples(model, tokenizer, 40) if {"position", "count"} <= set(s.types))
     h, positions, cos, sin, valid = sequence_inputs(model, sample)
     losses = {}
     for i, block in enumerate(lm.layers):
         losses.update(guide_losses(lm, carry, h, positions, sample, cfg, i))
         h = block(h, cos, sin, None, valid, causal=True).hidden
-    assert set(losses) == {"ground", "carry", "route"}
+    assert set(losses) == {"ground", "carry", "route", "token_place"}
     for name, value in losses.items():
         assert torch.isfinite(value) and value > 0, name
         model.zero_grad(set_to_none=True)
         value.backward(retain_graph=True)
-        grads = [p.grad for p in lm.layers[cfg.ground_layer].attention.parameters() if p.grad is not None]
+        layer = 0 if name == "token_place" else cfg.ground_layer  # token place: what layers 0 and 1 bring over
+        grads = [p.grad for p in lm.layers[layer].attention.parameters() if p.grad is not None]
         assert grads or name == "route", name
     assert carry.place.weight.grad is not None and carry.count.weight.grad is not None
+    index = view_objects(sample)  # the thumbnail's object tokens
+    assert len(index) and (sample.token_labels[-1, index, 0] > 0).all()
+    assert int((sample.token_labels[-1, :, 0] > 0).sum()) == len(index)
 
 
 def test_token_truth_marks_each_object_once_per_grid_and_once_in_the_thumbnail():

@@ -12,6 +12,7 @@ from ptp_cli.image import TilingOptions
 from ptp_cli.mini.data import TOKEN_GRID, token_truth
 from ptp_cli.mini.model import build_mini_tokenizer, mimetic_init, new_model
 from ptp_cli.mini.pretrain import (
+    FULL_OFFSET,
     STATE,
     AuxHeads,
     PretrainConfig,
@@ -19,6 +20,7 @@ from ptp_cli.mini.pretrain import (
     crops_of,
     load_vision,
     pretrain,
+    views_of,
 )
 from ptp_cli.mini.train import TrainConfig, train
 from ptp_cli.synth import example, render
@@ -57,8 +59,27 @@ def test_each_object_crop_holds_its_object_away_from_the_edge(model):
         assert lab[(ci - i) * 6 + (cj - j), 3] == 1
 
 
+@pytest.mark.parametrize("index", [0, 1, 2, 3])
+def test_whole_views_are_a_tile_that_shows_an_object_and_the_thumbnail(model, index: int):
+    """Stage 1's whole-view batches (``--full-scenes``): the tiles inference cuts, labelled by the scene's
+    geometry; one tile with an object and, for a multi-tile scene, the thumbnail (flagged)."""
+    tiling = TilingOptions.from_config(model.cfg)
+    scene = example(1, FULL_OFFSET + index).scene
+    every = tiling.preprocess(render(scene))  # [T, 3, 448, 448]
+    labels, present, _ = token_truth(scene, every.shape[0])
+    pixels, got, shown, thumb = views_of(1, index, tiling=tiling)
+    if every.shape[0] == 1:
+        assert thumb.tolist() == [False] and torch.equal(pixels, every) and torch.equal(got, labels)
+        return
+    assert thumb.tolist() == [False, True]
+    assert torch.equal(pixels[1], every[-1]) and torch.equal(got[1], labels[-1])
+    tile = next(t for t in range(every.shape[0] - 1) if torch.equal(every[t], pixels[0]))
+    assert torch.equal(got[0], labels[tile]) and torch.equal(shown[0], present[tile])
+    assert shown[0, -1] == 1 and (got[0, :, 0] > 0).any()  # the tile shows an object
+
+
 def test_pretraining_resumes_to_the_same_weights_and_starts_the_vqa_stage(tmp_path: Path):
-    cfg = PretrainConfig(steps=2, scenes_per_step=1, warmup=1, probe_every=0)
+    cfg = PretrainConfig(steps=2, scenes_per_step=1, warmup=1, probe_every=0, full_scenes=1)
     pretrain(tmp_path / "straight", cfg)
     pretrain(tmp_path / "twice", cfg, stop_at=1)
     assert torch.load(tmp_path / "twice" / STATE, weights_only=True)["step"] == 1

@@ -55,6 +55,8 @@ class PretrainConfig:
     cls_weight: float = 1.0  # weight of the CLS loss: the crop's CLS predicts which colours and shapes it shows
     place_weight: float = 0.5  # weight of the place loss: each token predicts its row and column in the tile
     init: str = ""  # a vision.pt to continue from (a fresh schedule on trained weights); "": from scratch
+    full_scenes: int = 0  # scenes of 1..12 tiles per step whose whole views (a tile with an object, and the
+    # thumbnail) train beside the crops: token place learnt on crops does not carry over to whole views
 
 
 class AuxHeads(nn.Module):
@@ -145,6 +147,46 @@ def crop_features(
     return model.mlp1(merged.flatten(1, 2)), x[:, 0]  # [N, c*c, D], [N, Cv]
 
 
+FULL_OFFSET = 10_000_000  # whole-view scenes are indexed apart from the crops' single-tile scenes
+
+
+def views_of(seed: int, index: int, *, tiling: TilingOptions) -> tuple[torch.Tensor, ...]:
+    """Whole 448 px views of the ``index``-th scene of 1..12 tiles: pixels [V, 3, 448, 448], token labels
+    [V, 256, 4], what each view shows [V, CLS_TARGETS] and whether it is a thumbnail [V]; V = 1 (a single tile)
+    or 2 (a random tile that shows an object, and the thumbnail, whose token places are places on the
+    canvas)."""
+    rng = np.random.default_rng([seed, index, 13])
+    scene = example(seed, FULL_OFFSET + index).scene
+    pixels = tiling.preprocess(render(scene))  # [T, 3, 448, 448]
+    n = pixels.shape[0]
+    labels, present, _ = token_truth(scene, n)
+    if n == 1:
+        pick = [0]
+    else:
+        shown = (present[:-1, -1] > 0).nonzero()[:, 0]
+        pick = [int(shown[int(rng.integers(len(shown)))]), n - 1]
+    return pixels[pick], labels[pick], present[pick], torch.tensor(pick) == n - 1 if n > 1 else torch.zeros(1, dtype=torch.bool)
+
+
+def full_batch(cfg: PretrainConfig, seed: int, first: int, n: int, tiling: TilingOptions):
+    parts = [views_of(seed, first + k, tiling=tiling) for k in range(n)]
+    return tuple(torch.cat(z) for z in zip(*parts, strict=True))
+
+
+def full_loss(model: InternVLModel, heads, cfg: PretrainConfig, views) -> torch.Tensor:
+    """The crops' losses on whole views (pixels [V, 3, 448, 448], labels [V, 256, 4], presence [V, K])."""
+    pixels, labels, present, _ = views
+    corners = torch.zeros(pixels.shape[0], 2, dtype=torch.long)
+    feats, cls = crop_features(model, pixels, corners)  # [V, 256, D], [V, Cv]: exactly the inference features
+    loss = heads.token_loss(feats.flatten(0, 1), labels.flatten(0, 1))
+    if cfg.place_weight:
+        objects = labels.flatten(0, 1)[:, 0] > 0
+        loss = loss + cfg.place_weight * place_loss(heads, feats.flatten(0, 1), corners, TOKEN_GRID, objects)
+    if cfg.cls_weight:
+        loss = loss + cfg.cls_weight * F.binary_cross_entropy_with_logits(heads.cls(cls), present)
+    return loss
+
+
 def batch(cfg: PretrainConfig, seed: int, first: int, n: int, tiling: TilingOptions) -> Crops:
     parts = [crops_of(seed, first + k, crop_tokens=cfg.crop_tokens, tiling=tiling) for k in range(n)]
     return tuple(torch.cat(z) for z in zip(*parts, strict=True))
@@ -171,6 +213,17 @@ def probe(model: InternVLModel, heads, cfg: PretrainConfig, tiling: TilingOption
         hit = (logits[:, :TOKEN_GRID].argmax(-1) == rows) & (logits[:, TOKEN_GRID:].argmax(-1) == cols)
         out["place"] = round(hit.float().mean().item(), 4)
     out["cls"] = round(((heads.cls(cls) > 0).float() == present).float().mean().item(), 4)
+    if heads.place is not None:  # whole views as inference sees them: object tokens' place, thumbnails' shapes
+        pixels, labels, _, thumb = full_batch(cfg, PROBE_SEED, 0, scenes // 4, tiling)
+        feats, _ = crop_features(model, pixels, torch.zeros(pixels.shape[0], 2, dtype=torch.long))
+        rows, cols = places(torch.zeros(pixels.shape[0], 2, dtype=torch.long), TOKEN_GRID)
+        flat, labels = feats.flatten(0, 1), labels.flatten(0, 1)
+        part = labels[:, 0] > 0
+        logits = heads.place(flat[part])
+        hit = (logits[:, :TOKEN_GRID].argmax(-1) == rows[part]) & (logits[:, TOKEN_GRID:].argmax(-1) == cols[part])
+        out["view_place"] = round(hit.float().mean().item(), 4)
+        part = part & thumb.repeat_interleave(TOKEN_GRID**2) & (labels[:, 1] > 0)
+        out["view_shape_thumb"] = round((heads.shape(flat[part]).argmax(-1) == labels[part, 1]).float().mean().item(), 4)
     return out
 
 
@@ -182,12 +235,24 @@ def places(corners: torch.Tensor, crop_tokens: int) -> tuple[torch.Tensor, torch
     return rows.flatten(), cols.flatten()
 
 
-def place_loss(heads, flat: torch.Tensor, corners: torch.Tensor, crop_tokens: int) -> torch.Tensor:
+def place_loss(
+    heads, flat: torch.Tensor, corners: torch.Tensor, crop_tokens: int, objects: torch.Tensor | None = None
+) -> torch.Tensor:
     """Cross-entropy of each token's row and column read-out (flat [N*c*c, D]): keeps where a token lies in
-    the features, which relative-position questions need."""
+    the features, which relative-position questions need. With ``objects`` [N*c*c] bool, the objects' tokens
+    and the background's weigh apart (as in ``token_loss``): on whole views objects are ~2% of the tokens,
+    and their features would otherwise trade place for what they show."""
     rows, cols = places(corners, crop_tokens)
     logits = heads.place(flat)
-    return F.cross_entropy(logits[:, :TOKEN_GRID], rows) + F.cross_entropy(logits[:, TOKEN_GRID:], cols)
+    if objects is None:
+        return F.cross_entropy(logits[:, :TOKEN_GRID], rows) + F.cross_entropy(logits[:, TOKEN_GRID:], cols)
+    per = (F.cross_entropy(logits[:, :TOKEN_GRID], rows, reduction="none")
+           + F.cross_entropy(logits[:, TOKEN_GRID:], cols, reduction="none"))  # [N*c*c]
+    total = per.new_zeros(())
+    for part, weight in ((objects, 1.0), (~objects, BACKGROUND_WEIGHT)):
+        if part.any():
+            total = total + weight * per[part].mean()
+    return total
 
 
 def crop_presence(labels: torch.Tensor) -> torch.Tensor:
@@ -241,6 +306,9 @@ def pretrain(out: Path, cfg: PretrainConfig, *, stop_at: int | None = None) -> P
             loss = loss + cfg.place_weight * place_loss(heads, feats.flatten(0, 1), corners, cfg.crop_tokens)
         if cfg.cls_weight:
             loss = loss + cfg.cls_weight * F.binary_cross_entropy_with_logits(heads.cls(cls), crop_presence(labels))
+        if cfg.full_scenes:
+            views = full_batch(cfg, cfg.seed, step * cfg.full_scenes, cfg.full_scenes, tiling)
+            loss = loss + full_loss(model, heads, cfg, views)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(params, 1.0)

@@ -67,8 +67,13 @@ class TrainConfig:
     place_bins: int = 16  # the carry read-out of an object's place: this many bins across the canvas, per axis
     place_head: int = -1  # >= 0: position phrases ground with that head of the layer alone (-1: mean of all heads)
     sink_ground: bool = True  # count and existence phrases ground on the named objects' centres or a sink
+    count_view: str = "thumbnail"  # where those centres are on multi-tile scenes: "thumbnail" or "tiles" (an
+    # object lies wholly inside one tile, so the tiles too show each object once, with legible shapes)
     text_tiles: bool = True  # text phrases ground on the tiles' tokens only (not the thumbnail's)
     carry_weight: float = 1.0  # weight of the carry loss: after that layer, a naming token holds its object
+    token_place_weight: float = 0.0  # weight of the token-place loss: at the grounding layer's input, the object
+    # tokens of the whole-canvas view (thumbnail, or the one tile) hold their row and column there (the ViT
+    # keeps places in the background's tokens, not in the objects'; layers 0 and 1 can bring them over)
     route_weight: float = 1.0  # weight of the routing loss: the answer position attends to the naming tokens
     route_layer: int = 3  # the LLM layer (heads 0 and 1 of it) whose attention that loss shapes
     single_tile_until: float = 0.15  # fraction of training on one-tile scenes only
@@ -102,7 +107,7 @@ class CarryHeads(nn.Module):
     """Training-only read-outs of a naming token's hidden state: the named object's colour, shape, glyph and
     place on the canvas, and how many objects the phrase names."""
 
-    def __init__(self, width: int, place_bins: int = 16) -> None:
+    def __init__(self, width: int, place_bins: int = 16, *, token_place: bool = False) -> None:
         super().__init__()
         self.bins = place_bins
         self.colour = nn.Linear(width, len(COLOURS))
@@ -110,6 +115,8 @@ class CarryHeads(nn.Module):
         self.glyph = nn.Linear(width, len(GLYPHS))
         self.place = nn.Linear(width, 2 * place_bins)  # column bin, then row bin
         self.count = nn.Linear(width, len(COUNTS))
+        # Created only when its loss is on, so runs without it draw every other weight as before.
+        self.token_place = nn.Linear(width, 2 * TOKEN_GRID) if token_place else None  # a visual token's row, column
 
     def loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """h [R, D] hidden states, targets [R, 3] classes (glyph IGNORE where there is none)."""
@@ -124,6 +131,13 @@ class CarryHeads(nn.Module):
         bins = (places * self.bins).long().clamp(0, self.bins - 1)  # [R, 2]
         logits = self.place(F.rms_norm(h, (h.shape[-1],))).unflatten(-1, (2, self.bins))  # [R, 2, B]
         return F.cross_entropy(logits.flatten(0, 1), bins.flatten())
+
+    def token_place_loss(self, h: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """h [R, D] hidden states of visual tokens at ``index`` [R] within their view (row * 16 + column)."""
+        assert self.token_place is not None
+        logits = self.token_place(F.rms_norm(h, (h.shape[-1],)))  # [R, 32]
+        return (F.cross_entropy(logits[:, :TOKEN_GRID], index // TOKEN_GRID)
+                + F.cross_entropy(logits[:, TOKEN_GRID:], index % TOKEN_GRID))
 
     def count_loss(self, h: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """h [R, D] hidden states, counts [R] objects named (clamped to the largest countable answer)."""
@@ -160,7 +174,8 @@ def ground_targets(sample: Sample, cfg: TrainConfig) -> list[tuple[int, list[int
     """(naming row, sequence positions it should attend to) for the grounding loss: the named objects' visual
     tokens; on a multi-tile scene only the thumbnail's for position and count phrases (``thumb_ground``: global
     places, each object once) and only the tiles' for text phrases (``text_tiles``: glyphs are legible there).
-    With ``sink_ground``, count and existence phrases aim at the named objects' centre tokens (thumbnail) or
+    With ``sink_ground``, count and existence phrases aim at the named objects' centre tokens (in the
+    ``count_view``: the thumbnail, or the tiles) or
     the first token of the sequence, the model's choice: the share left on that sink can say how many objects
     there are (none, for "no" questions). Other rows naming nothing are left out."""
     n_tiles = sample.pixel_values.shape[0]
@@ -171,7 +186,8 @@ def ground_targets(sample: Sample, cfg: TrainConfig) -> list[tuple[int, list[int
     asked = []
     for r, t, kind in zip(rows, sample.named, kinds, strict=True):
         if cfg.sink_ground and kind in ("count", "exist"):
-            t = [i for i in t if i >= thumb and i in centres]
+            view = (lambda i: i >= thumb) if cfg.count_view == "thumbnail" else (lambda i: i < thumb or not thumb)
+            t = [i for i in t if view(i) and i in centres]
         elif cfg.thumb_ground and kind in ("position", "count"):
             t = [i for i in t if i >= thumb]
         elif cfg.text_tiles and kind == "text" and thumb:
@@ -182,6 +198,12 @@ def ground_targets(sample: Sample, cfg: TrainConfig) -> list[tuple[int, list[int
         if positions:  # "no" questions name nothing
             asked.append((r, positions))
     return asked
+
+
+def view_objects(sample: Sample) -> torch.Tensor:
+    """Indices (row * 16 + column) of the object tokens in the view of the whole canvas: the thumbnail, or the
+    one tile of a single-tile scene (the last view either way)."""
+    return (sample.token_labels[-1, :, 0] > 0).nonzero()[:, 0]
 
 
 def guide_losses(lm, carry: CarryHeads, h: torch.Tensor, positions: torch.Tensor, sample: Sample, cfg: TrainConfig,
@@ -201,6 +223,11 @@ def guide_losses(lm, carry: CarryHeads, h: torch.Tensor, positions: torch.Tensor
                                                          [torch.tensor(t) for _, t in group], layer=layer, head=head))
         if terms:
             out["ground"] = torch.stack(terms).sum() / len(asked)
+    if layer == cfg.ground_layer and cfg.token_place_weight:
+        index = view_objects(sample)
+        if len(index):
+            rows_ = sample.image_start + (sample.pixel_values.shape[0] - 1) * TOKEN_GRID**2 + index
+            out["token_place"] = carry.token_place_loss(h[0, rows_], index)
     if layer == cfg.ground_layer + 1 and cfg.carry_weight:
         terms = []
         one = [(r, c) for r, c in zip(rows, sample.named_one, strict=True) if c is not None]
@@ -261,7 +288,8 @@ def forward_loss(
     answers = torch.searchsorted(scored.nonzero()[:, 0], torch.tensor(sample.answer_rows))  # rows among scored
     right = (logits[answers].argmax(-1) == targets[scored][answers]).float()
     stats = {"lm": loss.item(), "answer_acc": right.mean().item()}
-    weights = {"ground": cfg.ground_weight, "carry": cfg.carry_weight, "route": cfg.route_weight}
+    weights = {"ground": cfg.ground_weight, "carry": cfg.carry_weight, "route": cfg.route_weight,
+               "token_place": cfg.token_place_weight}
     for name, value in guides.items():
         loss = loss + weights[name] * value
         stats[name] = value.item()
@@ -282,6 +310,8 @@ def train(out: Path, cfg: TrainConfig, *, stop_at: int | None = None) -> Path:
     ``stop_at``: save and return after that step (a planned interruption; the run resumes from there)."""
     if not 0 <= cfg.seed < EVAL_SEED:
         raise ValueError(f"seeds {EVAL_SEED} and up are held out for evaluation; train with a seed in [0, {EVAL_SEED})")
+    if cfg.count_view not in ("thumbnail", "tiles"):
+        raise ValueError(f"--count-view is 'thumbnail' or 'tiles', not {cfg.count_view!r}")
     if not cfg.init:
         raise ValueError("the VQA stage starts from a pretrained vision side: pass --init runs/vit/vision.pt "
                          "(python -m ptp_cli.mini.pretrain)")
@@ -296,7 +326,7 @@ def train(out: Path, cfg: TrainConfig, *, stop_at: int | None = None) -> Path:
     load_vision(model, Path(cfg.init))
     model.vision_model.requires_grad_(False)
     model.mlp1.requires_grad_(False)
-    carry = CarryHeads(model.cfg.llm.hidden_size, cfg.place_bins)
+    carry = CarryHeads(model.cfg.llm.hidden_size, cfg.place_bins, token_place=cfg.token_place_weight > 0)
     opt = _optimizer(model, carry, cfg)
     step, elapsed = 0, 0.0
     state = load_state(out / STATE, cfg, SCHEDULE_ONLY)
