@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     model = new_model(args.run / "tokenizer", seed=cfg.seed, vit_width=cfg.vit_width)
     model.load_state_dict(state["model"])
     model.eval()
-    carry = CarryHeads(model.cfg.llm.hidden_size, cfg.place_bins, token_place=cfg.token_place_weight > 0)
+    carry = CarryHeads(model.cfg.llm.hidden_size, cfg.place_bins, token_place=cfg.token_place_weight > 0,
+                       route_place=cfg.route_place_weight > 0)
     carry.load_state_dict(state["carry"])
     template = get_template(model.cfg.template)
     lm = model.language_model
@@ -89,6 +90,13 @@ def main(argv: list[str] | None = None) -> None:
                             want = (torch.tensor(p) * cfg.place_bins).long().clamp(0, cfg.place_bins - 1)
                             add("place read-out, both bins within 1", ((got - want).abs() <= 1).all())
                             add("place read-out, column bin exact", got[0] == want[0])
+                    for q_rows, k, a in zip(s.naming_rows, s.types, s.labels[s.answer_rows], strict=True):
+                        if k == "position":  # the answer the two read-out places give (bins, canvas axes)
+                            (ax, ay), (bx, by) = (carry.place(hn[r]).view(2, cfg.place_bins).argmax(-1).tolist()
+                                                  for r in q_rows)
+                            word = (("left" if ax < bx else "right") if abs(ax - bx) >= abs(ay - by)
+                                    else ("above" if ay < by else "below"))
+                            add("position from the read-out places", tokenizer.token_to_id(word) == int(a))
                     for r, c, k in zip(rows, s.named_count, kinds, strict=True):
                         if k in ("count", "exist"):
                             add(f"count read-out / {k}", carry.count(hn[r]).argmax() == min(c, 4))

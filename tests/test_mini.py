@@ -23,6 +23,7 @@ from ptp_cli.mini.train import (
     TrainConfig,
     ground_targets,
     guide_losses,
+    head_outputs,
     sequence_inputs,
     train,
     view_objects,
@@ -184,27 +185,47 @@ def test_every_guide_gives_a_finite_loss_with_gradients(fresh):
     multi-tile sample that asks every question type, and each reaches the LLM."""
     model, path = fresh
     tokenizer = load_model(str(path)).tokenizer
-    cfg = TrainConfig(token_place_weight=1.0)
+    cfg = TrainConfig(token_place_weight=1.0, route_place_weight=1.0)
     lm = model.language_model
-    carry = CarryHeads(model.cfg.llm.hidden_size, token_place=True)
+    carry = CarryHeads(model.cfg.llm.hidden_size, token_place=True, route_place=True)
     sample = next(s for _, _, s in _multi_tile_samples(model, tokenizer, 40) if {"position", "count"} <= set(s.types))
     h, positions, cos, sin, valid = sequence_inputs(model, sample)
     losses = {}
     for i, block in enumerate(lm.layers):
         losses.update(guide_losses(lm, carry, h, positions, sample, cfg, i))
         h = block(h, cos, sin, None, valid, causal=True).hidden
-    assert set(losses) == {"ground", "carry", "route", "token_place"}
+    assert set(losses) == {"ground", "carry", "route", "token_place", "route_place"}
     for name, value in losses.items():
         assert torch.isfinite(value) and value > 0, name
         model.zero_grad(set_to_none=True)
         value.backward(retain_graph=True)
         layer = 0 if name == "token_place" else cfg.ground_layer  # token place: what layers 0 and 1 bring over
         grads = [p.grad for p in lm.layers[layer].attention.parameters() if p.grad is not None]
-        assert grads or name == "route", name
+        assert grads or name in ("route", "route_place"), name
     assert carry.place.weight.grad is not None and carry.count.weight.grad is not None
     index = view_objects(sample)  # the thumbnail's object tokens
     assert len(index) and (sample.token_labels[-1, index, 0] > 0).all()
     assert int((sample.token_labels[-1, :, 0] > 0).sum()) == len(index)
+
+
+def test_head_outputs_add_up_to_the_attention_output(fresh):
+    """The route-place loss reads what single heads add at a row: over every head, those add up to the
+    attention module's own output there (independently computed by the inference code)."""
+    model, path = fresh
+    tokenizer = load_model(str(path)).tokenizer
+    sample = next(s for _, _, s in _multi_tile_samples(model, tokenizer, 10))
+    lm = model.language_model
+    h, positions, cos, sin, valid = sequence_inputs(model, sample)
+    with torch.no_grad():
+        for layer in (0, 3):
+            x = h
+            for block in lm.layers[:layer]:
+                x = block(x, cos, sin, None, valid, causal=True).hidden
+            block = lm.layers[layer]
+            want, _, _ = block.attention(block.attention_norm(x), cos, sin, None, valid, causal=True)  # [1, S, D]
+            rows = sample.answer_rows
+            got = head_outputs(lm, x, positions, rows, layer, list(range(block.attention.num_heads)))  # [H, R, D]
+            torch.testing.assert_close(got.sum(0), want[0, rows], atol=1e-5, rtol=1e-4)
 
 
 def test_token_truth_marks_each_object_once_per_grid_and_once_in_the_thumbnail():

@@ -76,6 +76,9 @@ class TrainConfig:
     # keeps places in the background's tokens, not in the objects'; layers 0 and 1 can bring them over)
     route_weight: float = 1.0  # weight of the routing loss: the answer position attends to the naming tokens
     route_layer: int = 3  # the LLM layer (heads 0 and 1 of it) whose attention that loss shapes
+    route_place_weight: float = 0.0  # weight of the route-place loss: on position questions, what heads 0 and 1
+    # of that layer bring to the answer position holds the first and the second object's place (apart, so
+    # the last MLP can compare them)
     single_tile_until: float = 0.15  # fraction of training on one-tile scenes only
     small_grid_until: float = 0.45  # then scenes of up to 4 tiles until this fraction, then up to 12
     checkpoint_minutes: float = 5.0  # wall-clock minutes between checkpoints
@@ -107,7 +110,8 @@ class CarryHeads(nn.Module):
     """Training-only read-outs of a naming token's hidden state: the named object's colour, shape, glyph and
     place on the canvas, and how many objects the phrase names."""
 
-    def __init__(self, width: int, place_bins: int = 16, *, token_place: bool = False) -> None:
+    def __init__(self, width: int, place_bins: int = 16, *, token_place: bool = False,
+                 route_place: bool = False) -> None:
         super().__init__()
         self.bins = place_bins
         self.colour = nn.Linear(width, len(COLOURS))
@@ -115,8 +119,10 @@ class CarryHeads(nn.Module):
         self.glyph = nn.Linear(width, len(GLYPHS))
         self.place = nn.Linear(width, 2 * place_bins)  # column bin, then row bin
         self.count = nn.Linear(width, len(COUNTS))
-        # Created only when its loss is on, so runs without it draw every other weight as before.
+        # Created only when their losses are on, so runs without them draw every other weight as before.
         self.token_place = nn.Linear(width, 2 * TOKEN_GRID) if token_place else None  # a visual token's row, column
+        # one read-out per routing head: its contribution to the answer position -> that object's place bins
+        self.route_place = nn.ModuleList(nn.Linear(width, 2 * place_bins) for _ in range(2)) if route_place else None
 
     def loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """h [R, D] hidden states, targets [R, 3] classes (glyph IGNORE where there is none)."""
@@ -139,18 +145,21 @@ class CarryHeads(nn.Module):
         return (F.cross_entropy(logits[:, :TOKEN_GRID], index // TOKEN_GRID)
                 + F.cross_entropy(logits[:, TOKEN_GRID:], index % TOKEN_GRID))
 
+    def route_place_loss(self, head: int, out: torch.Tensor, places: torch.Tensor) -> torch.Tensor:
+        """out [R, D] routing head ``head``'s contribution at answer rows, places [R, 2] (x, y fractions)."""
+        assert self.route_place is not None
+        bins = (places * self.bins).long().clamp(0, self.bins - 1)  # [R, 2]
+        logits = self.route_place[head](out).unflatten(-1, (2, self.bins))  # [R, 2, B]
+        return F.cross_entropy(logits.flatten(0, 1), bins.flatten())
+
     def count_loss(self, h: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """h [R, D] hidden states, counts [R] objects named (clamped to the largest countable answer)."""
         logits = self.count(F.rms_norm(h, (h.shape[-1],)))
         return F.cross_entropy(logits, counts.clamp(max=len(COUNTS) - 1))
 
 
-def attention_loss(
-    lm, h: torch.Tensor, positions: torch.Tensor, rows: list[int], targets: list[torch.Tensor], *, layer: int,
-    head: int | None = None,
-) -> torch.Tensor:
-    """-log of the attention mass each query row puts on its target positions at LLM ``layer`` (mean over
-    heads, or one ``head``); h [1, S, D] is that layer's input, targets[i] [K_i] positions for rows[i]."""
+def _attention(lm, h: torch.Tensor, positions: torch.Tensor, rows: list[int], layer: int) -> torch.Tensor:
+    """Attention probabilities [Hq, R, S] of query ``rows`` at LLM ``layer`` (h [1, S, D] its input)."""
     block = lm.layers[layer]
     hn = block.attention_norm(h)  # [1, S, D]
     q_rows = torch.tensor(rows)[None]  # [1, R]
@@ -159,8 +168,35 @@ def attention_loss(
     cos_k, sin_k = lm.rotary(positions, hn.dtype, lengths=lengths)
     q = apply_rope(block.attention.project_q(hn[:, q_rows[0]]), cos_q, sin_q)  # [1, Hq, R, hd]
     k = apply_rope(block.attention.project_k(hn), cos_k, sin_k)  # [1, Hkv, S, hd]
-    probs = attention_rows(q, k, q_rows, torch.ones(1, h.shape[1], dtype=torch.bool))  # [1, Hq, R, S]
-    probs = probs[0].mean(0) if head is None else probs[0, head]  # [R, S]
+    return attention_rows(q, k, q_rows, torch.ones(1, h.shape[1], dtype=torch.bool))[0]  # [Hq, R, S]
+
+
+def head_outputs(lm, h: torch.Tensor, positions: torch.Tensor, rows: list[int], layer: int, heads: list[int]
+                 ) -> torch.Tensor:
+    """What each of ``heads`` adds to the residual stream at query ``rows`` of LLM ``layer``: [len(heads), R, D]
+    (its attention-weighted values through its slice of the output projection; h [1, S, D] the layer's input)."""
+    att = lm.layers[layer].attention
+    probs = _attention(lm, h, positions, rows, layer)  # [Hq, R, S]
+    hn = lm.layers[layer].attention_norm(h)[0]  # [S, D]
+    sl = slice(att.q_size + att.kv_size, att.q_size + 2 * att.kv_size)
+    bias = att.wqkv.bias[sl] if att.wqkv.bias is not None else None
+    v = F.linear(hn, att.wqkv.weight[sl], bias).unflatten(-1, (att.num_kv_heads, att.head_dim))  # [S, Hkv, hd]
+    group = att.num_heads // att.num_kv_heads
+    outs = []
+    for i in heads:
+        ctx = probs[i] @ v[:, i // group]  # [R, hd]
+        outs.append(ctx @ att.wo.weight[:, i * att.head_dim:(i + 1) * att.head_dim].T)  # [R, D]
+    return torch.stack(outs)
+
+
+def attention_loss(
+    lm, h: torch.Tensor, positions: torch.Tensor, rows: list[int], targets: list[torch.Tensor], *, layer: int,
+    head: int | None = None,
+) -> torch.Tensor:
+    """-log of the attention mass each query row puts on its target positions at LLM ``layer`` (mean over
+    heads, or one ``head``); h [1, S, D] is that layer's input, targets[i] [K_i] positions for rows[i]."""
+    probs = _attention(lm, h, positions, rows, layer)  # [Hq, R, S]
+    probs = probs.mean(0) if head is None else probs[head]  # [R, S]
     mass = torch.stack([probs[i, t].sum() for i, t in enumerate(targets)])
     return -(mass + 1e-6).log().mean()
 
@@ -252,6 +288,15 @@ def guide_losses(lm, carry: CarryHeads, h: torch.Tensor, positions: torch.Tensor
             route = route + attention_loss(lm, h, positions, [a for a, _ in pairs],
                                            [torch.tensor([b]) for _, b in pairs], layer=layer, head=1)
         out["route"] = route
+        if cfg.route_place_weight:
+            first = np.cumsum([0] + [len(rs) for rs in sample.naming_rows])  # each question's first naming row
+            asked = [(a, sample.named_place[f], sample.named_place[f + 1])
+                     for a, t, f in zip(sample.answer_rows, sample.types, first, strict=False)
+                     if t == "position" and sample.named_place[f] is not None and sample.named_place[f + 1] is not None]
+            if asked:
+                outs = head_outputs(lm, h, positions, [a for a, _, _ in asked], layer, [0, 1])  # [2, R, D]
+                out["route_place"] = sum(
+                    carry.route_place_loss(i, outs[i], torch.tensor([p[1 + i] for p in asked])) for i in range(2))
     return out
 
 
@@ -289,7 +334,7 @@ def forward_loss(
     right = (logits[answers].argmax(-1) == targets[scored][answers]).float()
     stats = {"lm": loss.item(), "answer_acc": right.mean().item()}
     weights = {"ground": cfg.ground_weight, "carry": cfg.carry_weight, "route": cfg.route_weight,
-               "token_place": cfg.token_place_weight}
+               "token_place": cfg.token_place_weight, "route_place": cfg.route_place_weight}
     for name, value in guides.items():
         loss = loss + weights[name] * value
         stats[name] = value.item()
@@ -326,7 +371,8 @@ def train(out: Path, cfg: TrainConfig, *, stop_at: int | None = None) -> Path:
     load_vision(model, Path(cfg.init))
     model.vision_model.requires_grad_(False)
     model.mlp1.requires_grad_(False)
-    carry = CarryHeads(model.cfg.llm.hidden_size, cfg.place_bins, token_place=cfg.token_place_weight > 0)
+    carry = CarryHeads(model.cfg.llm.hidden_size, cfg.place_bins, token_place=cfg.token_place_weight > 0,
+                       route_place=cfg.route_place_weight > 0)
     opt = _optimizer(model, carry, cfg)
     step, elapsed = 0, 0.0
     state = load_state(out / STATE, cfg, SCHEDULE_ONLY)
