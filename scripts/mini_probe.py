@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     model.load_state_dict(state["model"])
     model.eval()
     carry = CarryHeads(model.cfg.llm.hidden_size, cfg.place_bins, token_place=cfg.token_place_weight > 0,
-                       route_place=cfg.route_place_weight > 0)
+                       route_place=cfg.route_place_weight > 0, route_count=cfg.route_count_weight > 0)
     carry.load_state_dict(state["carry"])
     template = get_template(model.cfg.template)
     lm = model.language_model

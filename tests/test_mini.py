@@ -185,23 +185,23 @@ def test_every_guide_gives_a_finite_loss_with_gradients(fresh):
     multi-tile sample that asks every question type, and each reaches the LLM."""
     model, path = fresh
     tokenizer = load_model(str(path)).tokenizer
-    cfg = TrainConfig(token_place_weight=1.0, route_place_weight=1.0)
+    cfg = TrainConfig(token_place_weight=1.0, route_place_weight=1.0, route_count_weight=1.0)
     lm = model.language_model
-    carry = CarryHeads(model.cfg.llm.hidden_size, token_place=True, route_place=True)
+    carry = CarryHeads(model.cfg.llm.hidden_size, token_place=True, route_place=True, route_count=True)
     sample = next(s for _, _, s in _multi_tile_samples(model, tokenizer, 40) if {"position", "count"} <= set(s.types))
     h, positions, cos, sin, valid = sequence_inputs(model, sample)
     losses = {}
     for i, block in enumerate(lm.layers):
         losses.update(guide_losses(lm, carry, h, positions, sample, cfg, i))
         h = block(h, cos, sin, None, valid, causal=True).hidden
-    assert set(losses) == {"ground", "carry", "route", "token_place", "route_place"}
+    assert set(losses) == {"ground", "carry", "route", "token_place", "route_place", "route_count"}
     for name, value in losses.items():
         assert torch.isfinite(value) and value > 0, name
         model.zero_grad(set_to_none=True)
         value.backward(retain_graph=True)
         layer = 0 if name == "token_place" else cfg.ground_layer  # token place: what layers 0 and 1 bring over
         grads = [p.grad for p in lm.layers[layer].attention.parameters() if p.grad is not None]
-        assert grads or name in ("route", "route_place"), name
+        assert grads or name in ("route", "route_place", "route_count"), name
     assert carry.place.weight.grad is not None and carry.count.weight.grad is not None
     index = view_objects(sample)  # the thumbnail's object tokens
     assert len(index) and (sample.token_labels[-1, index, 0] > 0).all()

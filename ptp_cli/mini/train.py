@@ -79,6 +79,8 @@ class TrainConfig:
     route_place_weight: float = 0.0  # weight of the route-place loss: on position questions, what heads 0 and 1
     # of that layer bring to the answer position holds the first and the second object's place (apart, so
     # the last MLP can compare them)
+    route_count_weight: float = 0.0  # weight of the route-count loss: on count and existence questions, what head 0
+    # of that layer brings to the answer position holds how many objects the question names
     single_tile_until: float = 0.15  # fraction of training on one-tile scenes only
     small_grid_until: float = 0.45  # then scenes of up to 4 tiles until this fraction, then up to 12
     checkpoint_minutes: float = 5.0  # wall-clock minutes between checkpoints
@@ -111,7 +113,7 @@ class CarryHeads(nn.Module):
     place on the canvas, and how many objects the phrase names."""
 
     def __init__(self, width: int, place_bins: int = 16, *, token_place: bool = False,
-                 route_place: bool = False) -> None:
+                 route_place: bool = False, route_count: bool = False) -> None:
         super().__init__()
         self.bins = place_bins
         self.colour = nn.Linear(width, len(COLOURS))
@@ -123,6 +125,7 @@ class CarryHeads(nn.Module):
         self.token_place = nn.Linear(width, 2 * TOKEN_GRID) if token_place else None  # a visual token's row, column
         # one read-out per routing head: its contribution to the answer position -> that object's place bins
         self.route_place = nn.ModuleList(nn.Linear(width, 2 * place_bins) for _ in range(2)) if route_place else None
+        self.route_count = nn.Linear(width, len(COUNTS)) if route_count else None  # head 0's contribution -> count
 
     def loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """h [R, D] hidden states, targets [R, 3] classes (glyph IGNORE where there is none)."""
@@ -297,6 +300,15 @@ def guide_losses(lm, carry: CarryHeads, h: torch.Tensor, positions: torch.Tensor
                 outs = head_outputs(lm, h, positions, [a for a, _, _ in asked], layer, [0, 1])  # [2, R, D]
                 out["route_place"] = sum(
                     carry.route_place_loss(i, outs[i], torch.tensor([p[1 + i] for p in asked])) for i in range(2))
+        if cfg.route_count_weight:
+            assert carry.route_count is not None
+            first = np.cumsum([0] + [len(rs) for rs in sample.naming_rows])
+            asked = [(a, sample.named_count[f]) for a, t, f in zip(sample.answer_rows, sample.types, first, strict=False)
+                     if t in ("count", "exist")]
+            if asked:
+                outs = head_outputs(lm, h, positions, [a for a, _ in asked], layer, [0])[0]  # [R, D]
+                counts = torch.tensor([n for _, n in asked]).clamp(max=len(COUNTS) - 1)
+                out["route_count"] = F.cross_entropy(carry.route_count(outs), counts)
     return out
 
 
@@ -334,7 +346,8 @@ def forward_loss(
     right = (logits[answers].argmax(-1) == targets[scored][answers]).float()
     stats = {"lm": loss.item(), "answer_acc": right.mean().item()}
     weights = {"ground": cfg.ground_weight, "carry": cfg.carry_weight, "route": cfg.route_weight,
-               "token_place": cfg.token_place_weight, "route_place": cfg.route_place_weight}
+               "token_place": cfg.token_place_weight, "route_place": cfg.route_place_weight,
+               "route_count": cfg.route_count_weight}
     for name, value in guides.items():
         loss = loss + weights[name] * value
         stats[name] = value.item()
@@ -372,7 +385,7 @@ def train(out: Path, cfg: TrainConfig, *, stop_at: int | None = None) -> Path:
     model.vision_model.requires_grad_(False)
     model.mlp1.requires_grad_(False)
     carry = CarryHeads(model.cfg.llm.hidden_size, cfg.place_bins, token_place=cfg.token_place_weight > 0,
-                       route_place=cfg.route_place_weight > 0)
+                       route_place=cfg.route_place_weight > 0, route_count=cfg.route_count_weight > 0)
     opt = _optimizer(model, carry, cfg)
     step, elapsed = 0, 0.0
     state = load_state(out / STATE, cfg, SCHEDULE_ONLY)
