@@ -10,6 +10,9 @@ per step, with the same per-token losses as the VQA stage (colour, shape, glyph,
 the real ViT layers with the position embeddings of the patches it covers, so the weights transfer unchanged
 to full 448 px tiles. ``python -m ptp_cli.mini.train --init runs/vit/vision.pt`` starts the VQA stage from it.
 
+With ``--full-scenes N`` each step also trains on whole 448 px views (a tile with an object and the thumbnail
+of N scenes of 1 to 12 tiles), through exactly the inference path: thumbnails shrink objects below any crop's.
+
 Deterministic for a seed (crops are a pure function of seed and index; one thread) and resumable like the
 VQA stage (``train_state.pt``, atomic, every few minutes).
 """

@@ -17,8 +17,11 @@ prior and nothing else): *grounding*, the tokens that end a phrase naming object
 question needs (``ground_targets``), as referring/grounding data teaches real VLMs; *carry*, after that layer
 those tokens' hidden states hold the named object's colour, shape, glyph and place and how many objects the
 phrase names (training-only read-outs, not exported); *routing*, heads 0 and 1 of the answer position attend
-to the (first and second) naming tokens at layer ``route_layer``. No loss shapes PTP's instruction score (the
-question tokens' attention at LLM layer 1).
+to the (first and second) naming tokens at layer ``route_layer``. Optional guides (off by default, not in the
+shipped weights' recipe): *token place*, the thumbnail's object tokens hold their place at the grounding
+layer's input (the ViT keeps places in the background's tokens only); *route place* and *route count*, what
+the routing heads bring to the answer holds each object's place and the count. No loss shapes PTP's
+instruction score (the question tokens' attention at LLM layer 1).
 
 Curriculum: single-tile scenes first, then grids of up to 4 tiles, then up to 12 (docs/accuracy.md).
 """
