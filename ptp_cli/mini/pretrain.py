@@ -168,10 +168,12 @@ def views_of(seed: int, index: int, *, tiling: TilingOptions) -> tuple[torch.Ten
     else:
         shown = (present[:-1, -1] > 0).nonzero()[:, 0]
         pick = [int(shown[int(rng.integers(len(shown)))]), n - 1]
-    return pixels[pick], labels[pick], present[pick], torch.tensor(pick) == n - 1 if n > 1 else torch.zeros(1, dtype=torch.bool)
+    thumb = torch.tensor([n > 1 and p == n - 1 for p in pick])  # [V]
+    return pixels[pick], labels[pick], present[pick], thumb
 
 
-def full_batch(cfg: PretrainConfig, seed: int, first: int, n: int, tiling: TilingOptions):
+def full_batch(seed: int, first: int, n: int, tiling: TilingOptions) -> tuple[torch.Tensor, ...]:
+    """``views_of`` the scenes first .. first + n - 1, concatenated."""
     parts = [views_of(seed, first + k, tiling=tiling) for k in range(n)]
     return tuple(torch.cat(z) for z in zip(*parts, strict=True))
 
@@ -217,7 +219,7 @@ def probe(model: InternVLModel, heads, cfg: PretrainConfig, tiling: TilingOption
         out["place"] = round(hit.float().mean().item(), 4)
     out["cls"] = round(((heads.cls(cls) > 0).float() == present).float().mean().item(), 4)
     if heads.place is not None:  # whole views as inference sees them: object tokens' place, thumbnails' shapes
-        pixels, labels, _, thumb = full_batch(cfg, PROBE_SEED, 0, scenes // 4, tiling)
+        pixels, labels, _, thumb = full_batch(PROBE_SEED, 0, scenes // 4, tiling)
         feats, _ = crop_features(model, pixels, torch.zeros(pixels.shape[0], 2, dtype=torch.long))
         rows, cols = places(torch.zeros(pixels.shape[0], 2, dtype=torch.long), TOKEN_GRID)
         flat, labels = feats.flatten(0, 1), labels.flatten(0, 1)
@@ -310,7 +312,7 @@ def pretrain(out: Path, cfg: PretrainConfig, *, stop_at: int | None = None) -> P
         if cfg.cls_weight:
             loss = loss + cfg.cls_weight * F.binary_cross_entropy_with_logits(heads.cls(cls), crop_presence(labels))
         if cfg.full_scenes:
-            views = full_batch(cfg, cfg.seed, step * cfg.full_scenes, cfg.full_scenes, tiling)
+            views = full_batch(cfg.seed, step * cfg.full_scenes, cfg.full_scenes, tiling)
             loss = loss + full_loss(model, heads, cfg, views)
         opt.zero_grad(set_to_none=True)
         loss.backward()

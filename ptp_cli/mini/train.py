@@ -158,6 +158,11 @@ class CarryHeads(nn.Module):
         logits = self.route_place[head](out).unflatten(-1, (2, self.bins))  # [R, 2, B]
         return F.cross_entropy(logits.flatten(0, 1), bins.flatten())
 
+    def route_count_loss(self, out: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """out [R, D] routing head 0's contribution at answer rows, counts [R] objects the questions name."""
+        assert self.route_count is not None
+        return F.cross_entropy(self.route_count(out), counts.clamp(max=len(COUNTS) - 1))
+
     def count_loss(self, h: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """h [R, D] hidden states, counts [R] objects named (clamped to the largest countable answer)."""
         logits = self.count(F.rms_norm(h, (h.shape[-1],)))
@@ -217,9 +222,9 @@ def ground_targets(sample: Sample, cfg: TrainConfig) -> list[tuple[int, list[int
     tokens; on a multi-tile scene only the thumbnail's for position and count phrases (``thumb_ground``: global
     places, each object once) and only the tiles' for text phrases (``text_tiles``: glyphs are legible there).
     With ``sink_ground``, count and existence phrases aim at the named objects' centre tokens (in the
-    ``count_view``: the thumbnail, or the tiles) or
-    the first token of the sequence, the model's choice: the share left on that sink can say how many objects
-    there are (none, for "no" questions). Other rows naming nothing are left out."""
+    ``count_view``: the thumbnail, or the tiles) or the first token of the sequence, the model's choice: the
+    share left on that sink can say how many objects there are (none, for "no" questions). Other rows naming
+    nothing are left out."""
     n_tiles = sample.pixel_values.shape[0]
     thumb = (n_tiles - 1) * TOKEN_GRID**2 if n_tiles > 1 else 0  # first thumbnail token
     centres = set(sample.token_labels.flatten(0, 1)[:, 3].nonzero()[:, 0].tolist())
@@ -294,8 +299,8 @@ def guide_losses(lm, carry: CarryHeads, h: torch.Tensor, positions: torch.Tensor
             route = route + attention_loss(lm, h, positions, [a for a, _ in pairs],
                                            [torch.tensor([b]) for _, b in pairs], layer=layer, head=1)
         out["route"] = route
+        first = np.cumsum([0] + [len(rs) for rs in sample.naming_rows])  # each question's first naming row
         if cfg.route_place_weight:
-            first = np.cumsum([0] + [len(rs) for rs in sample.naming_rows])  # each question's first naming row
             asked = [(a, sample.named_place[f], sample.named_place[f + 1])
                      for a, t, f in zip(sample.answer_rows, sample.types, first, strict=False)
                      if t == "position" and sample.named_place[f] is not None and sample.named_place[f + 1] is not None]
@@ -304,14 +309,11 @@ def guide_losses(lm, carry: CarryHeads, h: torch.Tensor, positions: torch.Tensor
                 out["route_place"] = sum(
                     carry.route_place_loss(i, outs[i], torch.tensor([p[1 + i] for p in asked])) for i in range(2))
         if cfg.route_count_weight:
-            assert carry.route_count is not None
-            first = np.cumsum([0] + [len(rs) for rs in sample.naming_rows])
             asked = [(a, sample.named_count[f]) for a, t, f in zip(sample.answer_rows, sample.types, first, strict=False)
                      if t in ("count", "exist")]
             if asked:
                 outs = head_outputs(lm, h, positions, [a for a, _ in asked], layer, [0])[0]  # [R, D]
-                counts = torch.tensor([n for _, n in asked]).clamp(max=len(COUNTS) - 1)
-                out["route_count"] = F.cross_entropy(carry.route_count(outs), counts)
+                out["route_count"] = carry.route_count_loss(outs, torch.tensor([n for _, n in asked]))
     return out
 
 
