@@ -30,12 +30,16 @@ def save_state(path: Path, state: dict[str, Any]) -> None:
 
 def load_state(path: Path, config: Any, schedule_only: tuple[str, ...]) -> dict[str, Any] | None:
     """The checkpoint at ``path`` (None if there is none), refused when it was written with other settings
-    than ``config`` (a dataclass); fields in ``schedule_only`` (when to save, probe, evaluate) may differ."""
+    than ``config`` (a dataclass); fields in ``schedule_only`` (when to save, probe, evaluate) may differ.
+    A setting added to the code after the checkpoint was written counts as its default there: new options
+    are off by default and leave old runs as they were, so those runs can still be resumed."""
     if not path.is_file():
         return None
     state = torch.load(path, weights_only=True)
+    defaults = asdict(type(config)())
 
     def results(c: dict) -> dict:
+        c = {**defaults, **c}
         return {k: v for k, v in c.items() if k not in schedule_only}
 
     if results(state["config"]) != results(asdict(config)):
