@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ptp_cli.mini.data import make_sample
+from ptp_cli.mini.data import TOKEN_GRID, make_sample
 from ptp_cli.mini.evaluate import EVAL_SEED
 from ptp_cli.mini.model import new_model
 from ptp_cli.mini.train import (
@@ -48,8 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     model = new_model(args.run / "tokenizer", seed=cfg.seed, vit_width=cfg.vit_width)
     model.load_state_dict(state["model"])
     model.eval()
-    carry = CarryHeads(model.cfg.llm.hidden_size, cfg.place_bins, token_place=cfg.token_place_weight > 0,
-                       route_place=cfg.route_place_weight > 0, route_count=cfg.route_count_weight > 0)
+    carry = CarryHeads.for_run(model.cfg.llm.hidden_size, cfg)
     carry.load_state_dict(state["carry"])
     template = get_template(model.cfg.template)
     lm = model.language_model
@@ -72,9 +71,9 @@ def main(argv: list[str] | None = None) -> None:
             for layer, block in enumerate(lm.layers):
                 if layer == cfg.ground_layer and carry.token_place is not None:
                     index = view_objects(s)
-                    at = s.image_start + (s.pixel_values.shape[0] - 1) * 256 + index
-                    got = carry.token_place(F.rms_norm(h[0, at], (h.shape[-1],))).view(-1, 2, 16).argmax(-1)
-                    want = torch.stack([index // 16, index % 16], 1)
+                    at = s.image_start + (s.pixel_values.shape[0] - 1) * TOKEN_GRID**2 + index
+                    got = carry.token_place(F.rms_norm(h[0, at], (h.shape[-1],))).view(-1, 2, TOKEN_GRID).argmax(-1)
+                    want = torch.stack([index // TOKEN_GRID, index % TOKEN_GRID], 1)
                     for ok in ((got - want).abs() <= 1).all(1):
                         add("token place read-out, both within 1", ok)
                 if layer == cfg.ground_layer:

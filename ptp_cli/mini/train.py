@@ -130,6 +130,12 @@ class CarryHeads(nn.Module):
         self.route_place = nn.ModuleList(nn.Linear(width, 2 * place_bins) for _ in range(2)) if route_place else None
         self.route_count = nn.Linear(width, len(COUNTS)) if route_count else None  # head 0's contribution -> count
 
+    @classmethod
+    def for_run(cls, width: int, cfg: TrainConfig) -> CarryHeads:
+        """The read-outs a run with ``cfg`` trains (and saves in its checkpoint)."""
+        return cls(width, cfg.place_bins, token_place=cfg.token_place_weight > 0,
+                   route_place=cfg.route_place_weight > 0, route_count=cfg.route_count_weight > 0)
+
     def loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """h [R, D] hidden states, targets [R, 3] classes (glyph IGNORE where there is none)."""
         h = F.rms_norm(h, (h.shape[-1],))
@@ -389,8 +395,7 @@ def train(out: Path, cfg: TrainConfig, *, stop_at: int | None = None) -> Path:
     load_vision(model, Path(cfg.init))
     model.vision_model.requires_grad_(False)
     model.mlp1.requires_grad_(False)
-    carry = CarryHeads(model.cfg.llm.hidden_size, cfg.place_bins, token_place=cfg.token_place_weight > 0,
-                       route_place=cfg.route_place_weight > 0, route_count=cfg.route_count_weight > 0)
+    carry = CarryHeads.for_run(model.cfg.llm.hidden_size, cfg)
     opt = _optimizer(model, carry, cfg)
     step, elapsed = 0, 0.0
     state = load_state(out / STATE, cfg, SCHEDULE_ONLY)
