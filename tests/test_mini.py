@@ -208,6 +208,32 @@ def test_every_guide_gives_a_finite_loss_with_gradients(fresh):
     assert int((sample.token_labels[-1, :, 0] > 0).sum()) == len(index)
 
 
+def test_route_count_head_reads_its_own_head(fresh):
+    """--route-count-head 2: the count is read from head 2's contribution (its slice of the output projection
+    gets the gradient, head 0's none), and the routing loss also sends head 2 to the naming token."""
+    model, path = fresh
+    tokenizer = load_model(str(path)).tokenizer
+    lm = model.language_model
+    sample = next(s for _, _, s in _multi_tile_samples(model, tokenizer, 40) if "count" in s.types)
+    layer = TrainConfig().route_layer
+    att = lm.layers[layer].attention
+    losses = {}
+    for head in (0, 2):
+        cfg = TrainConfig(route_count_weight=1.0, route_count_head=head)
+        carry = CarryHeads.for_run(model.cfg.llm.hidden_size, cfg)
+        h, positions, cos, sin, valid = sequence_inputs(model, sample)
+        for block in lm.layers[:layer]:
+            h = block(h, cos, sin, None, valid, causal=True).hidden
+        losses[head] = guide_losses(lm, carry, h, positions, sample, cfg, layer)
+        model.zero_grad(set_to_none=True)
+        losses[head]["route_count"].backward()
+        g = att.wo.weight.grad.abs().unflatten(1, (att.num_heads, att.head_dim)).sum((0, 2))  # [H]
+        assert g[head] > 0 and all(g[i] == 0 for i in range(att.num_heads) if i != head), (head, g)
+    assert losses[2]["route"] > losses[0]["route"]  # one more head to route
+    with pytest.raises(ValueError, match="route-count-head"):
+        train(path, TrainConfig(route_count_head=4, init="x"))
+
+
 def test_head_outputs_add_up_to_the_attention_output(fresh):
     """The route-place loss reads what single heads add at a row: over every head, those add up to the
     attention module's own output there (independently computed by the inference code)."""

@@ -39,7 +39,7 @@ from torch import nn
 
 from ptp_cli.mini.data import IGNORE, TOKEN_GRID, Sample, make_sample
 from ptp_cli.mini.evaluate import EVAL_SEED, evaluate
-from ptp_cli.mini.model import build_mini_tokenizer, export, new_model
+from ptp_cli.mini.model import MINI, build_mini_tokenizer, export, new_model
 from ptp_cli.mini.pretrain import load_vision
 from ptp_cli.mini.runs import config_main, load_state, log, lr_at, save_state
 from ptp_cli.models.internvl import InternVLModel
@@ -84,6 +84,9 @@ class TrainConfig:
     # the last MLP can compare them)
     route_count_weight: float = 0.0  # weight of the route-count loss: on count and existence questions, what head 0
     # of that layer brings to the answer position holds how many objects the question names
+    route_count_head: int = 0  # the head of that layer read for the count; not 0: the routing loss also sends it
+    # to the naming token on count and existence questions (heads 2 and 3 share the other key-value head than
+    # heads 0 and 1, so the count does not crowd the values that carry colour, shape, glyph and place)
     single_tile_until: float = 0.15  # fraction of training on one-tile scenes only
     small_grid_until: float = 0.45  # then scenes of up to 4 tiles until this fraction, then up to 12
     checkpoint_minutes: float = 5.0  # wall-clock minutes between checkpoints
@@ -128,7 +131,7 @@ class CarryHeads(nn.Module):
         self.token_place = nn.Linear(width, 2 * TOKEN_GRID) if token_place else None  # a visual token's row, column
         # one read-out per routing head: its contribution to the answer position -> that object's place bins
         self.route_place = nn.ModuleList(nn.Linear(width, 2 * place_bins) for _ in range(2)) if route_place else None
-        self.route_count = nn.Linear(width, len(COUNTS)) if route_count else None  # head 0's contribution -> count
+        self.route_count = nn.Linear(width, len(COUNTS)) if route_count else None  # the count head's contribution -> count
 
     @classmethod
     def for_run(cls, width: int, cfg: TrainConfig) -> CarryHeads:
@@ -165,7 +168,7 @@ class CarryHeads(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1), bins.flatten())
 
     def route_count_loss(self, out: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """out [R, D] routing head 0's contribution at answer rows, counts [R] objects the questions name."""
+        """out [R, D] the count head's contribution at answer rows, counts [R] objects the questions name."""
         assert self.route_count is not None
         return F.cross_entropy(self.route_count(out), counts.clamp(max=len(COUNTS) - 1))
 
@@ -304,8 +307,15 @@ def guide_losses(lm, carry: CarryHeads, h: torch.Tensor, positions: torch.Tensor
         if pairs:
             route = route + attention_loss(lm, h, positions, [a for a, _ in pairs],
                                            [torch.tensor([b]) for _, b in pairs], layer=layer, head=1)
-        out["route"] = route
         first = np.cumsum([0] + [len(rs) for rs in sample.naming_rows])  # each question's first naming row
+        head = cfg.route_count_head
+        if head and cfg.route_count_weight:
+            counted = [(a, f) for a, t, f in zip(sample.answer_rows, sample.types, first, strict=False)
+                       if t in ("count", "exist")]
+            if counted:
+                route = route + attention_loss(lm, h, positions, [a for a, _ in counted],
+                                               [torch.tensor([rows[f]]) for _, f in counted], layer=layer, head=head)
+        out["route"] = route
         if cfg.route_place_weight:
             asked = [(a, sample.named_place[f], sample.named_place[f + 1])
                      for a, t, f in zip(sample.answer_rows, sample.types, first, strict=False)
@@ -318,7 +328,7 @@ def guide_losses(lm, carry: CarryHeads, h: torch.Tensor, positions: torch.Tensor
             asked = [(a, sample.named_count[f]) for a, t, f in zip(sample.answer_rows, sample.types, first, strict=False)
                      if t in ("count", "exist")]
             if asked:
-                outs = head_outputs(lm, h, positions, [a for a, _ in asked], layer, [0])[0]  # [R, D]
+                outs = head_outputs(lm, h, positions, [a for a, _ in asked], layer, [head])[0]  # [R, D]
                 out["route_count"] = carry.route_count_loss(outs, torch.tensor([n for _, n in asked]))
     return out
 
@@ -381,6 +391,8 @@ def train(out: Path, cfg: TrainConfig, *, stop_at: int | None = None) -> Path:
         raise ValueError(f"seeds {EVAL_SEED} and up are held out for evaluation; train with a seed in [0, {EVAL_SEED})")
     if cfg.count_view not in ("thumbnail", "tiles"):
         raise ValueError(f"--count-view is 'thumbnail' or 'tiles', not {cfg.count_view!r}")
+    if not 0 <= cfg.route_count_head < MINI.llm.num_heads:
+        raise ValueError(f"--route-count-head is a head of the routing layer, 0 to {MINI.llm.num_heads - 1}")
     if not cfg.init:
         raise ValueError("the VQA stage starts from a pretrained vision side: pass --init runs/vit/vision.pt "
                          "(python -m ptp_cli.mini.pretrain)")
