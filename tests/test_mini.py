@@ -234,6 +234,32 @@ def test_route_count_head_reads_its_own_head(fresh):
         train(path, TrainConfig(route_count_head=4, init="x"))
 
 
+def test_route_place_heads_read_their_own_heads(fresh):
+    """--route-place-head 2: the two places are read from heads 2 and 3 (only their slices of the output
+    projection get the gradient), and the routing loss also sends those heads to the two naming tokens."""
+    model, path = fresh
+    tokenizer = load_model(str(path)).tokenizer
+    lm = model.language_model
+    sample = next(s for _, _, s in _multi_tile_samples(model, tokenizer, 40) if "position" in s.types)
+    layer = TrainConfig().route_layer
+    att = lm.layers[layer].attention
+    losses = {}
+    for first in (0, 2):
+        cfg = TrainConfig(route_place_weight=1.0, route_place_head=first)
+        carry = CarryHeads.for_run(model.cfg.llm.hidden_size, cfg)
+        h, positions, cos, sin, valid = sequence_inputs(model, sample)
+        for block in lm.layers[:layer]:
+            h = block(h, cos, sin, None, valid, causal=True).hidden
+        losses[first] = guide_losses(lm, carry, h, positions, sample, cfg, layer)
+        model.zero_grad(set_to_none=True)
+        losses[first]["route_place"].backward()
+        g = att.wo.weight.grad.abs().unflatten(1, (att.num_heads, att.head_dim)).sum((0, 2))  # [H]
+        assert (g[first:first + 2] > 0).all() and (g[[i for i in range(att.num_heads) if i not in (first, first + 1)]] == 0).all()
+    assert losses[2]["route"] > losses[0]["route"]  # two more heads to route
+    with pytest.raises(ValueError, match="route-place-head"):
+        train(path, TrainConfig(route_place_head=3, init="x"))
+
+
 def test_head_outputs_add_up_to_the_attention_output(fresh):
     """The route-place loss reads what single heads add at a row: over every head, those add up to the
     attention module's own output there (independently computed by the inference code)."""

@@ -82,6 +82,8 @@ class TrainConfig:
     route_place_weight: float = 0.0  # weight of the route-place loss: on position questions, what heads 0 and 1
     # of that layer bring to the answer position holds the first and the second object's place (apart, so
     # the last MLP can compare them)
+    route_place_head: int = 0  # the first of the two heads read for the places (it and the next one); not 0:
+    # the routing loss also sends them to the first and the second naming token of position questions
     route_count_weight: float = 0.0  # weight of the route-count loss: on count and existence questions, what head 0
     # of that layer brings to the answer position holds how many objects the question names
     route_count_head: int = 0  # the head of that layer read for the count; not 0: the routing loss also sends it
@@ -308,6 +310,13 @@ def guide_losses(lm, carry: CarryHeads, h: torch.Tensor, positions: torch.Tensor
             route = route + attention_loss(lm, h, positions, [a for a, _ in pairs],
                                            [torch.tensor([b]) for _, b in pairs], layer=layer, head=1)
         first = np.cumsum([0] + [len(rs) for rs in sample.naming_rows])  # each question's first naming row
+        placed = [(a, rs) for a, t, rs in zip(sample.answer_rows, sample.types, sample.naming_rows, strict=True)
+                  if t == "position" and len(rs) > 1]
+        if cfg.route_place_head and cfg.route_place_weight and placed:
+            for i in range(2):  # the place heads read the first and the second named object
+                route = route + attention_loss(lm, h, positions, [a for a, _ in placed],
+                                               [torch.tensor([rs[i]]) for _, rs in placed],
+                                               layer=layer, head=cfg.route_place_head + i)
         head = cfg.route_count_head
         if head and cfg.route_count_weight:
             counted = [(a, f) for a, t, f in zip(sample.answer_rows, sample.types, first, strict=False)
@@ -320,8 +329,9 @@ def guide_losses(lm, carry: CarryHeads, h: torch.Tensor, positions: torch.Tensor
             asked = [(a, sample.named_place[f], sample.named_place[f + 1])
                      for a, t, f in zip(sample.answer_rows, sample.types, first, strict=False)
                      if t == "position" and sample.named_place[f] is not None and sample.named_place[f + 1] is not None]
+            pair = [cfg.route_place_head, cfg.route_place_head + 1]
             if asked:
-                outs = head_outputs(lm, h, positions, [a for a, _, _ in asked], layer, [0, 1])  # [2, R, D]
+                outs = head_outputs(lm, h, positions, [a for a, _, _ in asked], layer, pair)  # [2, R, D]
                 out["route_place"] = sum(
                     carry.route_place_loss(i, outs[i], torch.tensor([p[1 + i] for p in asked])) for i in range(2))
         if cfg.route_count_weight:
@@ -391,6 +401,9 @@ def train(out: Path, cfg: TrainConfig, *, stop_at: int | None = None) -> Path:
         raise ValueError(f"seeds {EVAL_SEED} and up are held out for evaluation; train with a seed in [0, {EVAL_SEED})")
     if cfg.count_view not in ("thumbnail", "tiles"):
         raise ValueError(f"--count-view is 'thumbnail' or 'tiles', not {cfg.count_view!r}")
+    if not 0 <= cfg.route_place_head < MINI.llm.num_heads - 1:
+        raise ValueError(f"--route-place-head is the first of two heads of the routing layer, 0 to "
+                         f"{MINI.llm.num_heads - 2}")
     if not 0 <= cfg.route_count_head < MINI.llm.num_heads:
         raise ValueError(f"--route-count-head is a head of the routing layer, 0 to {MINI.llm.num_heads - 1}")
     if not cfg.init:
