@@ -397,12 +397,12 @@ def ci_split(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_shipped_mini_accuracy_unpruned_and_with_ptp(ci_split: Path):
     """A regression guard on a fixed 42-question split (seed 1001, up to 6 tiles), through the public pipeline.
 
-    The issue's targets for this split (unpruned >= 85%, PTP@0.5 within 5 points) are NOT met by the shipped
-    weights: measured 81.0% unpruned (position 2 of 7, count 5 of 7) and 71.4% with PTP@0.5 (docs/accuracy.md
-    says why and what would close it). The bounds below sit under those measurements, far above chance
-    (23.9%): they catch a broken model, loader or pruning path, not a few questions' noise."""
+    The issue's targets for this split are unpruned >= 85% (met: 85.7%, 36 of 42) and PTP@0.5 within 5 points
+    (NOT met: 71.4%, -14.3; position 4 of 7 unpruned, 0 of 7 with PTP@0.5; docs/accuracy.md says what PTP
+    drops that position answers use). The bounds below sit under those measurements, far
+    above chance (23.9%): they catch a broken model, loader or pruning path, not a few questions' noise."""
     full = evaluate("mini", ci_split, n=42, seed=CI_SEED, max_tiles=6)
     ptp = evaluate("mini", ci_split, n=42, seed=CI_SEED, max_tiles=6, method="ptp", ratio=0.5)
-    assert full["accuracy"] >= 0.75, full
+    assert full["accuracy"] >= 0.80, full
     assert all(full["per_type"][t] >= 0.85 for t in ("color", "shape", "exist", "text")), full
-    assert ptp["accuracy"] >= 0.60 and ptp["accuracy"] >= full["accuracy"] - 0.15, (full, ptp)
+    assert ptp["accuracy"] >= 0.65 and ptp["accuracy"] >= full["accuracy"] - 0.17, (full, ptp)
