@@ -208,28 +208,34 @@ def test_every_guide_gives_a_finite_loss_with_gradients(fresh):
     assert int((sample.token_labels[-1, :, 0] > 0).sum()) == len(index)
 
 
+def _routing_layer(model, tokenizer, kind: str, cfg: TrainConfig, loss: str) -> tuple[dict, torch.Tensor]:
+    """The guide losses at the routing layer for a sample asking a ``kind`` question, and which heads the
+    ``loss`` reaches: [H] gradient mass on each head's slice of that layer's output projection."""
+    lm = model.language_model
+    sample = next(s for _, _, s in _multi_tile_samples(model, tokenizer, 40) if kind in s.types)
+    att = lm.layers[cfg.route_layer].attention
+    h, positions, cos, sin, valid = sequence_inputs(model, sample)
+    for block in lm.layers[:cfg.route_layer]:
+        h = block(h, cos, sin, None, valid, causal=True).hidden
+    losses = guide_losses(lm, CarryHeads.for_run(model.cfg.llm.hidden_size, cfg), h, positions, sample, cfg,
+                          cfg.route_layer)
+    model.zero_grad(set_to_none=True)
+    losses[loss].backward()
+    return losses, att.wo.weight.grad.abs().unflatten(1, (att.num_heads, att.head_dim)).sum((0, 2))  # [H]
+
+
 def test_route_count_head_reads_its_own_head(fresh):
     """--route-count-head 2: the count is read from head 2's contribution (its slice of the output projection
-    gets the gradient, head 0's none), and the routing loss also sends head 2 to the naming token."""
+    gets the gradient, no other head's), and the routing loss also sends head 2 to the naming token."""
     model, path = fresh
     tokenizer = load_model(str(path)).tokenizer
-    lm = model.language_model
-    sample = next(s for _, _, s in _multi_tile_samples(model, tokenizer, 40) if "count" in s.types)
-    layer = TrainConfig().route_layer
-    att = lm.layers[layer].attention
-    losses = {}
+    routes = {}
     for head in (0, 2):
         cfg = TrainConfig(route_count_weight=1.0, route_count_head=head)
-        carry = CarryHeads.for_run(model.cfg.llm.hidden_size, cfg)
-        h, positions, cos, sin, valid = sequence_inputs(model, sample)
-        for block in lm.layers[:layer]:
-            h = block(h, cos, sin, None, valid, causal=True).hidden
-        losses[head] = guide_losses(lm, carry, h, positions, sample, cfg, layer)
-        model.zero_grad(set_to_none=True)
-        losses[head]["route_count"].backward()
-        g = att.wo.weight.grad.abs().unflatten(1, (att.num_heads, att.head_dim)).sum((0, 2))  # [H]
-        assert g[head] > 0 and all(g[i] == 0 for i in range(att.num_heads) if i != head), (head, g)
-    assert losses[2]["route"] > losses[0]["route"]  # one more head to route
+        losses, g = _routing_layer(model, tokenizer, "count", cfg, "route_count")
+        assert g[head] > 0 and all(g[i] == 0 for i in range(len(g)) if i != head), (head, g)
+        routes[head] = losses["route"]
+    assert routes[2] > routes[0]  # one more head to route
     with pytest.raises(ValueError, match="route-count-head"):
         train(path, TrainConfig(route_count_head=4, init="x"))
 
@@ -239,23 +245,14 @@ def test_route_place_heads_read_their_own_heads(fresh):
     projection get the gradient), and the routing loss also sends those heads to the two naming tokens."""
     model, path = fresh
     tokenizer = load_model(str(path)).tokenizer
-    lm = model.language_model
-    sample = next(s for _, _, s in _multi_tile_samples(model, tokenizer, 40) if "position" in s.types)
-    layer = TrainConfig().route_layer
-    att = lm.layers[layer].attention
-    losses = {}
+    routes = {}
     for first in (0, 2):
         cfg = TrainConfig(route_place_weight=1.0, route_place_head=first)
-        carry = CarryHeads.for_run(model.cfg.llm.hidden_size, cfg)
-        h, positions, cos, sin, valid = sequence_inputs(model, sample)
-        for block in lm.layers[:layer]:
-            h = block(h, cos, sin, None, valid, causal=True).hidden
-        losses[first] = guide_losses(lm, carry, h, positions, sample, cfg, layer)
-        model.zero_grad(set_to_none=True)
-        losses[first]["route_place"].backward()
-        g = att.wo.weight.grad.abs().unflatten(1, (att.num_heads, att.head_dim)).sum((0, 2))  # [H]
-        assert (g[first:first + 2] > 0).all() and (g[[i for i in range(att.num_heads) if i not in (first, first + 1)]] == 0).all()
-    assert losses[2]["route"] > losses[0]["route"]  # two more heads to route
+        losses, g = _routing_layer(model, tokenizer, "position", cfg, "route_place")
+        pair = [first, first + 1]
+        assert (g[pair] > 0).all() and all(g[i] == 0 for i in range(len(g)) if i not in pair), (first, g)
+        routes[first] = losses["route"]
+    assert routes[2] > routes[0]  # two more heads to route
     with pytest.raises(ValueError, match="route-place-head"):
         train(path, TrainConfig(route_place_head=3, init="x"))
 
