@@ -224,37 +224,27 @@ def _routing_layer(model, tokenizer, kind: str, cfg: TrainConfig, loss: str) -> 
     return losses, att.wo.weight.grad.abs().unflatten(1, (att.num_heads, att.head_dim)).sum((0, 2))  # [H]
 
 
-def test_route_count_head_reads_its_own_head(fresh):
-    """--route-count-head 2: the count is read from head 2's contribution (its slice of the output projection
-    gets the gradient, no other head's), and the routing loss also sends head 2 to the naming token."""
+@pytest.mark.parametrize(("option", "kind", "width", "bad"), [
+    ("route_count_head", "count", 1, 4),  # the count from one head
+    ("route_place_head", "position", 2, 3),  # the two places from that head and the next
+])
+def test_routing_read_outs_read_their_own_heads(fresh, option: str, kind: str, width: int, bad: int):
+    """--route-count-head 2 / --route-place-head 2: the read-out's gradient reaches only the chosen heads'
+    slices of the output projection (head 0 and up by default), and the routing loss also sends those heads
+    to the naming tokens; a head the layer does not have is refused."""
     model, path = fresh
     tokenizer = load_model(str(path)).tokenizer
-    routes = {}
-    for head in (0, 2):
-        cfg = TrainConfig(route_count_weight=1.0, route_count_head=head)
-        losses, g = _routing_layer(model, tokenizer, "count", cfg, "route_count")
-        assert g[head] > 0 and all(g[i] == 0 for i in range(len(g)) if i != head), (head, g)
-        routes[head] = losses["route"]
-    assert routes[2] > routes[0]  # one more head to route
-    with pytest.raises(ValueError, match="route-count-head"):
-        train(path, TrainConfig(route_count_head=4, init="x"))
-
-
-def test_route_place_heads_read_their_own_heads(fresh):
-    """--route-place-head 2: the two places are read from heads 2 and 3 (only their slices of the output
-    projection get the gradient), and the routing loss also sends those heads to the two naming tokens."""
-    model, path = fresh
-    tokenizer = load_model(str(path)).tokenizer
+    loss = option.removesuffix("_head")
     routes = {}
     for first in (0, 2):
-        cfg = TrainConfig(route_place_weight=1.0, route_place_head=first)
-        losses, g = _routing_layer(model, tokenizer, "position", cfg, "route_place")
-        pair = [first, first + 1]
-        assert (g[pair] > 0).all() and all(g[i] == 0 for i in range(len(g)) if i not in pair), (first, g)
+        cfg = TrainConfig(**{f"{loss}_weight": 1.0, option: first})
+        losses, g = _routing_layer(model, tokenizer, kind, cfg, loss)
+        heads = list(range(first, first + width))
+        assert (g[heads] > 0).all() and all(g[i] == 0 for i in range(len(g)) if i not in heads), (first, g)
         routes[first] = losses["route"]
-    assert routes[2] > routes[0]  # two more heads to route
-    with pytest.raises(ValueError, match="route-place-head"):
-        train(path, TrainConfig(route_place_head=3, init="x"))
+    assert routes[2] > routes[0]  # more heads to route
+    with pytest.raises(ValueError, match=option.replace("_", "-")):
+        train(path, TrainConfig(**{option: bad}, init="x"))
 
 
 def test_head_outputs_add_up_to_the_attention_output(fresh):
