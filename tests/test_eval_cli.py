@@ -166,6 +166,45 @@ def test_grid_with_the_tiny_model_scores_every_run_and_resumes(tmp_path: Path, p
     assert json.loads(report.read_text())["runs"][2]["n"] == 3
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="the run lock is POSIX flock")
+def test_two_grids_sharing_an_output_folder_never_write_a_run_twice(tmp_path: Path, ptp_home: Path) -> None:
+    """While another process holds a run's lock, a grid waits for it, then finds the rows there: no run's
+    rows are appended twice (two parallel grids over one folder used to write the shared ``none`` run twice)."""
+    import fcntl
+
+    rng = np.random.default_rng(2)
+    Image.fromarray(rng.integers(0, 256, (200, 320, 3), dtype=np.uint8)).save(tmp_path / "wide.png")
+    gold = jsonl(tmp_path / "gold.jsonl", [
+        {"id": str(i), "image": "wide.png", "question": q, "answer": "yes"} for i, q in enumerate(("Noisy?", "Red?"))
+    ])
+    out = tmp_path / "runs"
+    args = ("eval", gold, "--model", "tiny", "--methods", "none", "--max-new-tokens", "1", "--max-tiles", "1",
+            "--out-dir", out)
+    first = ptp(*args, home=ptp_home)  # what the other process would have written
+    assert first.returncode == 0, first.stderr
+    written = (out / "none.jsonl").read_bytes()
+    (out / "none.jsonl").write_bytes(b"")  # the other process has only begun
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PTP_")} | {"PTP_HOME": str(ptp_home)}
+    with (out / "none.jsonl.lock").open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        second = subprocess.Popen([sys.executable, "-m", "ptp_cli.cli.main", *map(str, args)], env=env, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert second.stderr is not None
+        lines = []
+        for line in second.stderr:  # it must say that it waits, and then wait
+            lines.append(line)
+            if "waiting for another process" in line:
+                break
+        assert any("none: waiting for another process" in line for line in lines), lines
+        assert second.poll() is None and (out / "none.jsonl").read_bytes() == b""
+        (out / "none.jsonl").write_bytes(written)  # the other process finishes its rows, then lets go
+        fcntl.flock(held, fcntl.LOCK_UN)
+        rest = second.communicate(timeout=TIMEOUT)[1]
+    assert second.returncode == 0, rest
+    assert "none: done (2 records" in rest
+    assert (out / "none.jsonl").read_bytes() == written
+
+
 def test_grid_alphas_and_ablations_add_ptp_variants(tmp_path: Path, ptp_home: Path) -> None:
     """--alphas and --ablations run PTP beside the grid at each ratio, each variant with its own settings."""
     rng = np.random.default_rng(1)

@@ -4,7 +4,9 @@ Runs are ``none`` (once), then each method at each ratio; a method whose setting
 pdrop) runs once. Each run writes its rows, in input order, to ``OUT_DIR/<run>.jsonl`` (``none.jsonl``,
 ``ptp@0.5.jsonl``). A run whose file already holds a row for every record is not redone; a partial one
 continues with the records it lacks (``scan_output`` repairs a torn last line first). A file written with
-other settings is refused rather than mixed.
+other settings is refused rather than mixed. Grids may share an output folder (parallel processes over
+parts of one grid): a run's file is written under an exclusive lock, so a second process that reaches the
+same run waits, then finds it done, instead of appending the same rows again.
 """
 
 from __future__ import annotations
@@ -64,8 +66,34 @@ def _count_records(path: Path) -> int:
         return sum(1 for raw in f if raw.strip())
 
 
+@contextlib.contextmanager
+def _exclusive(out: Path, *, log: Callable[[str], None], name: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``out``'s sibling ``.lock`` file (POSIX; elsewhere no lock)."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): one process per output folder, as before
+        yield
+        return
+    with (out.parent / f"{out.name}.lock").open("a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"{name}: waiting for another process writing {out}")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _run_one(pipeline: Pipeline, gold: Path, out: Path, *, log: Callable[[str], None], name: str) -> None:
-    """Write the rows ``out`` lacks, appending; a finished file is left alone."""
+    """Write the rows ``out`` lacks, appending; a finished file is left alone. Under the run's lock: what is
+    done is read only once no other process is writing the file."""
+    with _exclusive(out, log=log, name=name):
+        _write_missing(pipeline, gold, out, log=log, name=name)
+
+
+def _write_missing(pipeline: Pipeline, gold: Path, out: Path, *, log: Callable[[str], None], name: str) -> None:
     try:  # repairs a torn last line; refuses a file of other settings, naming what differs
         state = scan_output(out, settings=pipeline.settings())
     except UsageError as e:
