@@ -84,8 +84,8 @@ class TrainConfig:
     # the last MLP can compare them)
     route_place_head: int = 0  # the first of the two heads read for the places (it and the next one); not 0:
     # the routing loss also sends them to the first and the second naming token of position questions
-    route_count_weight: float = 0.0  # weight of the route-count loss: on count and existence questions, what head 0
-    # of that layer brings to the answer position holds how many objects the question names
+    route_count_weight: float = 0.0  # weight of the route-count loss: on count and existence questions, what the
+    # count head (below) of that layer brings to the answer position holds how many objects the question names
     route_count_head: int = 0  # the head of that layer read for the count; not 0: the routing loss also sends it
     # to the naming token on count and existence questions (heads 2 and 3 share the other key-value head than
     # heads 0 and 1, so the count does not crowd the values that carry colour, shape, glyph and place)
@@ -318,12 +318,11 @@ def guide_losses(lm, carry: CarryHeads, h: torch.Tensor, positions: torch.Tensor
                                                [torch.tensor([rs[i]]) for _, rs in placed],
                                                layer=layer, head=cfg.route_place_head + i)
         head = cfg.route_count_head
-        if head and cfg.route_count_weight:
-            counted = [(a, f) for a, t, f in zip(sample.answer_rows, sample.types, first, strict=False)
-                       if t in ("count", "exist")]
-            if counted:
-                route = route + attention_loss(lm, h, positions, [a for a, _ in counted],
-                                               [torch.tensor([rows[f]]) for _, f in counted], layer=layer, head=head)
+        counted = [(a, f) for a, t, f in zip(sample.answer_rows, sample.types, first, strict=False)
+                   if t in ("count", "exist")]  # (answer row, first naming row)
+        if head and cfg.route_count_weight and counted:
+            route = route + attention_loss(lm, h, positions, [a for a, _ in counted],
+                                           [torch.tensor([rows[f]]) for _, f in counted], layer=layer, head=head)
         out["route"] = route
         if cfg.route_place_weight:
             asked = [(a, sample.named_place[f], sample.named_place[f + 1])
@@ -334,12 +333,9 @@ def guide_losses(lm, carry: CarryHeads, h: torch.Tensor, positions: torch.Tensor
                 outs = head_outputs(lm, h, positions, [a for a, _, _ in asked], layer, pair)  # [2, R, D]
                 out["route_place"] = sum(
                     carry.route_place_loss(i, outs[i], torch.tensor([p[1 + i] for p in asked])) for i in range(2))
-        if cfg.route_count_weight:
-            asked = [(a, sample.named_count[f]) for a, t, f in zip(sample.answer_rows, sample.types, first, strict=False)
-                     if t in ("count", "exist")]
-            if asked:
-                outs = head_outputs(lm, h, positions, [a for a, _ in asked], layer, [head])[0]  # [R, D]
-                out["route_count"] = carry.route_count_loss(outs, torch.tensor([n for _, n in asked]))
+        if cfg.route_count_weight and counted:
+            outs = head_outputs(lm, h, positions, [a for a, _ in counted], layer, [head])[0]  # [R, D]
+            out["route_count"] = carry.route_count_loss(outs, torch.tensor([sample.named_count[f] for _, f in counted]))
     return out
 
 
