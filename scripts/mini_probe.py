@@ -18,11 +18,10 @@ import torch.nn.functional as F
 from ptp_cli.mini.data import TOKEN_GRID, make_sample
 from ptp_cli.mini.evaluate import EVAL_SEED
 from ptp_cli.mini.model import new_model
+from ptp_cli.mini.readouts import CarryHeads, attention_loss
 from ptp_cli.mini.train import (
     STATE,
-    CarryHeads,
     TrainConfig,
-    attention_loss,
     ground_targets,
     row_types,
     sequence_inputs,

@@ -16,14 +16,13 @@ from ptp_cli.mini.data import IGNORE, make_sample, token_truth
 from ptp_cli.mini.evaluate import EVAL_SEED, evaluate, normalise, score
 from ptp_cli.mini.model import build_mini_tokenizer, export, new_model
 from ptp_cli.mini.pretrain import PretrainConfig, pretrain
+from ptp_cli.mini.readouts import CarryHeads, head_outputs
 from ptp_cli.mini.shipped import SHIPPED_DIR
 from ptp_cli.mini.train import (
     STATE,
-    CarryHeads,
     TrainConfig,
     ground_targets,
     guide_losses,
-    head_outputs,
     sequence_inputs,
     train,
     view_objects,
