@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from ptp_cli.mini.data import IGNORE, make_sample, token_truth
+from ptp_cli.mini.data import IGNORE, drop_visual, make_sample, token_truth
 from ptp_cli.mini.evaluate import EVAL_SEED, evaluate, normalise, score
 from ptp_cli.mini.model import build_mini_tokenizer, export, new_model
 from ptp_cli.mini.pretrain import PretrainConfig, pretrain
@@ -21,8 +21,10 @@ from ptp_cli.mini.shipped import SHIPPED_DIR
 from ptp_cli.mini.train import (
     STATE,
     TrainConfig,
+    forward_loss,
     ground_targets,
     guide_losses,
+    sample_for,
     sequence_inputs,
     train,
     view_objects,
@@ -205,6 +207,48 @@ def test_every_guide_gives_a_finite_loss_with_gradients(fresh):
     index = view_objects(sample)  # the thumbnail's object tokens
     assert len(index) and (sample.token_labels[-1, index, 0] > 0).all()
     assert int((sample.token_labels[-1, :, 0] > 0).sum()) == len(index)
+
+
+def test_a_sample_with_dropped_visual_tokens_is_the_pruned_prompt_with_the_same_targets(fresh):
+    """``drop_visual`` leaves exactly the kept visual features in the sequence, at contiguous positions, with
+    the text unchanged after them; every guide still points at the same tokens (those left); and training's
+    background dropout is deterministic, drops only background tokens and changes nothing when off."""
+    model, path = fresh
+    tokenizer = load_model(str(path)).tokenizer
+    cfg = TrainConfig(token_place_weight=1.0)
+    sample = next(s for _, _, s in _multi_tile_samples(model, tokenizer, 40) if {"position", "count"} <= set(s.types))
+    n = sample.pixel_values.shape[0] * 256
+    kept = torch.from_numpy(np.random.default_rng(0).random(n) < 0.4).nonzero()[:, 0]
+    pruned = drop_visual(sample, kept)
+    h, *_ = sequence_inputs(model, sample)
+    hp, positions_p, *_ = sequence_inputs(model, pruned)
+    start, d = sample.image_start, n - len(kept)
+    assert hp.shape[1] == h.shape[1] - d and torch.equal(positions_p[0], torch.arange(hp.shape[1]))
+    assert torch.equal(hp[0, start:start + len(kept)], h[0, start + kept])  # the kept features, in order
+    assert torch.equal(hp[0, start + len(kept):], h[0, start + n:]) and torch.equal(pruned.ids[start + len(kept):],
+                                                                                   sample.ids[start + n:])
+    for a, b in zip(sample.answer_rows, pruned.answer_rows, strict=True):
+        assert sample.ids[a] == pruned.ids[b] and sample.labels[a] == pruned.labels[b]
+    full = dict(ground_targets(sample, cfg))
+    rank = {int(k): i for i, k in enumerate(kept)}
+    expected = {}
+    for row, targets in full.items():
+        wanted = [p for p in targets if p < start or int(p - start) in rank]  # the sink, and the kept tokens
+        if wanted:  # a row whose every target was dropped asks for nothing
+            expected[row - d] = [p if p < start else start + rank[p - start] for p in wanted]
+    assert dict(ground_targets(pruned, cfg)) == expected and len(expected) > len(full) // 2
+    # background dropout in training
+    template = get_template(model.cfg.template)
+    off = TrainConfig(seed=3)
+    on = TrainConfig(seed=3, drop_background=1.0, drop_max=0.9)
+    a, b, c = (sample_for(x, 5, 1, tokenizer, template, model.cfg) for x in (off, on, on))
+    assert a.kept is None and torch.equal(b.kept, c.kept) and 0 < len(b.kept) < a.ids.numel()
+    objects = (a.token_labels[..., 0] > 0).flatten().nonzero()[:, 0]
+    assert torch.isin(objects, b.kept).all()  # only background is dropped
+    assert torch.equal(torch.tensor(b.visual_rows(objects)), b.image_start + torch.searchsorted(b.kept, objects))
+    carry = CarryHeads.for_run(model.cfg.llm.hidden_size, cfg)
+    loss, stats = forward_loss(model, carry, b, cfg)
+    assert torch.isfinite(loss) and "token_place" in stats and "ground" in stats
 
 
 def _routing_layer(model, tokenizer, kind: str, cfg: TrainConfig, loss: str) -> tuple[dict, torch.Tensor]:

@@ -7,6 +7,7 @@ questions about the same image follow as later turns of the same chat template (
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -45,6 +46,37 @@ class Sample:
     named_place: list[tuple[float, float] | None]  # per naming row: that one object's centre, fractions of the
     # canvas width and height (None as above)
     named_count: list[int]  # per naming row: how many objects it names
+    kept: torch.Tensor | None = None  # sorted visual token indices left in ``ids`` (None: all; ``drop_visual``)
+
+    def visual_rows(self, index: list[int] | torch.Tensor) -> list[int]:
+        """Sequence rows of the visual tokens ``index`` (0..T*256-1) that are in the sequence, in order."""
+        index = torch.as_tensor(index, dtype=torch.long).reshape(-1)
+        if self.kept is None:
+            return (self.image_start + index).tolist()
+        rank = torch.searchsorted(self.kept, index).clamp(max=max(len(self.kept) - 1, 0))
+        present = self.kept[rank] == index if len(self.kept) else torch.zeros_like(index, dtype=torch.bool)
+        return (self.image_start + rank[present]).tolist()
+
+
+def drop_visual(sample: Sample, kept: torch.Tensor) -> Sample:
+    """``sample`` as pre-LLM pruning leaves it: only the visual tokens ``kept`` (indices into T*256) in the
+    sequence, which renumbers every later token contiguously, as ptp's engine does. Per-token truth, the named
+    objects' token lists and the pixels stay in the unpruned indices (``Sample.visual_rows`` maps them)."""
+    kept = torch.as_tensor(kept, dtype=torch.long).unique()  # sorted
+    n = sample.pixel_values.shape[0] * TOKEN_GRID**2
+    start, dropped = sample.image_start, n - len(kept)
+    rows = [*sample.answer_rows, *(r for rs in sample.naming_rows for r in rs)]
+    if min(rows) < start + n:
+        raise ValueError("a question row lies before the end of the image")
+
+    def cut(t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([t[:start], t[start + kept], t[start + n:]])
+
+    return dataclasses.replace(
+        sample, ids=cut(sample.ids), labels=cut(sample.labels), kept=kept,
+        answer_rows=[r - dropped for r in sample.answer_rows],
+        naming_rows=[[r - dropped for r in rs] for rs in sample.naming_rows],
+    )
 
 
 def _body(tokenizer: Tokenizer, text: str) -> list[int]:

@@ -20,7 +20,9 @@ phrase names (training-only read-outs, not exported); *routing*, heads 0 and 1 o
 to the (first and second) naming tokens at layer ``route_layer``. Optional guides (off by default, not in the
 shipped weights' recipe): *token place*, the thumbnail's object tokens hold their place at the grounding
 layer's input (the ViT keeps places in the background's tokens only); *route place* and *route count*, what
-the routing heads bring to the answer holds each object's place and the count. No loss shapes PTP's
+the routing heads bring to the answer holds each object's place and the count; *background dropout*
+(``--drop-background``), some scenes' sequences lose part of their background tokens with the positions
+renumbered, as pre-LLM pruning leaves a prompt. No loss shapes PTP's
 instruction score (the question tokens' attention at LLM layer 1).
 
 Curriculum: single-tile scenes first, then grids of up to 4 tiles, then up to 12 (docs/accuracy.md).
@@ -37,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ptp_cli.mini.data import IGNORE, TOKEN_GRID, Sample, make_sample
+from ptp_cli.mini.data import IGNORE, TOKEN_GRID, Sample, drop_visual, make_sample
 from ptp_cli.mini.evaluate import EVAL_SEED, evaluate
 from ptp_cli.mini.model import MINI, build_mini_tokenizer, export, new_model
 from ptp_cli.mini.pretrain import load_vision
@@ -87,6 +89,10 @@ class TrainConfig:
     route_count_head: int = 0  # the head of that layer read for the count; not 0: the routing loss also sends it
     # to the naming token on count and existence questions (heads 2 and 3 share the other key-value head than
     # heads 0 and 1, so the count does not crowd the values that carry colour, shape, glyph and place)
+    drop_background: float = 0.0  # probability that a scene's sequence loses part of its background tokens
+    # before the LLM (contiguous positions after, as pre-LLM pruning leaves a prompt): the place of an object
+    # must then come from what survives, not from its distance to the image's first token
+    drop_max: float = 0.9  # the share of background tokens dropped is uniform in [0, drop_max]
     single_tile_until: float = 0.15  # fraction of training on one-tile scenes only
     small_grid_until: float = 0.45  # then scenes of up to 4 tiles until this fraction, then up to 12
     checkpoint_minutes: float = 5.0  # wall-clock minutes between checkpoints
@@ -111,7 +117,14 @@ def sample_for(cfg: TrainConfig, step: int, k: int, tokenizer, template, model_c
     rng = np.random.default_rng([cfg.seed, index, 7])
     ex = example(cfg.seed, index, max_tiles=tile_cap(cfg, step, rng))
     extra = more_questions(ex.scene, rng, cfg.extra_questions)
-    return make_sample(ex, extra, tokenizer=tokenizer, template=template, cfg=model_cfg)
+    sample = make_sample(ex, extra, tokenizer=tokenizer, template=template, cfg=model_cfg)
+    if cfg.drop_background:  # its own generator, so runs without it draw every scene as before
+        drops = np.random.default_rng([cfg.seed, index, 13])
+        if drops.random() < cfg.drop_background:
+            background = (sample.token_labels[..., 0] == 0).flatten().numpy()  # [T*256]
+            lost = background & (drops.random(background.size) < drops.uniform(0.0, cfg.drop_max))
+            sample = drop_visual(sample, torch.from_numpy(~lost).nonzero()[:, 0])
+    return sample
 
 
 def row_types(sample: Sample) -> list[str]:
@@ -141,7 +154,7 @@ def ground_targets(sample: Sample, cfg: TrainConfig) -> list[tuple[int, list[int
             t = [i for i in t if i >= thumb]
         elif cfg.text_tiles and kind == "text" and thumb:
             t = [i for i in t if i < thumb]
-        positions = [sample.image_start + i for i in t]
+        positions = sample.visual_rows(t)  # those left in the sequence
         if cfg.sink_ground and kind in ("count", "exist"):
             positions = [0, *positions]
         if positions:  # "no" questions name nothing
@@ -174,9 +187,11 @@ def guide_losses(lm, carry: CarryHeads, h: torch.Tensor, positions: torch.Tensor
             out["ground"] = torch.stack(terms).sum() / len(asked)
     if layer == cfg.ground_layer and cfg.token_place_weight:
         index = view_objects(sample)
+        base = (sample.pixel_values.shape[0] - 1) * TOKEN_GRID**2  # the view's first visual token
+        if sample.kept is not None:  # background dropout keeps every object token; this holds if it did not
+            index = index[torch.isin(base + index, sample.kept)]
         if len(index):
-            rows_ = sample.image_start + (sample.pixel_values.shape[0] - 1) * TOKEN_GRID**2 + index
-            out["token_place"] = carry.token_place_loss(h[0, rows_], index)
+            out["token_place"] = carry.token_place_loss(h[0, sample.visual_rows(base + index)], index)
     if layer == cfg.ground_layer + 1 and cfg.carry_weight:
         terms = []
         one = [(r, c) for r, c in zip(rows, sample.named_one, strict=True) if c is not None]
@@ -236,6 +251,8 @@ def sequence_inputs(model: InternVLModel, sample: Sample) -> tuple[torch.Tensor,
     lm = model.language_model
     with torch.no_grad():
         visual = model.vision_features(sample.pixel_values).features.flatten(0, 1)  # [T*256, D], tiles in order
+    if sample.kept is not None:
+        visual = visual[sample.kept]  # [K, D]
     emb = lm.tok_embeddings(sample.ids)  # [S, D]
     start = sample.image_start
     h = torch.cat([emb[:start], visual, emb[start + visual.shape[0]:]])[None]  # [1, S, D]
