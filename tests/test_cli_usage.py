@@ -167,7 +167,11 @@ def test_flags_can_be_turned_off_over_the_environment(question_file: Path) -> No
 
 
 def test_shell_completion_script() -> None:
-    result = run("--show-completion", "bash")
+    # --show-completion names the shell it runs under (found from the parent processes), so it runs under bash
+    # here; without a shell above it (a detached job) there is nothing to detect. "; exit" keeps bash from
+    # exec-ing ptp in its place.
+    result = subprocess.run(["bash", "-c", '"$0" --show-completion; exit $?', PTP], capture_output=True,
+                            env=_env(None, None), timeout=TIMEOUT, check=False)
     assert result.returncode == 0 and b"_PTP_COMPLETE" in result.stdout
 
 

@@ -99,7 +99,8 @@ class TrainConfig:
     eval_minutes: float = 20.0  # wall-clock minutes between held-out evaluations (0: never)
     eval_questions: int = 60  # held-out questions per evaluation
     vit_width: int = 32  # ViT width (12 layers, heads of 16 channels); must match --init's
-    init: str = ""  # vision.pt of the pretraining stage (ptp_cli.mini.pretrain): ViT and projector, kept frozen
+    init: str = ""  # vision.pt of stage 1 (ptp_cli.mini.pretrain): ViT and projector, kept frozen; a whole
+    # model state (a fine-tune) also brings its LLM
 
 
 def tile_cap(cfg: TrainConfig, step: int, rng: np.random.Generator) -> int:
