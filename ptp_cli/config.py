@@ -76,6 +76,15 @@ class LLMConfig:
     def head_dim(self) -> int:
         return self.head_dim_override or self.hidden_size // self.num_heads
 
+    @property
+    def context_length(self) -> int:
+        """Most positions a sequence may use: max_position_embeddings, times the factor under dynamic NTK
+        scaling (InternLM2's), which exists to stretch RoPE past the trained length."""
+        scaling = self.rope_scaling or {}
+        if scaling.get("rope_type", scaling.get("type")) == "dynamic":
+            return int(self.max_position_embeddings * float(scaling.get("factor", 1.0)))
+        return self.max_position_embeddings
+
 
 @dataclass(frozen=True)
 class ModelConfig:

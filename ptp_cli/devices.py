@@ -43,3 +43,25 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def dtype_name(dtype: torch.dtype) -> str:
     """``torch.bfloat16`` -> ``"bfloat16"`` (the name reports and rows carry)."""
     return str(dtype).removeprefix("torch.")
+
+
+# How allocators other than CUDA's caching one say that memory ran out: the CPU's DefaultCPUAllocator raises a
+# plain RuntimeError ("can't allocate memory"), MPS and XPU say "... out of memory", a CUDA error outside the
+# caching allocator is "CUDA error: out of memory".
+_OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "cannot allocate memory")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` says that a device (or the host) ran out of memory, whichever device raised it."""
+    if isinstance(error, torch.OutOfMemoryError | MemoryError):
+        return True
+    return isinstance(error, RuntimeError) and any(m in str(error).lower() for m in _OUT_OF_MEMORY)
+
+
+def free_cached_memory() -> None:
+    """After a failed batch (often out of memory), hand the allocator's cached blocks back before retrying."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    mps = getattr(torch, "mps", None)
+    if mps is not None and torch.backends.mps.is_available():
+        mps.empty_cache()

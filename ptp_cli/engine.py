@@ -13,14 +13,17 @@ scaling is chosen per row from that row's own length (``models/llm.py``), never 
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ptp_cli import flops as F
+from ptp_cli.devices import is_out_of_memory
+from ptp_cli.errors import OutOfMemoryError
 from ptp_cli.models.internvl import InternVLModel
 from ptp_cli.models.llm import LayerCache, sequence_lengths
 from ptp_cli.pruning.base import LayerState, NoPruning, PruningMethod, VisualContext
@@ -85,6 +88,19 @@ class _Clock:
         now = time.perf_counter()
         self.times[stage] = self.times.get(stage, 0.0) + now - self.t
         self.t = now
+
+
+@contextlib.contextmanager
+def _stage(name: str) -> Iterator[None]:
+    """Turn running out of memory (on any device: CUDA, the CPU allocator, MPS) into ``OutOfMemoryError`` naming
+    the stage, which callers treat as the batch's failure (split it, retry); other exceptions pass untouched."""
+    try:
+        yield
+    except Exception as e:
+        if isinstance(e, OutOfMemoryError) or not is_out_of_memory(e):
+            raise
+        first_line = (str(e).strip().splitlines() or [""])[0][:300]
+        raise OutOfMemoryError(f"out of memory in {name}: {type(e).__name__}: {first_line}", stage=name) from e
 
 
 def _right_pad(rows: list[torch.Tensor], length: int, value) -> torch.Tensor:
@@ -163,14 +179,18 @@ class Engine:
             return []
         self.check(requests)
         clock = _Clock(self.model.device)
-        visual = self.encode_images(requests)
+        with _stage("vit"):
+            visual = self.encode_images(requests)
         clock.lap("vit")
-        selection = self.select(requests, visual)
+        with _stage("probe"):
+            selection = self.select(requests, visual)
         clock.lap("probe")
-        prompts = self.build_prompts(requests, visual.features, selection.keep)
-        state = self.prefill(prompts, room=max(r.max_new_tokens for r in requests))
+        with _stage("prefill"):
+            prompts = self.build_prompts(requests, visual.features, selection.keep)
+            state = self.prefill(prompts, room=max(r.max_new_tokens for r in requests))
         clock.lap("prefill")
-        tokens, logps = self.decode(requests, state)
+        with _stage("decode"):
+            tokens, logps = self.decode(requests, state)
         clock.lap("decode")
         return self._results(requests, prompts, state.layer_tokens, tokens, logps, clock.times, selection.notes)
 
@@ -230,12 +250,16 @@ class Engine:
         layer = m.probe_layer()
         assert layer is not None
         p = self.build_prompts(requests, features, [None] * len(requests))
+        dev = p.x.device
+        counts = [f.shape[0] for f in features]
+        # Each row's visual slots; a row with fewer tiles repeats its last one (those columns are cut below).
+        offsets = torch.arange(max(counts), device=dev)[None, :].minimum(torch.tensor(counts, device=dev)[:, None] - 1)
+        columns = torch.tensor([r.image_start for r in requests], device=dev)[:, None] + offsets  # [B, V]
         scores = instruction_scores(
-            self.model.language_model, p.x, p.positions, p.valid, p.instruction,
+            self.model.language_model, p.x, p.positions, p.valid, p.instruction, columns=columns,
             layer=layer, head_agg=m.head_aggregation(), instr_agg=m.instruction_aggregation(),
-        )  # [B, S]
-        return [scores[i, r.image_start : r.image_start + f.shape[0]] for i, (r, f) in
-                enumerate(zip(requests, features, strict=True))]
+        )  # [B, V]
+        return [scores[i, :n] for i, n in enumerate(counts)]
 
     @torch.inference_mode()
     def select(self, requests: Sequence[Request], visual: VisualFeatures) -> Selection:

@@ -6,6 +6,8 @@ Two families: errors that end a run (``UsageError``, ``ModelLoadError``), format
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class PtpError(Exception):
     """Base class of every error ptp raises on purpose."""
@@ -22,15 +24,17 @@ class ModelLoadError(PtpError):
 class RecordError(PtpError):
     """A problem with one input record; the run goes on and the record gets an error row.
 
-    ``kind`` is the machine-readable ``error.type`` of that row.
+    ``kind`` is the machine-readable ``error.type`` of that row; ``details`` are more fields of its ``error``
+    object (numbers a program may act on, e.g. a prompt's length and the limit it broke).
     """
 
     kind = "record_error"
 
-    def __init__(self, message: str, *, kind: str | None = None) -> None:
+    def __init__(self, message: str, *, kind: str | None = None, details: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         if kind is not None:
             self.kind = kind
+        self.details: dict[str, Any] = dict(details or {})
 
 
 class InvalidRecordError(RecordError):
@@ -49,6 +53,26 @@ class PromptError(RecordError, ValueError):
     """The record's prompt cannot be built (a question spelling an image token, a blank question, ...)."""
 
     kind = "prompt_error"
+
+
+class PromptTooLongError(RecordError):
+    """The record's prompt has more tokens than the model's positions (or --max-prompt-tokens) allow."""
+
+    kind = "prompt_too_long"
+
+
+class OutOfMemoryError(RecordError):
+    """The device (GPU or host) ran out of memory on a batch; alone in its batch, the record gets this row.
+
+    ``stage`` is the engine stage that failed (vit, probe, prefill, decode; None when not known); the message
+    keeps the original error's first line.
+    """
+
+    kind = "out_of_memory"
+
+    def __init__(self, message: str, *, stage: str | None) -> None:
+        super().__init__(message, details={"stage": stage} if stage else None)
+        self.stage = stage
 
 
 class RunAborted(PtpError):

@@ -22,7 +22,7 @@ import torch
 
 from ptp_cli.chat_template import Prompter
 from ptp_cli.engine import Request
-from ptp_cli.errors import RecordError
+from ptp_cli.errors import PromptTooLongError, RecordError
 from ptp_cli.image import DEFAULT_MAX_PIXELS, TilingOptions, load_image, record_tiling
 from ptp_cli.prompts import PromptIds
 from ptp_cli.records import Record
@@ -52,6 +52,8 @@ class InputProcessor:
         defaults: RequestDefaults = RequestDefaults(),
         pixel_dtype: torch.dtype = torch.float32,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_positions: int | None = None,
+        max_prompt_tokens: int | None = None,
     ) -> None:
         self.encoder = encoder  # the prompt step (chat_template.Prompter: a template, the checkpoint's own, ...)
         self.tiling = tiling  # the run's tiling; records may override max_tiles/min_tiles
@@ -61,6 +63,8 @@ class InputProcessor:
         # memory and the host-to-device copy halve in bf16/fp16.
         self.pixel_dtype = pixel_dtype
         self.max_pixels = max_pixels  # decompression-bomb guard
+        self.max_positions = max_positions  # the model's positions: prompt + generated tokens must fit
+        self.max_prompt_tokens = max_prompt_tokens  # the user's cap on a prompt's tokens (None: no cap)
 
     # ------------------------------------------------------------------------------------------ steps
 
@@ -81,6 +85,22 @@ class InputProcessor:
         except ValueError as e:
             raise RecordError(str(e), kind="prompt_error") from None
 
+    def check_length(self, prompt_tokens: int, *, num_image_tokens: int, max_new_tokens: int) -> None:
+        """Refuse a prompt the model cannot take, before any compute: it would fail (or exhaust memory) in the
+        engine, in a batch of innocent records. Raises ``PromptTooLongError`` with the numbers."""
+        details = {"prompt_tokens": prompt_tokens, "image_tokens": num_image_tokens}
+        what = f"the prompt has {prompt_tokens} tokens ({num_image_tokens} of them image tokens)"
+        cap = self.max_prompt_tokens
+        if cap is not None and prompt_tokens > cap:
+            raise PromptTooLongError(f"{what}, more than --max-prompt-tokens {cap}", details={**details, "limit": cap})
+        room = self.max_positions
+        if room is not None and prompt_tokens + max_new_tokens > room:
+            raise PromptTooLongError(
+                f"{what}; with max_new_tokens {max_new_tokens} it needs {prompt_tokens + max_new_tokens} positions, "
+                f"more than the model's {room}",
+                details={**details, "max_new_tokens": max_new_tokens, "limit": room},
+            )
+
     def request(
         self, question: str, pixels: torch.Tensor, *, tiling: TilingOptions | None = None,
         overrides: Overrides | None = None,
@@ -91,13 +111,15 @@ class InputProcessor:
         n_tiles = int(pixels.shape[0])  # pixels: [T, 3, S, S]
         prompt = self.encode(question, num_image_tokens=n_tiles * self.tokens_per_tile)
         d = self.defaults
+        max_new = int(ov.get("max_new_tokens") or d.max_new_tokens)
+        self.check_length(len(prompt.ids), num_image_tokens=prompt.num_image_tokens, max_new_tokens=max_new)
         return Request(
             ids=prompt.ids,
             pixel_values=pixels,
             image_start=prompt.image_start,
             instruction=(prompt.instruction_start, prompt.instruction_end),
             stop_ids=prompt.stop_ids,
-            max_new_tokens=int(ov.get("max_new_tokens") or d.max_new_tokens),
+            max_new_tokens=max_new,
             temperature=float(ov["temperature"]) if ov.get("temperature") is not None else d.temperature,
             seed=int(ov["seed"]) if ov.get("seed") is not None else d.seed,
             has_thumbnail=n_tiles > 1 and tiling.use_thumbnail,

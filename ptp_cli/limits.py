@@ -61,6 +61,7 @@ LIMITS: dict[str, Limit] = {
     "temperature": Limit(lambda v: v >= 0, "must be >= 0"),
     "batch_size": _AT_LEAST_1,
     "max_batch_tokens": _optional(_AT_LEAST_1),
+    "max_prompt_tokens": _optional(_AT_LEAST_1),
     "max_tiles": _TILES,
     "min_tiles": _TILES,
     "workers": _AT_LEAST_1,

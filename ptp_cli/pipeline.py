@@ -22,10 +22,10 @@ import torch
 
 from ptp_cli.chat_template import prompter_for
 from ptp_cli.config import ModelConfig
-from ptp_cli.devices import resolve_device, resolve_dtype
+from ptp_cli.devices import free_cached_memory, resolve_device, resolve_dtype
 from ptp_cli.engine import Engine, Request, Result
 from ptp_cli.errors import ModelLoadError, PromptError, RecordError, UsageError
-from ptp_cli.failures import INFERENCE_ERROR, RECORD_FAILURES, FailureGuard
+from ptp_cli.failures import FailureGuard, batch_failure
 from ptp_cli.image import DEFAULT_MAX_PIXELS, TilingOptions
 from ptp_cli.inputs import InputProcessor, RequestDefaults
 from ptp_cli.limits import check_values
@@ -51,6 +51,7 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     batch_size: int = 8  # most requests per engine batch
     max_batch_tokens: int | None = None  # most padded prompt tokens (requests x longest) per batch; None: no cap
+    max_prompt_tokens: int | None = None  # longest prompt a record may have (unpruned); None: the model's limit
     logprobs: bool = False  # add per-token ids and log-probabilities to each row
     kept: bool = False  # add the kept visual token indices to each row (to draw what PTP kept)
     max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb guard
@@ -114,12 +115,6 @@ def run_settings(config: RunConfig, model_cfg: ModelConfig, *, dtype: torch.dtyp
     }
 
 
-def _free_device_memory() -> None:
-    """After a failed batch (often out of memory), hand cached blocks back before retrying."""
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 @dataclass
 class Prepared:
     """A record turned into an engine request (done in a worker thread)."""
@@ -148,6 +143,7 @@ class Pipeline:
         self.inputs = InputProcessor(
             encoder=self.prompter, tiling=self.tiling, tokens_per_tile=self.cfg.tokens_per_tile,
             pixel_dtype=loaded.model.dtype, max_pixels=config.max_pixels,
+            max_positions=self.cfg.llm.context_length, max_prompt_tokens=config.max_prompt_tokens,
             defaults=RequestDefaults(
                 max_new_tokens=config.max_new_tokens, temperature=config.temperature, seed=config.seed
             ),
@@ -206,21 +202,24 @@ class Pipeline:
         return result_row(p.record, result, settings=settings)
 
     def _run_batch(self, batch: list[tuple[int, Prepared]], settings) -> Iterator[tuple[int, dict[str, Any]]]:
-        """Rows of a batch. A failure a record can cause (out of memory, say) splits the batch in halves, down
-        to single records; a record failing alone gets an inference_error row. Anything else propagates."""
+        """Rows of a batch. A failure a record can cause (out of memory on any device, say) splits the batch in
+        halves, down to single records; a record failing alone gets an out_of_memory or inference_error row.
+        Anything else (a bug) propagates."""
         try:
             results = self.engine.generate([p.request for _, p in batch])
-        except RECORD_FAILURES as e:
-            failure = f"{type(e).__name__}: {e}"
+        except Exception as e:
+            failure = batch_failure(e)
+            if failure is None:
+                raise
         else:
             for (seq, p), r in zip(batch, results, strict=True):
                 yield seq, self._row(p, r, settings)
             return
         # Retried outside the except block: its traceback would keep the failed batch's tensors alive.
-        _free_device_memory()
+        free_cached_memory()
         if len(batch) == 1:
             seq, p = batch[0]
-            err = RecordError(failure, kind=INFERENCE_ERROR)
+            err = failure.error()
             yield seq, error_row(p.record.line, p.record.id, err, settings=settings, extra=p.record.extra)
             return
         half = len(batch) // 2

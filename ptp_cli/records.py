@@ -339,7 +339,8 @@ def error_row(
     row: dict[str, Any] = {
         "id": id,
         "line": line,
-        "error": {"type": kind, "message": str(err) or type(err).__name__},
+        "error": {"type": kind, "message": str(err) or type(err).__name__,
+                  **(err.details if isinstance(err, RecordError) else {})},
     }
     if settings is not None:
         row["settings"] = dict(settings)

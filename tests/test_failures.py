@@ -74,7 +74,7 @@ def test_one_bad_record_gets_one_error_row_and_spares_its_batch(loaded, tmp_path
     rows = list(pipeline(loaded, engine, batch_size=batch_size).infer(iter_records(path)))
     assert [r["line"] for r in rows] == list(range(1, 8))
     (failed,) = [r for r in rows if "error" in r]
-    assert failed["id"] == 3 and failed["error"]["type"] == "inference_error"
+    assert failed["id"] == 3 and failed["error"]["type"] == "out_of_memory"
     assert "OutOfMemoryError: out of memory (simulated)" in failed["error"]["message"]
     # The neighbours' answers are those of a healthy engine.
     healthy = list(pipeline(loaded, batch_size=batch_size).infer(iter_records(path)))
@@ -95,10 +95,10 @@ def test_a_broken_engine_stops_the_run(loaded, tmp_path):
     path = records(tmp_path, 40)
     engine = FlakyEngine(loaded, fails=lambda r: True, error=lambda: OOM("device lost (simulated)"))
     got = []
-    with pytest.raises(RunAborted, match=r"every record so far \(5\).*inference_error: OutOfMemoryError"):
+    with pytest.raises(RunAborted, match=r"every record so far \(5\).*out_of_memory: .*OutOfMemoryError"):
         for row in pipeline(loaded, engine, batch_size=2).infer(iter_records(path)):
             got.append(row)
-    assert len(got) <= ALL_FAILED_MINIMUM and all(r["error"]["type"] == "inference_error" for r in got)
+    assert len(got) <= ALL_FAILED_MINIMUM and all(r["error"]["type"] == "out_of_memory" for r in got)
 
 
 def test_consecutive_engine_failures_stop_the_run_after_a_good_start(loaded, tmp_path):
@@ -109,6 +109,65 @@ def test_consecutive_engine_failures_stop_the_run_after_a_good_start(loaded, tmp
         for _, row in pipeline(loaded, engine, batch_size=1).run(iter_records(path)):
             seen.append(row)
     assert [("error" in r) for r in seen] == [False] * 3 + [True] * MAX_CONSECUTIVE_INFERENCE_ERRORS
+
+
+class StageEngine(Engine):
+    """The real engine, except that one stage (a public method the engine calls) raises ``error()`` for a batch
+    holding a request that ``fails`` picks: the failure comes from inside the engine, as a real one would."""
+
+    def __init__(self, loaded, *, stage: str, fails: Callable[[Request], bool], error: Callable[[], BaseException]):
+        super().__init__(loaded.model, image_token_id=loaded.image_token_id, method=make_method(PruneConfig(), loaded.cfg))
+        self.stage, self.fails, self.error = stage, fails, error
+        self.batches: list[int] = []
+        self._requests: list[Request] = []
+
+    def generate(self, requests):
+        self.batches.append(len(requests))
+        self._requests = list(requests)
+        return super().generate(requests)
+
+    def _maybe_fail(self, stage: str) -> None:
+        if stage == self.stage and any(self.fails(r) for r in self._requests):
+            raise self.error()
+
+    def select(self, requests, visual):
+        self._maybe_fail("probe")
+        return super().select(requests, visual)
+
+    def prefill(self, prompts, *, room):
+        self._maybe_fail("prefill")
+        return super().prefill(prompts, room=room)
+
+
+CPU_OOM = "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to " \
+          "allocate 26650080000 bytes. Error code 12 (Cannot allocate memory)"
+
+
+@pytest.mark.parametrize(("stage", "error"), [
+    ("prefill", lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 24.00 GiB (simulated)")),
+    ("probe", lambda: RuntimeError(CPU_OOM)),
+    ("prefill", lambda: RuntimeError("MPS backend out of memory (MPS allocated: 9.0 GB) (simulated)")),
+])
+def test_out_of_memory_on_any_device_splits_the_batch_and_names_the_stage(loaded, tmp_path, stage, error):
+    path = records(tmp_path, 6, big={4})
+    engine = StageEngine(loaded, stage=stage, fails=lambda r: r.num_tiles == 5, error=error)
+    rows = list(pipeline(loaded, engine, batch_size=4).infer(iter_records(path)))
+    assert [r["line"] for r in rows] == list(range(1, 7))
+    (failed,) = [r for r in rows if "error" in r]
+    assert failed["id"] == 4 and failed["error"]["type"] == "out_of_memory"
+    assert failed["error"]["stage"] == stage and f"out of memory in {stage}" in failed["error"]["message"]
+    assert error().args[0].split(".")[0] in failed["error"]["message"]  # the device's own words, first line
+    healthy = list(pipeline(loaded, batch_size=4).infer(iter_records(path)))
+    assert [r.get("answer") for r in rows if r["id"] != 4] == [r["answer"] for r in healthy if r["id"] != 4]
+    assert 1 in engine.batches  # split down to the record alone
+
+
+def test_an_error_that_is_not_out_of_memory_is_not_mistaken_for_it(loaded, tmp_path):
+    path = records(tmp_path, 4)
+    engine = StageEngine(loaded, stage="prefill", fails=lambda r: True, error=lambda: RuntimeError("shape mismatch"))
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        list(pipeline(loaded, engine, batch_size=2).infer(iter_records(path)))
+    assert engine.batches == [2]  # a bug: neither split nor turned into rows
 
 
 def test_a_bug_is_not_an_error_row(loaded, tmp_path):

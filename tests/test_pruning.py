@@ -17,7 +17,7 @@ from ptp_cli.pruning import METHODS, PRESETS, PruneConfig, PruningMethod, make_m
 from ptp_cli.pruning.base import VisualContext
 from ptp_cli.pruning.baselines import grid_indices
 from ptp_cli.pruning.ptp import PTP
-from ptp_cli.pruning.scores import vit_token_scores
+from ptp_cli.pruning.scores import instruction_scores, vit_token_scores
 
 NTOK = 256
 
@@ -168,6 +168,20 @@ def test_instruction_scores_match_transformers_eager(model, recorded):
         ref = probs[r.instruction[0] : r.instruction[1]].amax(0)[v0:v1]  # max over instruction rows
         assert ref.std() / ref.mean() > 1e-2
         torch.testing.assert_close(c, ref, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("instr_agg", ["max", "mean"])
+def test_instruction_scores_in_chunks_of_rows_equal_one_block(model, instr_agg):
+    """A chunk of one instruction row at a time (memory linear in the prompt) gives the scores of one block,
+    which the test above checks against transformers; padded rows of different lengths in one batch."""
+    reqs = [make_request(3, 7, max_new=1), make_request(1, 12, max_new=1)]
+    engine = Engine(model, image_token_id=IMG)
+    p = engine.build_prompts(reqs, engine.encode_images(reqs).features, [None, None])
+    args = (model.language_model, p.x, p.positions, p.valid, p.instruction)
+    block = instruction_scores(*args, layer=2, instr_agg=instr_agg, chunk_elements=1 << 40)
+    rowwise = instruction_scores(*args, layer=2, instr_agg=instr_agg, chunk_elements=1)
+    torch.testing.assert_close(rowwise, block, rtol=1e-6, atol=1e-9)
+    assert block[p.visual].std() > 0  # not a degenerate all-equal score
 
 
 @pytest.mark.parametrize("version", ["v1", "v2"])

@@ -25,8 +25,8 @@ EXIT_INTERRUPTED = 130
 RUN_OPTIONS = (
     "model", "dtype", "device", "preset", "alpha", "vit_layer", "llm_layer", "tau", "head_agg", "instr_agg",
     "region_budgets", "token_score", "fastv_layer", "vtw_layer", "pdrop_layers", "pdrop_keep", "max_new_tokens",
-    "temperature", "seed", "kept", "max_tiles", "min_tiles", "batch_size", "max_batch_tokens", "workers",
-    "max_pixels",
+    "temperature", "seed", "kept", "max_tiles", "min_tiles", "batch_size", "max_batch_tokens",
+    "max_prompt_tokens", "workers", "max_pixels",
 )
 EVAL_OPTIONS = (*RUN_OPTIONS, "quiet")
 

@@ -388,6 +388,7 @@ def infer_command(
     min_tiles: opt.MinTiles = None,
     batch_size: opt.BatchSize = None,
     max_batch_tokens: opt.MaxBatchTokens = None,
+    max_prompt_tokens: opt.MaxPromptTokens = None,
     workers: opt.Workers = None,
     max_errors: opt.MaxErrors = None,
     max_pixels: opt.MaxPixels = None,

@@ -57,6 +57,7 @@ SETTINGS: dict[str, Setting] = {
     "device": Setting("str", "run"),
     "batch_size": Setting("int", "run"),
     "max_batch_tokens": Setting("int", "run"),
+    "max_prompt_tokens": Setting("int", "run"),
     "workers": Setting("int", "run"),
     "max_pixels": Setting("int", "run"),
     "max_tiles": Setting("int", "run"),
@@ -131,6 +132,9 @@ Device = Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N. [de
 BatchSize = Annotated[int | None, typer.Option(help="Most records per engine batch. [default: 8]", rich_help_panel=_RUN)]
 MaxBatchTokens = Annotated[int | None, typer.Option(
     help="Most prompt tokens (before pruning) per batch. [default: no cap]", rich_help_panel=_RUN)]
+MaxPromptTokens = Annotated[int | None, typer.Option(
+    help="Longest prompt (before pruning, image tokens included) a record may have; a longer one gets a "
+         "prompt_too_long error row. [default: what the model's positions allow]", rich_help_panel=_RUN)]
 Workers = Annotated[int | None, typer.Option(
     help="Threads loading and tiling images. [default: 2]", rich_help_panel=_RUN)]
 MaxPixels = Annotated[int | None, typer.Option(

@@ -12,10 +12,8 @@ from typing import Any
 import torch
 
 from ptp_cli.pruning.base import LayerState, register
-from ptp_cli.pruning.scores import aggregate_heads, attention_rows
+from ptp_cli.pruning.scores import CHUNK_ELEMENTS, aggregate_heads, attention_rows
 from ptp_cli.pruning.settings import ConfiguredMethod
-
-CHUNK_ELEMENTS = 1 << 24  # attention probabilities held at once by FastV's column sums (64 MiB in fp32)
 
 
 def received_attention(state: LayerState, *, head_agg: str) -> torch.Tensor:
