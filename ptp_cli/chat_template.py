@@ -5,9 +5,10 @@ legacy ``chat_template.json``, or ``chat_template`` in ``tokenizer_config.json``
 precedence) and a ``generation_config.json``. transformers builds a prompt by rendering the template in a
 sandbox over ``[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]`` (the
 image becomes ``<IMG_CONTEXT>``), then ``InternVLProcessor`` expands each ``<IMG_CONTEXT>`` into ``<img>`` +
-256 x tiles ``<IMG_CONTEXT>`` + ``</img>``, and the text is tokenised without added special tokens.
-``CheckpointPrompter`` does the same; ``prompter_for`` picks it, or the named template of ``prompts.py`` for
-original-layout checkpoints and for -hf checkpoints that carry no template.
+256 x tiles ``<IMG_CONTEXT>`` + ``</img>``, and the processor tokenises the text with the tokenizer's special
+tokens (a BOS for Llama/InternLM2-style tokenizers, none for Qwen2-style ones) unless it already starts with
+the BOS string (the template spelled it). ``CheckpointPrompter`` does the same; ``prompter_for`` picks it, or
+the named template of ``prompts.py`` for original-layout checkpoints and for -hf checkpoints that carry none.
 """
 
 from __future__ import annotations
@@ -94,6 +95,15 @@ def _eos_ids(model_dir: Path, tokenizer: Tokenizer) -> list[int]:
     return [int(i) for i in ids if i is not None]
 
 
+def _added_ids(tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
+    """The ids encode() puts before and after any text (BOS, EOS), told apart by a one-letter probe."""
+    empty, probe = tokenizer.encode(""), tokenizer.encode("a")
+    n = 0
+    while n < min(len(empty), len(probe)) and empty[n] == probe[n]:
+        n += 1
+    return empty[:n], empty[n:]
+
+
 def _compile(source: str) -> Any:
     """The template compiled as transformers does: an immutable sandbox, trimmed blocks, loop controls."""
     from jinja2.exceptions import TemplateError
@@ -129,9 +139,7 @@ class CheckpointPrompter:
             for key, idx in (("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eos_id))
             if idx is not None
         }
-        # What encode() puts before any text (a BOS): transformers tokenises a rendered template without it,
-        # since the template spells every special token it wants.
-        self._added = tokenizer.encode("")
+        self._prefix, self._suffix = _added_ids(tokenizer)  # stripped off fragments such as the end of a turn
         self.end_of_turn = self._end_of_turn()
         self.stop_ids = list(dict.fromkeys([self.end_of_turn, *eos_ids]))
 
@@ -152,11 +160,22 @@ class CheckpointPrompter:
             return [user]
         return [{"role": "system", "content": [{"type": "text", "text": self.system_message}]}, user]
 
-    def _encode(self, text: str) -> list[int]:
-        """Tokenise without the added prefix (transformers' ``add_special_tokens=False``)."""
+    def _encode_fragment(self, text: str) -> list[int]:
+        """Tokenise without what encode() adds around text (transformers' ``add_special_tokens=False``)."""
         ids = self.tokenizer.encode(text)
-        n = len(self._added)
-        return ids[n:] if n and ids[:n] == self._added else ids
+        if self._prefix and ids[: len(self._prefix)] == self._prefix:
+            ids = ids[len(self._prefix):]
+        if self._suffix and ids[-len(self._suffix):] == self._suffix:
+            ids = ids[: -len(self._suffix)]
+        return ids
+
+    def _encode_prompt(self, text: str) -> list[int]:
+        """Tokenise a rendered prompt as ``ProcessorMixin.apply_chat_template`` does: with the tokenizer's
+        special tokens, unless the text starts with its BOS string (the template spelled the BOS itself)."""
+        bos = self._tokens.get("bos_token")
+        if bos and text.startswith(bos):
+            return self._encode_fragment(text)
+        return self.tokenizer.encode(text)
 
     def _end_of_turn(self) -> int:
         """The token the template closes an assistant turn with (``<|im_end|>`` for ChatML)."""
@@ -166,7 +185,7 @@ class CheckpointPrompter:
         except PromptError as e:
             raise ModelLoadError(str(e)) from None
         tail = text.split(_SENTINEL, 1)[1] if _SENTINEL in text else ""
-        ids = self._encode(tail)
+        ids = self._encode_fragment(tail)  # a piece of a prompt: nothing added around it
         first = self.tokenizer.decode(ids[:1], skip_special_tokens=False) if ids else ""
         if not first.strip() or not tail.startswith(first):
             raise ModelLoadError("cannot find the end-of-turn token of the checkpoint's chat template")
@@ -179,8 +198,8 @@ class CheckpointPrompter:
         # One image: its placeholder count (256 x tiles) is the whole expansion.
         text = text.replace(IMG_CONTEXT_TOKEN, f"{IMG_START_TOKEN}{IMG_CONTEXT_TOKEN * num_image_tokens}{IMG_END_TOKEN}")
         return locate(
-            self.tokenizer, self._encode(text), num_image_tokens=num_image_tokens, end_of_turn=self.end_of_turn,
-            stop_ids=self.stop_ids, needed_by="the checkpoint's chat template",
+            self.tokenizer, self._encode_prompt(text), num_image_tokens=num_image_tokens,
+            end_of_turn=self.end_of_turn, stop_ids=self.stop_ids, needed_by="the checkpoint's chat template",
         )
 
 
