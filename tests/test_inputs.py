@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,8 +11,8 @@ from PIL import Image
 
 from ptp_cli.builders.tiny import TINY_VERSION
 from ptp_cli.chat_template import NamedPrompter
-from ptp_cli.devices import resolve_device, resolve_dtype
-from ptp_cli.errors import ImageError, RecordError, UsageError
+from ptp_cli.devices import is_out_of_memory, resolve_device, resolve_dtype
+from ptp_cli.errors import ImageError, PromptTooLongError, RecordError, UsageError
 from ptp_cli.image import TilingOptions
 from ptp_cli.inputs import InputProcessor, RequestDefaults
 from ptp_cli.loading import load_config
@@ -134,3 +135,40 @@ def test_bad_names_are_one_line_usage_errors(call, option: str) -> None:
 def test_cuda_without_a_gpu_is_a_usage_error() -> None:
     with pytest.raises(UsageError, match="no CUDA device"):
         resolve_device("cuda")
+
+
+def test_a_prompt_longer_than_the_model_takes_is_the_records_error(tiny, image: Path) -> None:
+    """prompt_too_long before any compute, with the numbers: the user's cap, then the model's positions (which
+    the generated tokens need too); a prompt that just fits passes both."""
+    fits = processor(tiny).process(Record(line=1, id="a", image=image, question=QUESTION))
+    n = len(fits.ids)
+    rec = Record(line=1, id="a", image=image, question=QUESTION, overrides={"max_new_tokens": 5})
+    processor(tiny, max_prompt_tokens=n, max_positions=n + 5).process(rec)
+    with pytest.raises(PromptTooLongError, match=f"the prompt has {n} tokens .*more than --max-prompt-tokens {n - 1}") as e:
+        processor(tiny, max_prompt_tokens=n - 1).process(rec)
+    assert e.value.kind == "prompt_too_long" and e.value.details["prompt_tokens"] == n
+    assert e.value.details["limit"] == n - 1
+    with pytest.raises(PromptTooLongError, match=f"with max_new_tokens 5 it needs {n + 5} positions, more than the model's {n + 4}"):
+        processor(tiny, max_positions=n + 4).process(rec)
+
+
+def test_context_length_stretches_only_under_dynamic_ntk(tiny) -> None:
+    _, cfg = tiny
+    llm = cfg.llm
+    assert replace(llm, rope_scaling=None).context_length == llm.max_position_embeddings
+    assert replace(llm, rope_scaling={"type": "dynamic", "factor": 2.0}).context_length == 2 * llm.max_position_embeddings
+    assert replace(llm, rope_scaling={"rope_type": "linear", "factor": 4.0}).context_length == llm.max_position_embeddings
+
+
+@pytest.mark.parametrize(("error", "oom"), [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried to "
+                  "allocate 26650080000 bytes. Error code 12 (Cannot allocate memory)"), True),
+    (RuntimeError("MPS backend out of memory (MPS allocated: 17.00 GB, other allocations: 1.00 GB)"), True),
+    (RuntimeError("CUDA error: out of memory"), True),
+    (MemoryError(), True),
+    (RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x5 and 6x7)"), False),
+    (ValueError("out of memory"), False),  # only the errors allocators raise
+])
+def test_out_of_memory_is_recognised_on_every_device(error: BaseException, oom: bool) -> None:
+    assert is_out_of_memory(error) is oom
