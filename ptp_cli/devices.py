@@ -1,13 +1,18 @@
-"""Device and dtype names as users write them (``--device``, ``--dtype``), resolved in one place.
+"""Devices: names as users write them (``--device``, ``--dtype``), resolved in one place; honest clocks;
+running out of memory recognised on every device.
 
 ``ptp infer`` and ``ptp bench`` accept the same spellings and fail with the same one-line errors.
 """
 
 from __future__ import annotations
 
+import contextlib
+import time
+from collections.abc import Iterator
+
 import torch
 
-from ptp_cli.errors import UsageError
+from ptp_cli.errors import OutOfMemoryError, UsageError
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -65,3 +70,38 @@ def free_cached_memory() -> None:
     mps = getattr(torch, "mps", None)
     if mps is not None and torch.backends.mps.is_available():
         mps.empty_cache()
+
+
+def sync_device(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU), so a clock read after it is honest."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class StageClock:
+    """Stage wall times; synchronises the device before each reading so GPU work is attributed correctly."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.times: dict[str, float] = {}
+        sync_device(device)
+        self.t = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        sync_device(self.device)
+        now = time.perf_counter()
+        self.times[stage] = self.times.get(stage, 0.0) + now - self.t
+        self.t = now
+
+
+@contextlib.contextmanager
+def out_of_memory_stage(name: str) -> Iterator[None]:
+    """Turn running out of memory (on any device: CUDA, the CPU allocator, MPS) into ``OutOfMemoryError`` naming
+    the stage, which callers treat as the batch's failure (split it, retry); other exceptions pass untouched."""
+    try:
+        yield
+    except Exception as e:
+        if isinstance(e, OutOfMemoryError) or not is_out_of_memory(e):
+            raise
+        first_line = (str(e).strip().splitlines() or [""])[0][:300]
+        raise OutOfMemoryError(f"out of memory in {name}: {type(e).__name__}: {first_line}", stage=name) from e

@@ -13,17 +13,14 @@ scaling is chosen per row from that row's own length (``models/llm.py``), never 
 
 from __future__ import annotations
 
-import contextlib
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ptp_cli import flops as F
-from ptp_cli.devices import is_out_of_memory
-from ptp_cli.errors import OutOfMemoryError
+from ptp_cli.devices import StageClock, out_of_memory_stage
 from ptp_cli.models.internvl import InternVLModel
 from ptp_cli.models.llm import LayerCache, sequence_lengths
 from ptp_cli.pruning.base import LayerState, NoPruning, PruningMethod, VisualContext
@@ -66,41 +63,6 @@ class Result:
     timing: dict[str, float] = field(default_factory=dict)  # seconds per stage of the batch this ran in
     batch_size: int = 1  # requests in that batch
     pruning: dict[str, Any] = field(default_factory=dict)  # the method's notes on this sample (PTP: alpha, signals)
-
-
-def sync_device(device: torch.device) -> None:
-    """Wait for the device's queued work (a no-op on the CPU), so a clock read after it is honest."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class _Clock:
-    """Stage wall times; synchronises the device before each reading so GPU work is attributed correctly."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.times: dict[str, float] = {}
-        sync_device(device)
-        self.t = time.perf_counter()
-
-    def lap(self, stage: str) -> None:
-        sync_device(self.device)
-        now = time.perf_counter()
-        self.times[stage] = self.times.get(stage, 0.0) + now - self.t
-        self.t = now
-
-
-@contextlib.contextmanager
-def _stage(name: str) -> Iterator[None]:
-    """Turn running out of memory (on any device: CUDA, the CPU allocator, MPS) into ``OutOfMemoryError`` naming
-    the stage, which callers treat as the batch's failure (split it, retry); other exceptions pass untouched."""
-    try:
-        yield
-    except Exception as e:
-        if isinstance(e, OutOfMemoryError) or not is_out_of_memory(e):
-            raise
-        first_line = (str(e).strip().splitlines() or [""])[0][:300]
-        raise OutOfMemoryError(f"out of memory in {name}: {type(e).__name__}: {first_line}", stage=name) from e
 
 
 def _right_pad(rows: list[torch.Tensor], length: int, value) -> torch.Tensor:
@@ -178,18 +140,18 @@ class Engine:
         if not requests:
             return []
         self.check(requests)
-        clock = _Clock(self.model.device)
-        with _stage("vit"):
+        clock = StageClock(self.model.device)
+        with out_of_memory_stage("vit"):
             visual = self.encode_images(requests)
         clock.lap("vit")
-        with _stage("probe"):
+        with out_of_memory_stage("probe"):
             selection = self.select(requests, visual)
         clock.lap("probe")
-        with _stage("prefill"):
+        with out_of_memory_stage("prefill"):
             prompts = self.build_prompts(requests, visual.features, selection.keep)
             state = self.prefill(prompts, room=max(r.max_new_tokens for r in requests))
         clock.lap("prefill")
-        with _stage("decode"):
+        with out_of_memory_stage("decode"):
             tokens, logps = self.decode(requests, state)
         clock.lap("decode")
         return self._results(requests, prompts, state.layer_tokens, tokens, logps, clock.times, selection.notes)
@@ -423,7 +385,6 @@ class Engine:
         """Cut each row at its stop token or limit; count tokens and FLOPs."""
         tok, lp = tokens.tolist(), logps.tolist()  # [B, steps]
         layer_tokens = layer_tokens.cpu()
-        ntok = self.cfg.tokens_per_tile
         results = []
         for i, r in enumerate(requests):
             stop = set() if r.ignore_eos else set(r.stop_ids)
@@ -434,27 +395,38 @@ class Engine:
                     break
                 out.append(t)
                 outp.append(p)
-            kept = prompts.kept[i].tolist()
-            per_tile = [0] * r.num_tiles
-            for k in kept:
-                per_tile[k // ntok] += 1
-            lengths = layer_tokens[i].tolist()
-            generated = len(out) + (reason == "stop")
-            fl = F.sample_flops(
-                self.cfg,
-                num_tiles=r.num_tiles,
-                text_tokens=len(prompts.ids[i]) - len(kept),
-                kept_visual=len(kept),
-                generated=generated,
-                probe=(self.method.probe_layer(), r.instruction[1] - r.instruction[0])
-                if self.method.probe_layer() is not None else None,
-                layer_lengths=lengths,
-                vit_score=self.method.vit_score_layer() is not None,
-            )
-            results.append(Result(
-                tokens=out, logprobs=outp, finish_reason=reason, prompt_tokens=len(prompts.ids[i]),
-                visual_before=r.num_tiles * ntok, visual_after=len(kept), visual_after_per_tile=per_tile,
-                kept=kept, layer_lengths=lengths, flops=fl.as_dict(), timing=dict(times),
-                batch_size=len(requests), pruning=notes[i],
+            results.append(self.result(
+                r, prompt_tokens=len(prompts.ids[i]), kept=prompts.kept[i].tolist(), tokens=out, logprobs=outp,
+                finish_reason=reason, layer_lengths=layer_tokens[i].tolist(), timing=times,
+                batch_size=len(requests), notes=notes[i],
             ))
         return results
+
+    def result(
+        self, r: Request, *, prompt_tokens: int, kept: list[int], tokens: list[int], logprobs: list[float],
+        finish_reason: str, layer_lengths: list[int], timing: dict[str, float], batch_size: int,
+        notes: dict[str, Any],
+    ) -> Result:
+        """One request's ``Result``: token counts and FLOPs from what ran (also for engines that generate
+        elsewhere, e.g. vLLM, from this engine's selection). ``tokens`` exclude the stop token."""
+        ntok = self.cfg.tokens_per_tile
+        per_tile = [0] * r.num_tiles
+        for k in kept:
+            per_tile[k // ntok] += 1
+        probe = self.method.probe_layer()
+        fl = F.sample_flops(
+            self.cfg,
+            num_tiles=r.num_tiles,
+            text_tokens=prompt_tokens - len(kept),
+            kept_visual=len(kept),
+            generated=len(tokens) + (finish_reason == "stop"),
+            probe=(probe, r.instruction[1] - r.instruction[0]) if probe is not None else None,
+            layer_lengths=layer_lengths,
+            vit_score=self.method.vit_score_layer() is not None,
+        )
+        return Result(
+            tokens=tokens, logprobs=logprobs, finish_reason=finish_reason, prompt_tokens=prompt_tokens,
+            visual_before=r.num_tiles * ntok, visual_after=len(kept), visual_after_per_tile=per_tile,
+            kept=kept, layer_lengths=layer_lengths, flops=fl.as_dict(), timing=dict(timing),
+            batch_size=batch_size, pruning=notes,
+        )

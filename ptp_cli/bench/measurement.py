@@ -17,7 +17,8 @@ from typing import Any, Protocol
 
 import torch
 
-from ptp_cli.engine import Engine, Request, Result, sync_device
+from ptp_cli.devices import sync_device
+from ptp_cli.engine import Engine, Request, Result
 
 STAGES = ("vit", "probe", "prefill", "decode")  # the engine's per-batch stages, in order
 
