@@ -104,12 +104,12 @@ def _draw_all(pairs: list[tuple[Any, dict]], out_dir: Path) -> int:
 def show_command(
     predictions: Annotated[Path, typer.Argument(metavar="PRED", help="Output of ptp infer --kept.")],
     input: Annotated[Path | None, typer.Option(
-        "--input", "-i", help="The JSONL file ptp infer read. [default: the image paths and questions the "
+        "--input", "-i", metavar="FILE", help="The JSONL file ptp infer read. [default: the image paths and questions the "
         "--kept rows carry]")] = None,
-    id: Annotated[str | None, typer.Option("--id", help="Draw the record with this id.")] = None,
+    id: Annotated[str | None, typer.Option("--id", metavar="ID", help="Draw the record with this id.")] = None,
     line: Annotated[int | None, typer.Option(help="Draw the record of this input line.")] = None,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the PNG here.")] = None,
-    out_dir: Annotated[Path | None, typer.Option(help="Write every (selected) record's PNG into this folder.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", metavar="FILE", help="Write the PNG here.")] = None,
+    out_dir: Annotated[Path | None, typer.Option(metavar="DIR", help="Write every (selected) record's PNG into this folder.")] = None,
 ) -> None:
     """Draw which visual tokens a ptp infer --kept row kept, over its image (no model is needed).
 
