@@ -29,9 +29,13 @@ def _from_rows(rows: list[dict]) -> list[tuple[Any, dict]]:
         shown = row.get("record")
         if row.get("error") is not None:
             continue
+        where = f"line {row.get('line')} (id {row.get('id')!r})"
+        if row.get("kept") is None:
+            raise UsageError(f"{where} has no kept indices: rerun ptp infer with --kept (ptp show draws what "
+                             "those rows say was kept)")
         if not isinstance(shown, dict) or not shown.get("image"):
-            raise UsageError(f"line {row.get('line')} (id {row.get('id')!r}) carries no image path "
-                             "(a row of ptp infer without --kept, or an image given as bytes): give --input FILE")
+            raise UsageError(f"{where} carries no image path (its image was given as bytes): give --input FILE, "
+                             "the JSONL file ptp infer read")
         overrides = {k: shown[k] for k in ("max_tiles", "min_tiles") if k in shown}
         pairs.append((Record(line=row["line"], id=row.get("id"), image=Path(shown["image"]),
                              question=str(shown.get("question", "")), overrides=overrides), row))
