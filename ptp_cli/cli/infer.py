@@ -94,7 +94,7 @@ class Stats:
     def summary(self, elapsed: float) -> str:
         total = self.ok + self.failed
         rate = f"{self.ok / elapsed:.2f} samples/s, {self.generated_tokens / elapsed:.1f} tokens/s" if elapsed else ""
-        text = f"{total} records in {elapsed:.1f} s: {self.ok} ok, {self.failed} failed"
+        text = f"{plural(total, 'record')} in {elapsed:.1f} s: {self.ok} ok, {self.failed} failed"
         if self.ok:
             before, after = self.visual_before / self.ok, self.visual_after / self.ok
             kept = f" ({100 * after / before:.0f}%)" if before else ""
@@ -337,7 +337,8 @@ def _ray_rows(
     address = resolved.get("ray_address")
     log.info(f"running on Ray ({address or 'local'}): {actors} actor{'' if actors == 1 else 's'}")
     root = Path(image_root) if image_root is not None else default_root(source)
-    rows = run_ray(lines, config, image_root=root, address=address, actors=actors)
+    rows = run_ray(lines, config, image_root=root, address=address, actors=actors,
+                   verbose=bool(resolved.get("verbose", False)))
     return rows, 1 << 30  # rows come in input order; the window never fills
 
 
@@ -422,6 +423,7 @@ def infer_command(
     max_pixels: opt.MaxPixels = None,
     config: opt.Config = None,
     quiet: opt.Quiet = None,
+    verbose: opt.Verbose = None,
 ) -> None:
     """Answer the question of every record of INPUT; write one JSON line per record, in input order.
 

@@ -92,6 +92,7 @@ SETTINGS: dict[str, Setting] = {
     "retry_errors": Setting("bool", "cli"),
     "shard": Setting("str", "cli"),
     "quiet": Setting("bool", "cli"),
+    "verbose": Setting("bool", "cli"),
     "image_root": Setting("str", "cli"),
     "check": Setting("bool", "cli"),
     # Ray Data (ptp infer --ray)
@@ -224,6 +225,9 @@ Config = Annotated[Path | None, typer.Option(
     metavar="FILE", help="YAML file of settings (keys: option names, - or _). Also PTP_CONFIG.", rich_help_panel=_RUN)]
 Quiet = Annotated[bool | None, typer.Option(
     "--quiet/--no-quiet", "-q", help="Nothing on stderr but errors.", rich_help_panel=_RUN)]
+Verbose = Annotated[bool | None, typer.Option(
+    "--verbose/--no-verbose", "-v", help="With --ray: Ray's own log lines too (info level, the workers' output).",
+    rich_help_panel=_RUN)]
 
 
 # ---------------------------------------------------------------------------------------------------------
