@@ -23,7 +23,10 @@ Nothing else in ptp imports this module, so ptp never imports Ray unless asked t
 from __future__ import annotations
 
 import logging
+import math
+import os
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -96,14 +99,55 @@ class PTPPredictor:
         return record
 
 
-def _start(address: str | None) -> None:
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+# Ray's loggers that report on ptp's own choices (progress bars off, the plan printed), not on the run.
+_NOTICE_LOGGERS = ("ray.data._internal.progress", "ray.data._internal.execution.streaming_executor")
+
+
+def _start(address: str | None, *, verbose: bool) -> bool:
+    """Connect to (or start) Ray; True when this call started it (and so should shut it down).
+
+    Unless ``verbose``: Ray's Python logging at warning level, its workers' output not forwarded, and the C++
+    core's own log lines (one on every actor start with Ray Data, "constructor arguments in the object store
+    and max_restarts > 0", a known Ray issue, #53727) kept to its log files.
+    """
+    started = not ray.is_initialized()
+    if started:
+        saved = os.environ.get("RAY_BACKEND_LOG_LEVEL")
+        if not verbose and saved is None:
+            os.environ["RAY_BACKEND_LOG_LEVEL"] = "fatal"  # read by Ray's C++ side when ray.init starts it
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=verbose,
+                     logging_level=logging.INFO if verbose else logging.WARNING)
+        finally:
+            if saved is None:
+                os.environ.pop("RAY_BACKEND_LOG_LEVEL", None)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # rows come back in input order, as from one process
     ctx.enable_progress_bars = False  # ptp prints its own progress and summary
     ctx.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    return started
+
+
+@contextmanager
+def _ray_logging(*, verbose: bool) -> Iterator[None]:
+    """While ptp's job runs: Ray Data at warning level, and its notices about ptp's own settings dropped
+    (unless ``verbose``); the levels are restored afterwards."""
+    loggers = [logging.getLogger(name) for name in ("ray.data", *_NOTICE_LOGGERS)]
+    saved = [logger.level for logger in loggers]
+    if not verbose:
+        for logger, level in zip(loggers, [logging.WARNING] + [logging.ERROR] * len(_NOTICE_LOGGERS), strict=True):
+            logger.setLevel(level)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, saved, strict=True):
+            logger.setLevel(level)
+
+
+def block_size(records: int, *, actors: int, batch_size: int) -> int:
+    """Records per Ray Data batch: every actor gets records even on a small input, and no batch is larger than
+    four engine batches (so an actor streams rows while the next batch waits)."""
+    return max(1, min(4 * batch_size, math.ceil(records / max(actors, 1))))
 
 
 def run_ray(
@@ -116,25 +160,42 @@ def run_ray(
     batch_size: int | None = None,
     num_gpus: float | None = None,
     predictor: type[PTPPredictor] = PTPPredictor,
+    verbose: bool = False,
 ) -> Iterator[tuple[int, dict[str, Any]]]:
     """Rows for ``lines`` (``(line number, raw JSONL bytes)``, e.g. from ``records.iter_lines``) as ``(seq, row)``
     in input order, computed by ``actors`` Ray actors of ``predictor`` (one model each).
 
     ``address``: a running cluster (``"auto"``, ``"ray://host:10001"``) or None for a local one. ``num_gpus`` per
     actor: None gives each actor one GPU when the cluster has GPUs and the run is not pinned to the CPU.
+    ``batch_size``: records per Ray Data batch (None: ``block_size``'s, so that every actor gets records).
+    A Ray this call starts is shut down when the rows are done (or the caller stops reading them).
     """
-    _start(address)
-    if num_gpus is None:
-        has_gpus = ray.cluster_resources().get("GPU", 0) > 0
-        num_gpus = 1.0 if has_gpus and not config.device.startswith("cpu") else 0.0
     items = [{"seq": seq, "line": line, "raw": raw} for seq, (line, raw) in enumerate(lines)]
     if not items:
         return
-    ds = ray.data.from_items(items).map_batches(
+    started = _start(address, verbose=verbose)
+    try:
+        with _ray_logging(verbose=verbose):
+            yield from _rows(items, config, image_root=image_root, actors=actors, batch_size=batch_size,
+                             num_gpus=num_gpus, predictor=predictor)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _rows(
+    items: list[dict[str, Any]], config: RunConfig, *, image_root: Path, actors: int, batch_size: int | None,
+    num_gpus: float | None, predictor: type[PTPPredictor],
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    if num_gpus is None:
+        has_gpus = ray.cluster_resources().get("GPU", 0) > 0
+        num_gpus = 1.0 if has_gpus and not config.device.startswith("cpu") else 0.0
+    size = batch_size or block_size(len(items), actors=actors, batch_size=config.batch_size)
+    ds = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / size)).map_batches(
         predictor,
         fn_constructor_kwargs={"config": config, "image_root": str(image_root)},
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        batch_size=batch_size or 4 * config.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
+        batch_size=size,
         num_gpus=num_gpus,
         num_cpus=0 if num_gpus else 1,
     )

@@ -14,8 +14,10 @@ written by ``ptp_cli.builders.bpe``.
 from __future__ import annotations
 
 import json
+import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -354,11 +356,33 @@ class HFTokenizer:
         return self._vocab.get(token)
 
 
+class _DropConfigTypeNotice(logging.Filter):
+    """Drops transformers' "You are using a model of type internvl_chat to instantiate a model of type ..."
+    notice. ``AutoTokenizer`` reads config.json to choose a tokenizer class and, for an InternVL checkpoint
+    (a type transformers does not know), falls back to a plain config and says so; the tokenizer is
+    unaffected and nothing can be done about it. Every other record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "to instantiate a model of type" not in record.getMessage()
+
+
+@contextmanager
+def _without_config_type_notice() -> Iterator[None]:
+    """For the duration of ptp's own call: transformers' config logger drops that one notice (then restored)."""
+    logger, notice = logging.getLogger("transformers.configuration_utils"), _DropConfigTypeNotice()
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
+
+
 def _load_auto(model_dir: Path, files: TokenizerFiles) -> HFTokenizer:
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False, local_files_only=True)
+        with _without_config_type_notice():
+            tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False, local_files_only=True)
     except (OSError, ValueError, ImportError, RuntimeError) as exc:
         # OSError: files missing or unreadable; ValueError: no tokenizer class for this config; ImportError: a
         # backend (sentencepiece, protobuf) not installed; RuntimeError: sentencepiece rejecting its model file.

@@ -34,6 +34,7 @@ BUILTINS: dict[str, Callable[[], Path]] = {
     "tiny": _tiny,
     "mini": _mini,
 }
+RANDOM_WEIGHTS = frozenset({"tiny"})  # built-ins whose weights are random: their answers are noise
 
 
 def resolve_builtin(name: str) -> Path | None:

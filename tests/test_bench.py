@@ -77,16 +77,51 @@ def test_every_row_is_there(report: BenchReport) -> None:
     assert all(r.engine == "ptp" for r in report.rows[1:])
 
 
-def test_speedups_match_the_measured_wall_times(report: BenchReport) -> None:
-    """From the JSON: with an odd number of repeats, the samples/s median is batch / the median wall time,
-    so a speedup is the inverse ratio of the two rows' median wall times."""
-    rows = {r["name"]: r for r in json.loads(json.dumps(report.to_dict()))["rows"]}
-    peer_wall, none_wall = rows[PEER]["wall_s"]["median"], rows["none"]["wall_s"]["median"]
-    for r in rows.values():
-        assert r["wall_s"]["n"] == 3
-        assert r["speedup_vs_peer"] == pytest.approx(peer_wall / r["wall_s"]["median"])
-        assert r["speedup_vs_none"] == pytest.approx(none_wall / r["wall_s"]["median"])
+def test_speedups_are_paired_with_the_none_runs_around_each_row(report: BenchReport) -> None:
+    """From the JSON's timeline: in every round none runs first, last and between every two rows, the others'
+    order changes from round to round, and each speedup is the median over rounds of the row's rate over that
+    of the none runs just before and after it (vs transformers: the two such ratios divided)."""
+    data = json.loads(json.dumps(report.to_dict()))
+    rows = {r["name"]: r for r in data["rows"]}
+    rounds = data["rounds"]
+    assert len(rounds) == 3
+    others = []
+    for runs in rounds:
+        names = [name for name, _ in runs]
+        assert names[::2] == ["none"] * len(rows) and sorted(names[1::2]) == sorted(set(rows) - {"none"})
+        others.append(names[1::2])
+    assert others[0] != others[1] and others[1] != others[2]  # the order alternates
+    ratios: dict[str, list[float]] = {name: [] for name in rows}
+    for runs in rounds:
+        for p in range(1, len(runs), 2):
+            ratios[runs[p][0]].append(math.sqrt(runs[p - 1][1] * runs[p + 1][1]) / runs[p][1])
+    ratios["none"] = [1.0] * 3
+    for name, r in rows.items():
+        assert r["paired_vs_none"]["n"] == 3
+        assert r["speedup_vs_none"] == pytest.approx(sorted(ratios[name])[1]) == r["paired_vs_none"]["median"]
+        assert (r["paired_vs_none"]["min"], r["paired_vs_none"]["max"]) == pytest.approx(
+            (min(ratios[name]), max(ratios[name])))
+        vs_peer = sorted(a / b for a, b in zip(ratios[name], ratios[PEER], strict=True))
+        assert r["speedup_vs_peer"] == pytest.approx(vs_peer[1])
+        runs = 3 * (len(rows) if name == "none" else 1)
+        assert r["wall_s"]["n"] == runs
         assert min(2 / w for w in (r["wall_s"]["min"], r["wall_s"]["max"])) == pytest.approx(r["samples_per_s"]["min"])
+    assert rows[PEER]["speedup_vs_peer"] == 1.0 and rows["none"]["speedup_vs_none"] == 1.0
+
+
+def test_a_spread_wider_than_the_effect_is_called_noise(report: BenchReport) -> None:
+    def with_ratios(stats: dict[str, Stat]) -> BenchReport:
+        rows = [dataclasses.replace(r, paired_vs_none=stats.get(r.name, Stat(1.0, 1.0, 1.0, 3)), paired_vs_peer=None)
+                for r in report.rows]
+        return dataclasses.replace(report, rows=rows)
+
+    steady = format_report(with_ratios({"ptp@0.5": Stat(1.8, 1.7, 1.9, 3)}))
+    assert "warning" not in steady and "1.80x (1.70-1.90)" in steady
+    busy = format_report(with_ratios({"ptp@0.5": Stat(2.9, 0.4, 8.5, 3), "vtw": Stat(1.05, 0.98, 1.2, 3)}))
+    warnings = [line for line in busy.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "within noise (ptp@0.5, vtw:" in warnings[0] and "--repeats N" in warnings[0]
+    one = dataclasses.replace(report, config={**report.config, "repeats": 1})
+    assert "one timed round" in format_report(one) and "--repeats N" in format_report(one)
 
 
 def _tiny_vit_flops(tiles: int) -> int:
@@ -117,6 +152,12 @@ def test_flops_match_a_count_by_hand(report: BenchReport, ptp_home: Path, monkey
     assert none.visual_tokens == peer.visual_tokens == 256
     assert report.row("ptp@0.5").visual_tokens == 128
     assert report.row("ptp@0.75").visual_tokens == 64
+    # What the LLM processed: pruned before it, every layer sees the kept tokens; in-LLM methods, fewer later on.
+    for name, mean, last in (("none", 256, 256), ("ptp@0.5", 128, 128), ("vtw", 128, 0), ("fastv@0.5", 192, 128)):
+        row = report.row(name)
+        assert (row.visual_tokens_layer_mean, row.visual_tokens_last_layer) == (mean, last), name
+    pdrop = report.row("pdrop")
+    assert pdrop.visual_tokens == 256 and pdrop.visual_tokens_last_layer < pdrop.visual_tokens_layer_mean < 256
     for r in report.rows[1:]:
         assert r.flops_per_sample["total"] == sum(r.flops_per_sample[k] for k in ("vit", "probe", "prefill", "decode"))
     assert report.row("ptp@0.75").flops_per_sample["prefill"] < report.row("ptp@0.5").flops_per_sample["prefill"]
@@ -140,7 +181,8 @@ def _row(name: str, *, samples: float, peak: int | None = None, probe: float = 0
     return BenchRow(
         name=name, engine="ptp", method=name, ratio=None, settings={}, samples_per_s=Stat(samples, samples, samples, 1),
         wall_s=one, ttft_s=one, stages_s={"probe": Stat(probe, probe, probe, 1)}, peak_memory_bytes=peak,
-        visual_tokens=0.0, flops_per_sample={}, prefill_tflops=None, prefill_pct_of_matmul=None,
+        peak_memory_kind="cuda_allocated", visual_tokens=0.0, visual_tokens_layer_mean=0.0,
+        visual_tokens_last_layer=0.0, flops_per_sample={}, prefill_tflops=None, prefill_pct_of_matmul=None,
     )
 
 
@@ -167,8 +209,11 @@ def test_targets_decide_from_the_table() -> None:
 
 def test_json_schema(report: BenchReport) -> None:
     data = json.loads(json.dumps(report.to_dict()))
-    assert data["schema_version"] == SCHEMA_VERSION == 1
+    assert data["schema_version"] == SCHEMA_VERSION == 2
     assert isinstance(data["device"]["name"], str) and data["device"]["type"] == "cpu"
+    for when in ("before", "after"):  # the machine's load, 1, 5 and 15 minutes
+        assert len(data["device"][f"load_average_{when}"]) == 3
+    assert data["device"]["cpus"] >= 1
     assert data["device"]["matmul_tflops"] > 0
     assert {"torch", "transformers", "ptp", "python"} <= data["versions"].keys()
     assert data["config"]["batch_size"] == 2 and data["config"]["dtype"] == "float32"
@@ -176,12 +221,15 @@ def test_json_schema(report: BenchReport) -> None:
     assert isinstance(data["preprocess_s_per_sample"], float)
     stat = {"median", "min", "max", "n"}
     row_keys = {"name", "engine", "method", "ratio", "settings", "samples_per_s", "wall_s", "ttft_s", "stages_s",
-                "peak_memory_bytes", "visual_tokens", "flops_per_sample", "prefill_tflops",
-                "prefill_pct_of_matmul", "speedup_vs_peer", "speedup_vs_none", "flops_ratio_vs_none"}
+                "peak_memory_bytes", "peak_memory_kind", "visual_tokens", "visual_tokens_layer_mean",
+                "visual_tokens_last_layer", "flops_per_sample", "prefill_tflops", "prefill_pct_of_matmul",
+                "speedup_vs_peer", "speedup_vs_none", "paired_vs_peer", "paired_vs_none", "flops_ratio_vs_none"}
     for row in data["rows"]:
         assert row.keys() == row_keys
         assert row["samples_per_s"].keys() == stat and row["ttft_s"].keys() == stat
-        assert row["peak_memory_bytes"] is None  # CPU
+        assert row["peak_memory_kind"] in ("cpu_rss", "cpu_rss_process")  # CPU: the process's resident set
+        assert row["peak_memory_bytes"] > 10 * 2**20
+        assert row["paired_vs_none"].keys() == stat and row["paired_vs_peer"].keys() == stat
         assert isinstance(row["speedup_vs_peer"], float) and math.isfinite(row["speedup_vs_peer"])
         assert row["flops_per_sample"].keys() == {"vit", "probe", "prefill", "decode", "total"}
         if row["engine"] == "ptp":
@@ -289,18 +337,22 @@ def test_cli_says_what_it_runs_and_prints_plain_columns(tmp_path: Path, ptp_home
                "--no-peer", "--targets", "--json", str(out), home=ptp_home)  # the peer is covered in-process above
     assert proc.returncode == 0, proc.stderr
     first = proc.stderr.splitlines()[0]
-    for fact in ("tiny", "float32", "cpu", "batch 2", "1 tile and", "FLOP"):
+    for fact in ("tiny", "random weights", "float32", "cpu", "batch 2", "1 tile and", "FLOP", "1 round of 3 timed"):
         assert fact in first, first
     assert "warm-up" not in proc.stderr
     data = json.loads(out.read_text())
     assert [r["name"] for r in data["rows"]] == ["none", "ptp@0.5"]
     assert data["rows"][1]["speedup_vs_peer"] is None and data["peer_tokens_match"] is None
-    table = proc.stdout.split("\n\n")[1].splitlines()
+    blocks = proc.stdout.split("\n\n")
+    assert "machine load (1-min average)" in blocks[0] and "before the rows" in blocks[0]
+    warning, *table = blocks[1].splitlines()
+    assert warning.startswith("warning: speedups below come from one timed round") and "--repeats N" in warning
     names, units = table[0], table[1]  # a plain name, then its unit
-    for plain in ("samples/s", "speedup vs", "first token", "FLOPs", "peak memory"):
+    for plain in ("samples/s", "speedup vs", "first token", "visual tokens", "FLOPs", "peak memory"):
         assert plain in names
-    for unit in ("ms", "per sample", "FLOP/s", "GiB"):
+    for unit in ("ms", "per sample", "FLOP/s", "GiB, CPU peak RSS", "layer mean", "last layer"):
         assert unit in units
+    assert data["rows"][0]["peak_memory_bytes"] > 0 and not table[-1].rstrip().endswith(" -")
     for jargon in ("% mm", "TFLOP/smp", "vs peer", "smp"):
         assert jargon not in proc.stdout
     cells = [c for line in table[3:] for c in line.split()]

@@ -243,6 +243,8 @@ def test_bad_records_never_stop_the_run_and_are_never_dropped(tmp_path: Path, pt
     stderr = result.stderr.decode()
     assert all(line.startswith("ptp: ") for line in stderr.splitlines()), stderr  # no progress bar off a terminal
     assert "5 ok, 19 failed" in stderr and "samples/s" in stderr and "visual tokens kept" in stderr
+    loaded = [line for line in stderr.splitlines() if "random weights" in line]  # said once, where it loads
+    assert len(loaded) == 1 and loaded[0].startswith("ptp: loaded tiny") and "answers are noise" in loaded[0]
 
 
 # ---------------------------------------------------------------------------------------------------------

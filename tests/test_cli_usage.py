@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -142,7 +143,7 @@ def test_layer_indices_are_checked_from_the_config_alone(question_file: Path, pt
 
 
 def test_help_is_h_plain_flags_and_one_default_style() -> None:
-    procs = {name: start(*name.split(), "-h") for name in ("", "infer", "bench", "methods")}
+    procs = {name: start(*name.split(), "-h") for name in ("", "infer", "bench", "methods", "eval", "show", "synth")}
     texts = {}
     for name, proc in procs.items():
         code, out, err = finish(proc)
@@ -154,6 +155,11 @@ def test_help_is_h_plain_flags_and_one_default_style() -> None:
     assert "--image-root" in infer and "[default: 0.5]" in infer and "(default:" not in infer
     assert "[default: 32]" in texts["bench"] and "(default:" not in texts["bench"]
     assert "--install-completion" in texts[""] and "methods" in texts[""]
+    for name, text in texts.items():  # values named plainly (FILE, A,B,C, N), never Typer's <str>, <list[Path]>
+        typed = [line for line in text.splitlines() if re.match(r"\s+(-|[A-Z]+\s).*<[a-zA-Z\[\]]+>", line)]
+        assert not typed, (name, typed)
+    assert "INPUT  JSONL file" in infer and "--predictions FILE" in texts["eval"] and "--methods A,B,C" in texts["bench"]
+    assert "'mini'" in infer and "'tiny' (random weights" in infer
     bare = run()  # no command at all: the help, not an error
     assert bare.returncode == 0 and b"Commands:" in bare.stdout
 
@@ -277,6 +283,46 @@ def test_resume_refusal_names_what_changed_before_any_weights_load(tmp_path: Pat
     line = error_line(refused.stderr)
     assert refused.returncode == 2 and "alpha 0.5 -> 0.7; ratio 0.5 -> 0.25)" in line and "--force-resume" in line
     assert (tmp_path / "out.jsonl").read_bytes() == before
+
+
+def test_resume_keeps_the_exit_code_of_kept_error_rows_and_loads_nothing_when_done(
+    tmp_path: Path, ptp_home: Path
+) -> None:
+    """A resumed output that still holds error rows exits 3 and names --retry-errors; with nothing left to do,
+    one line and no model (its weights are gone: loading them would exit 1)."""
+    from ptp_cli.builders.tiny import ensure_tiny
+
+    model = tmp_path / "model"
+    shutil.copytree(ensure_tiny(cache_dir=ptp_home / "models"), model)
+    Image.new("RGB", (64, 48)).save(tmp_path / "img.png")
+    good, missing = records(2, "img.png"), {"id": "gone", "image": "missing.png", "question": "q"}
+    write_jsonl(tmp_path / "in.jsonl", [good[0], missing])
+    args = ["infer", "in.jsonl", *TINY, "--model", str(model), "-o", "out.jsonl", "--resume"]
+    assert run(*args, cwd=tmp_path).returncode == 3
+    write_jsonl(tmp_path / "in.jsonl", [good[0], missing, good[1]])
+    more = run(*args, cwd=tmp_path)
+    err = more.stderr.decode()
+    assert more.returncode == 3, err
+    assert "1 ok, 0 failed" in err and "out.jsonl holds 1 error row from an earlier run" in err
+    assert "--retry-errors" in err
+    for weights in model.glob("*.safetensors*"):
+        weights.unlink()
+    done = run(*args, cwd=tmp_path)
+    lines = done.stderr.decode().splitlines()
+    assert done.returncode == 3, lines
+    assert any(line.startswith("ptp: nothing left to do: every record of in.jsonl already has a row") for line in lines)
+    assert not any("loaded" in line for line in lines) and "--retry-errors" in lines[-1]
+    assert len((tmp_path / "out.jsonl").read_bytes().splitlines()) == 3
+
+
+@pytest.mark.parametrize("content", [b"", b"\n  \n\n"], ids=["empty", "blank-lines"])
+def test_empty_input_says_so_and_loads_no_model(tmp_path: Path, config_only: Path, content: bytes) -> None:
+    (tmp_path / "in.jsonl").write_bytes(content)
+    for source, stdin in (("in.jsonl", None), ("-", content)):
+        result = run("infer", source, "--model", str(config_only), cwd=tmp_path, stdin=stdin)
+        what = "stdin" if source == "-" else "in.jsonl"
+        assert result.returncode == 0 and result.stdout == b"", result.stderr.decode()
+        assert result.stderr.decode().splitlines() == [f"ptp: no records in {what}"]
 
 
 def test_scan_output_lists_the_changed_settings(tmp_path: Path) -> None:

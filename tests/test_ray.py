@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from tiny_random import image_records  # noqa: E402
 
 from ptp_cli.pipeline import Pipeline, RunConfig  # noqa: E402
 from ptp_cli.pruning import PruneConfig  # noqa: E402
-from ptp_cli.ray import PTPPredictor, run_ray  # noqa: E402
+from ptp_cli.ray import PTPPredictor, block_size, run_ray  # noqa: E402
 from ptp_cli.records import default_root, iter_lines, iter_records  # noqa: E402
 
 CONFIG = RunConfig(model="tiny", max_new_tokens=3, max_tiles=4, batch_size=2, prune=PruneConfig(ratio=0.5))
@@ -51,14 +52,25 @@ def single_process(path: Path) -> list[dict]:
 
 
 def on_ray(path: Path, **kw) -> list[tuple[int, dict]]:
-    return list(run_ray(iter_lines(path), CONFIG, image_root=default_root(path), actors=2, batch_size=3, **kw))
+    return list(run_ray(iter_lines(path), CONFIG, image_root=default_root(path), actors=2, **kw))
 
 
-def test_ray_rows_equal_one_process(local_ray, records_file):
+class Signed(PTPPredictor):
+    """Signs every row with the process that computed it."""
+
+    def __call__(self, batch):
+        out = super().__call__(batch)
+        out["row"] = [orjson.dumps({**orjson.loads(r), "pid": os.getpid()}).decode() for r in out["row"]]
+        return out
+
+
+def test_ray_rows_equal_one_process_and_every_actor_gets_records(local_ray, records_file):
     expected = single_process(records_file)
-    got = on_ray(records_file)
+    got = on_ray(records_file, predictor=Signed)  # 9 records, 2 actors, the default block size
     assert [seq for seq, _ in got] == list(range(len(expected)))
     assert [essentials(r) for _, r in got] == [essentials(r) for r in expected]
+    assert len({r["pid"] for _, r in got}) == 2, "one actor did all the work"
+    assert block_size(6, actors=2, batch_size=8) == 3 and block_size(1000, actors=2, batch_size=8) == 32
     kinds = {r["line"]: r["error"]["type"] for _, r in got if r.get("error")}
     assert kinds == {3: "invalid_record", 6: "image_error"}
 
@@ -121,6 +133,11 @@ def test_cli_ray_resumes_a_partial_output_to_the_one_process_file(ptp_home, reco
     result = ptp(*args, "-o", str(partial), "--resume", "--ray", "--ray-workers", "2", home=ptp_home, env=loopback)
     assert result.returncode == 3, result.stderr.decode()[-2000:]
     assert b"running on Ray (local): 2 actors" in result.stderr
+    # Ray's own lines: no error lines (Python's or its C++ core's "[date time E pid tid]"), no tracebacks, no
+    # notices about ptp's own settings, from the start to a clean exit.
+    ray_lines = [line for line in result.stderr.decode().splitlines() if not line.startswith("ptp: ")]
+    alarming = re.compile(r"ERROR|Error|Traceback|Progress bars|\[[^]]* [EF] \d+ \d+\]")
+    assert not [line for line in ray_lines if alarming.search(line)], ray_lines
     got, expected = parse_rows(partial.read_bytes()), parse_rows(single.read_bytes())
     assert [r["line"] for r in got] == [r["line"] for r in expected]  # each line once, in order
     assert [essentials(r) for r in got] == [essentials(r) for r in expected]

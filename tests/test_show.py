@@ -136,7 +136,7 @@ def test_show_draws_what_ptp_infer_kept(tmp_path: Path, ptp_home: Path) -> None:
 
     for args, message in (
         ((plain, "--input", questions, "--id", "wide", "-o", png), "has no kept indices: run ptp infer with --kept"),
-        ((plain, "--id", "wide", "-o", png), "carries no image path"),
+        ((plain, "--id", "wide", "-o", png), "has no kept indices: rerun ptp infer with --kept"),
         ((pred, "--input", questions, "--id", "nope", "-o", png), "has no row with id 'nope'"),
         ((pred, "--input", questions, "-o", png), "3 rows match (lines 1, 2, 3); choose one with --id or --line"),
     ):

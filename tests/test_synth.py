@@ -172,3 +172,15 @@ def test_ptp_synth_usage_errors(tmp_path: Path, args: list[str], message: str):
     assert done.returncode == 2
     err = done.stderr.decode().strip()
     assert err.startswith("ptp: error:") and message in err and "\n" not in err
+
+
+def test_articles_follow_the_sound_of_the_next_word(tmp_path: Path):
+    """'Is there an orange square?', not 'a orange': the real command on the seed of the README's sample."""
+    done = _synth("--out", str(tmp_path / "s"), "--n", "35", "--seed", "1003")
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in (tmp_path / "s" / "questions.jsonl").read_text().splitlines()]
+    exist = {r["id"]: r["question"] for r in rows if r["type"] == "exist"}
+    assert exist["1003-34"].startswith("Is there an orange square?")
+    for question in exist.values():
+        article, word = question.split()[2:4]
+        assert article == ("an" if word[0] in "aeiou" else "a"), question

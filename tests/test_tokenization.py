@@ -370,3 +370,36 @@ def test_other_remote_code_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="remote code"):
         load_tokenizer(tmp_path)
     assert not (tmp_path / "REMOTE_CODE_RAN").exists()
+
+
+def test_loading_a_slow_tokenizer_prints_no_transformers_notice(tmp_path: Path, ptp_home: Path) -> None:
+    """`ptp infer` on a checkpoint whose tokenizer goes through AutoTokenizer (vocab.json + merges.txt, as
+    InternVL2-1B ships it): transformers' "You are using a model of type internvl_chat to instantiate ..." is
+    not printed (nothing a user can act on), and the logger keeps every other record."""
+    import logging
+    import shutil
+
+    from PIL import Image
+    from test_cli import ptp, records, write_jsonl
+    from tokenizers import Tokenizer as BackendTokenizer
+
+    from ptp_cli.builders.tiny import ensure_tiny
+    from ptp_cli.tokenization import _without_config_type_notice
+
+    model = tmp_path / "model"
+    shutil.copytree(ensure_tiny(cache_dir=ptp_home / "models"), model)
+    BackendTokenizer.from_file(str(model / "tokenizer.json")).model.save(str(model))
+    (model / "tokenizer.json").unlink()
+    config = json.loads((model / "tokenizer_config.json").read_text(encoding="utf-8"))
+    (model / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "Qwen2Tokenizer"}))
+    Image.new("RGB", (64, 48)).save(tmp_path / "img.png")
+    write_jsonl(tmp_path / "in.jsonl", records(1, "img.png"))
+    result = ptp("infer", "in.jsonl", "--model", str(model), "--max-new-tokens", "2", "--max-tiles", "1",
+                 home=ptp_home, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr.decode()
+    assert "to instantiate a model of type" not in result.stderr.decode()
+    assert all(line.startswith("ptp: ") for line in result.stderr.decode().splitlines()), result.stderr.decode()
+    logger = logging.getLogger("transformers.configuration_utils")
+    with _without_config_type_notice():
+        assert logger.filters and logger.filters[0].filter(logging.makeLogRecord({"msg": "a real warning"}))
+    assert not logger.filters

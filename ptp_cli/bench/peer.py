@@ -115,12 +115,13 @@ class PeerRunner:
             self._generate(1)
             self._generate(self.new_tokens)
 
-    def measure(self) -> None:
+    def measure(self) -> float:
         with self.memory:
             self.ttfts.append(timed(self.device, lambda: self._generate(1))[0])
             wall, tokens = timed(self.device, lambda: self._generate(self.new_tokens))
         self.walls.append(wall)
         self.tokens = tokens.tolist()
+        return wall
 
     def row(self, *, matmul: float) -> BenchRow:
         b = len(self.tokens)
@@ -128,6 +129,8 @@ class PeerRunner:
             name=PEER, engine="transformers", method=None, ratio=None, settings={"attn_implementation": "sdpa"},
             samples_per_s=Stat.of([b / w for w in self.walls]), wall_s=Stat.of(self.walls),
             ttft_s=Stat.of(self.ttfts), stages_s={}, peak_memory_bytes=self.memory.peak,
-            visual_tokens=float(self.visual_tokens), flops_per_sample=dict(self.flops_per_sample),
+            peak_memory_kind=self.memory.kind, visual_tokens=float(self.visual_tokens),
+            visual_tokens_layer_mean=float(self.visual_tokens), visual_tokens_last_layer=float(self.visual_tokens),
+            flops_per_sample=dict(self.flops_per_sample),
             prefill_tflops=None, prefill_pct_of_matmul=None,
         )

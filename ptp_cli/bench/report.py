@@ -10,7 +10,7 @@ from typing import Any
 from ptp_cli.bench.measurement import BenchRow, Stat
 from ptp_cli.bench.targets import GIB, Check, with_unit
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: paired speedups (paired_vs_*), rounds, load averages, visual tokens per layer, CPU RSS
 
 
 @dataclass
@@ -24,6 +24,7 @@ class BenchReport:
     rows: list[BenchRow]
     checks: list[Check]  # the performance targets (ptp_cli.bench.targets), with this run's values
     peer_tokens_match: bool | None  # peer and ptp none generated the same tokens (only with shared weights)
+    rounds: list[list[list[Any]]] = field(default_factory=list)  # every timed run in order: [row name, wall s]
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
     def row(self, name: str) -> BenchRow:
@@ -65,6 +66,35 @@ def _x(v: float | None) -> str:
     return "-" if v is None else f"{sig(v)}x"
 
 
+def _paired(s: Stat | None) -> str:
+    """'1.52x (1.41-1.60)': the median paired ratio and its range over the rounds ('1.00x' for the baseline)."""
+    if s is None:
+        return "-"
+    if s.n < 2 or s.min == s.max:
+        return _x(s.median)
+    return f"{_x(s.median)} ({sig(s.min)}-{sig(s.max)})"
+
+
+def noisy(s: Stat | None) -> bool:
+    """A paired ratio whose range over the rounds is wider than the effect it reports (its distance from 1x)."""
+    return s is not None and s.n >= 2 and s.max - s.min > abs(s.median - 1.0)
+
+
+def noise_warnings(report: BenchReport) -> list[str]:
+    """Plain warning lines for speedups a reader should not quote: within noise, or from a single round."""
+    if report.config["repeats"] < 2:
+        return ["warning: speedups below come from one timed round, so their noise is unknown; use --repeats N "
+                "(5 or more)"]
+    rows = [r.name for r in report.rows if noisy(r.paired_vs_none) or noisy(r.paired_vs_peer)]
+    if not rows:
+        return []
+    return [f"warning: speedups below are within noise ({', '.join(rows)}: the range over the rounds is wider "
+            "than the effect): the machine is busy or the run too short; use --repeats N"]
+
+
+MEMORY_KINDS = {"cuda_allocated": "CUDA peak", "cpu_rss": "CPU peak RSS", "cpu_rss_process": "CPU peak RSS"}
+
+
 def _or_dash(v: float | None, fmt: str = "{}") -> str:
     return "-" if v is None else fmt.format(sig(v))
 
@@ -76,8 +106,8 @@ def _or_dash(v: float | None, fmt: str = "{}") -> str:
 COLUMNS = (
     ("row", ""), ("samples/s", "median"), ("samples/s", "min-max"), ("speedup vs", "transformers"),
     ("speedup vs", "none"), ("first token", "ms"), ("ViT", "ms"), ("probe", "ms"), ("prefill", "ms"),
-    ("decode", "ms"), ("visual", "tokens"), ("FLOPs", "per sample"), ("prefill", "FLOP/s"),
-    ("prefill, % of", "matmul rate"), ("peak memory", "GiB"),
+    ("decode", "ms"), ("visual tokens", "layer mean"), ("visual tokens", "last layer"),
+    ("FLOPs", "per sample"), ("prefill", "FLOP/s"), ("prefill, % of", "matmul rate"), ("peak memory", "GiB"),
 )
 
 
@@ -85,8 +115,9 @@ def _cells(r: BenchRow) -> list[str]:
     st, flops = r.stages_s, r.flops_per_sample
     return [
         r.name, sig(r.samples_per_s.median), f"{sig(r.samples_per_s.min)}-{sig(r.samples_per_s.max)}",
-        _x(r.speedup_vs_peer), _x(r.speedup_vs_none), _ms(r.ttft_s), _ms(st.get("vit")), _ms(st.get("probe")),
-        _ms(st.get("prefill")), _ms(st.get("decode")), f"{r.visual_tokens:.0f}",
+        _paired(r.paired_vs_peer), _paired(r.paired_vs_none), _ms(r.ttft_s), _ms(st.get("vit")),
+        _ms(st.get("probe")), _ms(st.get("prefill")), _ms(st.get("decode")), f"{r.visual_tokens_layer_mean:.0f}",
+        f"{r.visual_tokens_last_layer:.0f}",
         si(flops["total"]) if flops else "-",
         si(1e12 * r.prefill_tflops.median) if r.prefill_tflops else "-",
         _or_dash(r.prefill_pct_of_matmul), _or_dash(None if r.peak_memory_bytes is None else r.peak_memory_bytes / GIB),
@@ -134,6 +165,10 @@ def format_report(report: BenchReport, *, targets: bool = False) -> str:
     runs = plural(c["repeats"], "timed run") + " per row (medians)"
     if c["warmup"]:
         runs = f"{c['warmup']} warm-up + {runs}"
+    load = ""
+    if dev.get("load_average_before") and dev.get("load_average_after"):
+        load = (f"; machine load (1-min average) {dev['load_average_before'][0]:.2f} before the rows, "
+                f"{dev['load_average_after'][0]:.2f} after, on {plural(dev['cpus'] or 0, 'CPU')}")
     head = [
         f"ptp bench: {report.model['name']} ({params_text(report.model['params'])}, {c['dtype']}) on "
         f"{dev['name']} ({dev['type']}), torch {report.versions['torch']}, transformers "
@@ -142,13 +177,25 @@ def format_report(report: BenchReport, *, targets: bool = False) -> str:
         f"tokens, {wl['prompt_tokens']} prompt tokens, batch {wl['batch_size']}, {wl['new_tokens']} new tokens; "
         f"{runs}",
         f"preprocessing (JPEG decode + tiling): {sig(1e3 * report.preprocess_s_per_sample)} ms per sample, not "
-        f"included in samples/s; dense matmul {dev['matmul_size']}^3: {si(1e12 * dev['matmul_tflops'], 'FLOP/s')}",
+        f"included in samples/s; dense matmul {dev['matmul_size']}^3: {si(1e12 * dev['matmul_tflops'], 'FLOP/s')}"
+        f"{load}",
         "",
+        *noise_warnings(report),
     ]
-    header = [[top for top, _ in COLUMNS], [bottom for _, bottom in COLUMNS]]
+    kinds = {r.peak_memory_kind for r in report.rows if r.peak_memory_kind}
+    memory = ", ".join(sorted({MEMORY_KINDS[k] for k in kinds}))
+    header = [[top for top, _ in COLUMNS], [f"GiB, {memory}" if top == "peak memory" and memory else bottom
+                                            for top, bottom in COLUMNS]]
     table = _table([*header, *(_cells(r) for r in report.rows)], header_lines=len(header))
-    tail = ["", "FLOPs: analytic, 2 per multiply-add (transformers' row: the unpruned count). First token: ViT + "
+    tail = ["", "Speedups: paired, median (min-max) over the rounds: in each round, the row's rate over that of "
+            "the none runs timed just before and after it (vs transformers: through the same none runs).",
+            "Visual tokens: what the LLM processed per sample in prefill, averaged over its layers, and at its last "
+            "layer (fastv, pdrop and vtw drop tokens inside the LLM).",
+            "FLOPs: analytic, 2 per multiply-add (transformers' row: the unpruned count). First token: ViT + "
             "probe + prefill (transformers: generate with max_new_tokens=1). Stage times are per batch."]
+    if "cpu_rss" in kinds or "cpu_rss_process" in kinds:
+        since = " (since the process started)" if "cpu_rss_process" in kinds else ""
+        tail.append(f"Peak memory: the resident set of the whole process{since}, both models included.")
     if report.peer_tokens_match is not None:
         tail.append(f"transformers uses ptp's weights here; its tokens equal ptp none's: "
                     f"{'yes' if report.peer_tokens_match else 'NO'}")

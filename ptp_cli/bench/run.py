@@ -7,6 +7,7 @@ full-size model on a CPU unless forced).
 from __future__ import annotations
 
 import math
+import os
 import platform
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -15,7 +16,17 @@ import torch
 
 import ptp_cli
 from ptp_cli.bench.config import BenchConfig
-from ptp_cli.bench.measurement import PtpRunner, Runner, device_name, matmul_tflops, measure, weights_bytes
+from ptp_cli.bench.measurement import (
+    PtpRunner,
+    Runner,
+    Stat,
+    device_name,
+    load_average,
+    matmul_tflops,
+    measure,
+    paired_ratios,
+    weights_bytes,
+)
 from ptp_cli.bench.peer import PEER, SHARE_WEIGHTS_MAX_PARAMS, PeerRunner, build_peer
 from ptp_cli.bench.report import BenchReport, params_text, plural, si
 from ptp_cli.bench.targets import evaluate
@@ -28,6 +39,7 @@ from ptp_cli.flops import sample_flops
 from ptp_cli.image import TilingOptions
 from ptp_cli.loading import canonical_shapes
 from ptp_cli.pruning import PruneConfig, make_method
+from ptp_cli.zoo import RANDOM_WEIGHTS
 
 FULL_SIZE_PARAMS = 100_000_000  # from here on a model is "full-size": hours per batch on a CPU
 
@@ -63,16 +75,23 @@ class Plan:
         return self.params >= FULL_SIZE_PARAMS
 
     @property
+    def runs_per_round(self) -> int:
+        """Timed batches per round: every row once, and none again between every two rows (``round_order``)."""
+        return 2 * len(self.rows) - 1
+
+    @property
     def batches(self) -> int:
         """Batches run in all (the peer's first-token calls not counted; pruned rows do less work)."""
-        return len(self.rows) * (self.config.warmup + self.config.repeats)
+        return len(self.rows) * self.config.warmup + self.runs_per_round * self.config.repeats
 
     def describe(self) -> str:
         c = self.config
-        weights = "random weights" if c.model is None else "checkpoint weights"
+        weights = "random weights" if c.model is None or c.model in RANDOM_WEIGHTS else "checkpoint weights"
+        warm = f", after {plural(c.warmup, 'untimed batch')} per row" if c.warmup else ""
         return (f"about to run {c.source} ({params_text(self.params)}, {weights}) in {dtype_name(self.dtype)} on "
                 f"{self.device}: batch {c.batch_size}, {plural(self.tiles, 'tile')} and {self.prompt_tokens} prompt tokens per "
-                f"request, {c.new_tokens} new tokens; {len(self.rows)} rows x {plural(c.warmup + c.repeats, 'batch')}; about "
+                f"request, {c.new_tokens} new tokens; {len(self.rows)} rows, {plural(c.repeats, 'round')} of "
+                f"{self.runs_per_round} timed batches (none between every two rows){warm}; about "
                 f"{si(self.flops['total'], 'FLOP')} per unpruned sample, about "
                 f"{si(self.flops['total'] * c.batch_size * self.batches, 'FLOP')} in all")
 
@@ -141,7 +160,10 @@ def run_bench(config: BenchConfig, *, log: Callable[[str], None] | None = None) 
             device=device, own_weights=ptp_weights, ratio=prune.ratio if "ratio" in method.settings() else None,
         ))
     runners += ptp_runners
-    measure(runners, warmup=config.warmup, repeats=config.repeats, say=say)
+    load_before = load_average()
+    rounds = measure(runners, warmup=config.warmup, repeats=config.repeats, base=runners.index(ptp_runners[0]),
+                     say=say)
+    load_after = load_average()
     matmul_after, _ = matmul_tflops(device, dtype)  # again after the rows: the better of the two is the rate
     matmul = max(matmul_before, matmul_after)
     rows = [r.row(matmul=matmul) for r in runners]
@@ -150,11 +172,14 @@ def run_bench(config: BenchConfig, *, log: Callable[[str], None] | None = None) 
         peer_match = [r.tokens for r in ptp_runners[0].results] == runners[0].tokens
 
     none = next(r for r in rows if r.name == "none")
-    peer_row = rows[0] if config.peer else None
+    vs_none = paired_ratios(rounds, base="none")
+    vs_none["none"] = [1.0] * config.repeats
     for r in rows:
-        if peer_row is not None:
-            r.speedup_vs_peer = r.samples_per_s.median / peer_row.samples_per_s.median
-        r.speedup_vs_none = r.samples_per_s.median / none.samples_per_s.median
+        r.paired_vs_none = Stat.of(vs_none[r.name])
+        r.speedup_vs_none = r.paired_vs_none.median
+        if config.peer:  # through the same rounds: (row / none) / (peer / none), round by round
+            r.paired_vs_peer = Stat.of([a / b for a, b in zip(vs_none[r.name], vs_none[PEER], strict=True)])
+            r.speedup_vs_peer = r.paired_vs_peer.median
         if r.flops_per_sample.get("total"):
             r.flops_ratio_vs_none = none.flops_per_sample["total"] / r.flops_per_sample["total"]
 
@@ -166,7 +191,8 @@ def run_bench(config: BenchConfig, *, log: Callable[[str], None] | None = None) 
     return BenchReport(
         config=resolved,
         device={"type": device.type, "name": device_name(device), "matmul_tflops": matmul, "matmul_size": matmul_n,
-                "matmul_tflops_before_after": [matmul_before, matmul_after]},
+                "matmul_tflops_before_after": [matmul_before, matmul_after], "cpus": os.cpu_count(),
+                "load_average_before": load_before, "load_average_after": load_after},
         versions={"torch": torch.__version__, "transformers": transformers.__version__, "ptp": ptp_cli.__version__,
                   "python": platform.python_version()},
         model={"name": cfg.name or config.source, "source": bench_model.source, "params": n_params,
@@ -181,4 +207,5 @@ def run_bench(config: BenchConfig, *, log: Callable[[str], None] | None = None) 
         rows=rows,
         checks=evaluate(rows, facts),
         peer_tokens_match=peer_match,
+        rounds=[[[name, wall] for name, wall in runs] for runs in rounds],
     )

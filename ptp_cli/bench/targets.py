@@ -84,7 +84,8 @@ def _probe_pct(rows: dict[str, BenchRow], row: str | None) -> float | None:
 
 
 def _peak_gib(rows: dict[str, BenchRow], row: str | None) -> float | None:
-    peaks = [r.peak_memory_bytes for r in rows.values() if r.engine == "ptp" and r.peak_memory_bytes is not None]
+    peaks = [r.peak_memory_bytes for r in rows.values()
+             if r.engine == "ptp" and r.peak_memory_bytes is not None and r.peak_memory_kind == "cuda_allocated"]
     return max(peaks) / GIB if peaks else None
 
 

@@ -14,25 +14,25 @@ from ptp_cli.errors import UsageError
 
 def bench_command(
     model: Annotated[str | None, typer.Option(
-        help="Checkpoint directory, hub id (local HF cache) or 'tiny', loaded with its weights.")] = None,
+        metavar="DIR|ID", help="Checkpoint directory, hub id (local HF cache), 'mini' or 'tiny' (random weights), loaded with its weights.")] = None,
     shape: Annotated[str | None, typer.Option(
-        help="Full-size random weights: internvl2-1b, internvl2-2b, internvl2-4b or internvl2-8b. "
+        metavar="NAME", help="Full-size random weights: internvl2-1b, internvl2-2b, internvl2-4b or internvl2-8b. "
              "[default: internvl2-2b unless --model]")] = None,
-    image_size: Annotated[str, typer.Option(help="Synthetic image, WIDTHxHEIGHT.")] = "1344x896",
+    image_size: Annotated[str, typer.Option(metavar="WxH", help="Synthetic image, WIDTHxHEIGHT.")] = "1344x896",
     max_tiles: Annotated[int, typer.Option(help="Tile cap (1344x896 at 6: 3x2 tiles + thumbnail).")] = 6,
     batch_size: Annotated[int, typer.Option(help="Requests per batch.")] = 32,
     new_tokens: Annotated[int, typer.Option(help="Tokens generated per request (EOS ignored).")] = 16,
     question_tokens: Annotated[int, typer.Option(help="Synthetic question length in tokens.")] = 32,
     methods: Annotated[str | None, typer.Option(
-        help="Comma-separated pruning methods, e.g. ptp,fastv. [default: all registered]")] = None,
-    ratios: Annotated[str, typer.Option(help="Comma-separated pruned fractions.")] = "0.5,0.75",
+        metavar="A,B,C", help="Comma-separated pruning methods, e.g. ptp,fastv. [default: all registered]")] = None,
+    ratios: Annotated[str, typer.Option(metavar="R1,R2,...", help="Comma-separated pruned fractions.")] = "0.5,0.75",
     warmup: Annotated[int, typer.Option(help="Untimed runs per row.")] = 1,
     repeats: Annotated[int, typer.Option(help="Timed runs per row (median and min/max reported).")] = 5,
-    dtype: Annotated[str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16.")] = "auto",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option(metavar="NAME", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16.")] = "auto",
+    device: Annotated[str, typer.Option(metavar="NAME", help="auto, cpu, cuda or cuda:N.")] = "auto",
     peer: Annotated[bool, typer.Option("--peer/--no-peer", help="Include the transformers generate() row.")] = True,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic image, token ids and random weights.")] = 0,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON here.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", metavar="FILE", help="Write the report as JSON here.")] = None,
     targets: Annotated[bool, typer.Option(
         "--targets", help="Also print the project's performance targets and whether this run meets them.")] = False,
     force: Annotated[bool, typer.Option(

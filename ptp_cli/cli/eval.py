@@ -118,22 +118,22 @@ def eval_command(
     gold: Annotated[Path, typer.Argument(
         metavar="GOLD", help="JSONL gold records: answer or answers, optional choices and metric.")],
     predictions: Annotated[list[Path] | None, typer.Option(
-        "--predictions", "-p", help="Score this ptp infer output (repeatable: one run each); no model runs.")] = None,
+        "--predictions", "-p", metavar="FILE", help="Score this ptp infer output (repeatable: one run each); no model runs.")] = None,
     methods: Annotated[str | None, typer.Option(
-        help="Methods of the grid, comma-separated. [default: none,ptp]")] = None,
+        metavar="A,B,C", help="Methods of the grid, comma-separated. [default: none,ptp]")] = None,
     ratios: Annotated[str | None, typer.Option(
-        help="Pruned fractions of the grid, comma-separated. [default: 0.5]")] = None,
+        metavar="R1,R2,...", help="Pruned fractions of the grid, comma-separated. [default: 0.5]")] = None,
     out_dir: Annotated[Path | None, typer.Option(
-        help="Folder of the grid's predictions, one JSONL per run (resumable).")] = None,
+        metavar="DIR", help="Folder of the grid's predictions, one JSONL per run (resumable).")] = None,
     alphas: Annotated[str | None, typer.Option(
-        help="Also PTP at each ratio with each of these alphas, comma-separated (0: s only, 1: c only, auto).")] = None,
+        metavar="A1,A2,...", help="Also PTP at each ratio with each of these alphas, comma-separated (0: s only, 1: c only, auto).")] = None,
     ablations: Annotated[bool, typer.Option(
         "--ablations", help="Also PTP at each ratio with uniform region budgets.")] = False,
     metric: Annotated[str | None, typer.Option(
-        help="Metric of records that name none: exact, vqa, anls, relaxed, mc or yesno. [default: inferred]")] = None,
-    by: Annotated[str | None, typer.Option(help="Also score per value of this gold field (e.g. type).")] = None,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON here.")] = None,
-    plot: Annotated[Path | None, typer.Option(help="Draw score vs. visual tokens kept into this PNG.")] = None,
+        metavar="NAME", help="Metric of records that name none: exact, vqa, anls, relaxed, mc or yesno. [default: inferred]")] = None,
+    by: Annotated[str | None, typer.Option(metavar="FIELD", help="Also score per value of this gold field (e.g. type).")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", metavar="FILE", help="Write the report as JSON here.")] = None,
+    plot: Annotated[Path | None, typer.Option(metavar="FILE", help="Draw score vs. visual tokens kept into this PNG.")] = None,
     config: opt.Config = None,
     **settings: Any,
 ) -> None:

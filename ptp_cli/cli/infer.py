@@ -9,6 +9,7 @@ Exit codes: 0 every record ok, 3 some records failed (each still has an error ro
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import sys
 import time
@@ -32,6 +33,7 @@ from ptp_cli.records import (
     is_missing_image,
     iter_lines,
     iter_records,
+    parse_line,
     parse_shard,
 )
 from ptp_cli.resume import scan_output
@@ -92,7 +94,7 @@ class Stats:
     def summary(self, elapsed: float) -> str:
         total = self.ok + self.failed
         rate = f"{self.ok / elapsed:.2f} samples/s, {self.generated_tokens / elapsed:.1f} tokens/s" if elapsed else ""
-        text = f"{total} records in {elapsed:.1f} s: {self.ok} ok, {self.failed} failed"
+        text = f"{plural(total, 'record')} in {elapsed:.1f} s: {self.ok} ok, {self.failed} failed"
         if self.ok:
             before, after = self.visual_before / self.ok, self.visual_after / self.ok
             kept = f" ({100 * after / before:.0f}%)" if before else ""
@@ -210,30 +212,42 @@ def run_infer(source: str, resolved: opt.Resolved) -> int:
         return run_check(source, config, resolved, shard=shard, image_root=image_root, log=log)
     from ptp_cli.chat_template import template_name
     from ptp_cli.pipeline import Pipeline, read_model_config, run_settings
+    from ptp_cli.zoo import RANDOM_WEIGHTS
 
     # The checkpoint's config (no weights) decides the layer checks and the settings --resume compares.
     model_dir, model_cfg = _explained(resolved, read_model_config, config)
     settings = run_settings(config, model_cfg, dtype=config.resolved_dtype(config.resolved_device()),
                             template=template_name(model_dir, model_cfg))
     skip: frozenset[int] = frozenset()
+    kept_errors = 0  # error rows an earlier run left in --output that this run does not redo
     if resume:
         state = _explained(resolved, scan_output, output, settings=settings, force=force, retry_errors=retry)
         skip = state.done
+        kept_errors = 0 if retry else state.error_rows
         repaired = f", cut a torn last line ({state.torn_bytes} bytes)" if state.torn_bytes else ""
         retried = f", retrying {state.error_rows} failed" if retry and state.error_rows else ""
         log.info(f"resuming {output}: {len(skip)} records already done{retried}{repaired}")
 
+    lines = _peeked(iter_lines(source, shard=shard, skip_lines=skip))
+    if lines is None:  # nothing to run: say so, and load no model
+        what = "stdin" if source == "-" else source
+        shard_note = f" (shard {shard[0]}/{shard[1]})" if shard is not None else ""
+        log.info(f"nothing left to do: every record of {what}{shard_note} already has a row in {output}" if skip
+                 else f"no records in {what}{shard_note}")
+        return _resumed_errors(kept_errors, output, log)
     relative: set[int] = set()  # lines of records with a relative image path whose row has not come yet
     if resolved.get("ray"):
-        rows, window = _ray_rows(source, config, resolved, shard=shard, skip=skip, image_root=image_root, log=log)
+        rows, window = _ray_rows(lines, source, config, resolved, image_root=image_root, log=log)
     else:
         t0 = time.perf_counter()
         pipeline = _explained(resolved, Pipeline.load, config)
+        noise = "; random weights: its answers are noise" if pipeline.loaded.cfg.name in RANDOM_WEIGHTS else ""
         log.info(
             f"loaded {settings['model']} in {time.perf_counter() - t0:.1f} s ({pipeline.loaded.model.device}, "
-            f"{settings['dtype']}); method {settings['method']}"
+            f"{settings['dtype']}); method {settings['method']}{noise}"
         )
-        records = iter_records(source, base_dir=image_root, shard=shard, skip_lines=skip)
+        root = Path(image_root).expanduser().absolute() if image_root is not None else default_root(source)
+        records = (parse_line(raw, line=lineno, root=root) for lineno, raw in lines)
         rows, window = pipeline.run(_noting_relative(records, relative)), pipeline.reorder_window
     show_bar = not log.quiet and sys.stderr.isatty()
     total = _count_records(source, shard, skip) if show_bar else None
@@ -289,12 +303,28 @@ def run_infer(source: str, resolved: opt.Resolved) -> int:
     log.info(stats.summary(elapsed))
     if hint := _image_root_hint(stats.missing_relative, stats.ok + stats.failed, source, image_root):
         log.info(hint)
-    return EXIT_RECORDS_FAILED if stats.failed else EXIT_OK
+    return max(EXIT_RECORDS_FAILED if stats.failed else EXIT_OK, _resumed_errors(kept_errors, output, log))
+
+
+def _peeked(lines: Iterator[tuple[int, bytes]]) -> Iterator[tuple[int, bytes]] | None:
+    """``lines`` unchanged, or None when it yields nothing (read up to its first line: stdin may block)."""
+    first = next(lines, None)
+    if first is None:
+        return None
+    return itertools.chain([first], lines)
+
+
+def _resumed_errors(kept: int, output: str | None, log: Log) -> int:
+    """A resumed output that still holds error rows exits 3, as the run that wrote them did, and says why."""
+    if not kept:
+        return EXIT_OK
+    log.info(f"{output} holds {plural(kept, 'error row')} from an earlier run; --resume --retry-errors reruns them")
+    return EXIT_RECORDS_FAILED
 
 
 def _ray_rows(
-    source: str, config: RunConfig, resolved: opt.Resolved, *, shard: tuple[int, int] | None,
-    skip: frozenset[int], image_root: str | None, log: Log,
+    lines: Iterator[tuple[int, bytes]], source: str, config: RunConfig, resolved: opt.Resolved, *,
+    image_root: str | None, log: Log,
 ) -> tuple[Iterator[tuple[int, dict[str, Any]]], int]:
     """``--ray``: the rows of a Ray Data job over the input's lines, in input order, and the writer's window."""
     if resolved.get("ray_workers") is not None and resolved.get("ray_workers") < 1:
@@ -306,9 +336,9 @@ def _ray_rows(
     actors = resolved.get("ray_workers") or 1
     address = resolved.get("ray_address")
     log.info(f"running on Ray ({address or 'local'}): {actors} actor{'' if actors == 1 else 's'}")
-    lines = iter_lines(source, shard=shard, skip_lines=skip)
     root = Path(image_root) if image_root is not None else default_root(source)
-    rows = run_ray(lines, config, image_root=root, address=address, actors=actors)
+    rows = run_ray(lines, config, image_root=root, address=address, actors=actors,
+                   verbose=bool(resolved.get("verbose", False)))
     return rows, 1 << 30  # rows come in input order; the window never fills
 
 
@@ -394,6 +424,7 @@ def infer_command(
     max_pixels: opt.MaxPixels = None,
     config: opt.Config = None,
     quiet: opt.Quiet = None,
+    verbose: opt.Verbose = None,
 ) -> None:
     """Answer the question of every record of INPUT; write one JSON line per record, in input order.
 

@@ -8,6 +8,7 @@ set PTP_DEBUG=1, which prints the traceback instead.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import traceback
 from typing import Annotated, Any
@@ -29,11 +30,34 @@ from ptp_cli.errors import PtpError, UsageError
 ClickUsageError: type[Exception] = typer.BadParameter.__bases__[0]
 
 
+# What an option's value is called in help when it names none itself (Typer would write <int>, <str>, ...).
+READABLE_METAVARS = {"int": "N", "float": "NUMBER", "str": "TEXT", "path": "PATH", "list[Path]": "PATH"}
+_TYPE_IN_HELP = re.compile(r" <([^<>]*)>(\.\.\.)?$")
+
+
 class Command(TyperCommand):
-    """A subcommand whose usage line names arguments plainly (``INPUT``; Typer writes ``{INPUT}``)."""
+    """A subcommand whose help names arguments and values plainly: ``INPUT`` (Typer writes ``{INPUT}`` in the
+    usage line and ``INPUT <str>`` in the list), ``--seed N`` (Typer: ``--seed <int>``)."""
 
     def collect_usage_pieces(self, ctx: Any) -> list[str]:
         return [piece.removeprefix("{").removesuffix("}") for piece in super().collect_usage_pieces(ctx)]
+
+    def format_options(self, ctx: Any, formatter: Any) -> None:
+        sections: dict[str, list[tuple[str, str]]] = {"argument": [], "option": []}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None or param.param_type_name not in sections:
+                continue
+            name, text = record
+            if param.param_type_name == "argument":
+                name = _TYPE_IN_HELP.sub("", name)
+            else:
+                name = _TYPE_IN_HELP.sub(lambda m: " " + READABLE_METAVARS.get(m[1], "VALUE"), name)
+            sections[param.param_type_name].append((name, text))
+        for title, key in (("Arguments", "argument"), ("Options", "option")):
+            if sections[key]:
+                with formatter.section(title):
+                    formatter.write_dl(sections[key])
 
 
 app = typer.Typer(

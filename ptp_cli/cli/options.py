@@ -93,6 +93,7 @@ SETTINGS: dict[str, Setting] = {
     "retry_errors": Setting("bool", "cli"),
     "shard": Setting("str", "cli"),
     "quiet": Setting("bool", "cli"),
+    "verbose": Setting("bool", "cli"),
     "image_root": Setting("str", "cli"),
     "check": Setting("bool", "cli"),
     # Ray Data (ptp infer --ray)
@@ -124,11 +125,12 @@ def env_var(name: str) -> str:
 _MODEL, _PRUNE, _GEN, _IO, _RUN = "Model", "Pruning", "Generation", "Input and output", "Run"
 
 Model = Annotated[str | None, typer.Option(
-    metavar="DIR|ID", help="Checkpoint directory, hub id (from the local HF cache), or 'tiny'. [default: OpenGVLab/InternVL2-2B]",
+    metavar="DIR|ID", help="Checkpoint directory, hub id (from the local HF cache), 'mini' (ptp-mini: trained, "
+    "shipped with ptp) or 'tiny' (random weights, for tests: its answers are noise). [default: OpenGVLab/InternVL2-2B]",
     rich_help_panel=_MODEL)]
 Dtype = Annotated[str | None, typer.Option(
-    help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16. [default: auto]", rich_help_panel=_MODEL)]
-Device = Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N. [default: auto]", rich_help_panel=_MODEL)]
+    metavar="NAME", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16. [default: auto]", rich_help_panel=_MODEL)]
+Device = Annotated[str | None, typer.Option(metavar="NAME", help="auto, cpu, cuda or cuda:N. [default: auto]", rich_help_panel=_MODEL)]
 BatchSize = Annotated[int | None, typer.Option(help="Most records per engine batch. [default: 8]", rich_help_panel=_RUN)]
 MaxBatchTokens = Annotated[int | None, typer.Option(
     help="Most prompt tokens (before pruning) per batch. [default: no cap]", rich_help_panel=_RUN)]
@@ -161,10 +163,10 @@ MaxErrors = Annotated[int | None, typer.Option(
     "engine failures in a row, or engine failures on every one of the first 5 records, stop the run. "
     "[default: no cap]", rich_help_panel=_RUN)]
 Preset = Annotated[str | None, typer.Option(
-    help="Starting pruning settings: default, ocr or scene ('ptp methods' shows them). [default: default]",
+    metavar="NAME", help="Starting pruning settings: default, ocr or scene ('ptp methods' shows them). [default: default]",
     rich_help_panel=_PRUNE)]
 Method = Annotated[str | None, typer.Option(
-    help="Pruning method: none, ptp, random, spatial, fastv, vtw or pdrop ('ptp methods' says what each "
+    metavar="NAME", help="Pruning method: none, ptp, random, spatial, fastv, vtw or pdrop ('ptp methods' says what each "
          "does). [default: ptp]", rich_help_panel=_PRUNE)]
 Ratio = Annotated[float | None, typer.Option(
     help="Fraction of visual tokens pruned, in [0, 1). [default: 0.5]", rich_help_panel=_PRUNE)]
@@ -178,9 +180,9 @@ LlmLayer = Annotated[int | None, typer.Option(
 Tau = Annotated[float | None, typer.Option(
     help="Softmax temperature of the region importance, > 0. [default: 1]", rich_help_panel=_PRUNE)]
 HeadAgg = Annotated[str | None, typer.Option(
-    help="Attention reduction over heads: mean or max. [default: mean]", rich_help_panel=_PRUNE)]
+    metavar="NAME", help="Attention reduction over heads: mean or max. [default: mean]", rich_help_panel=_PRUNE)]
 InstrAgg = Annotated[str | None, typer.Option(
-    help="Probe reduction over instruction tokens: max or mean. [default: max]", rich_help_panel=_PRUNE)]
+    metavar="NAME", help="Probe reduction over instruction tokens: max or mean. [default: max]", rich_help_panel=_PRUNE)]
 RegionBudgets = Annotated[bool | None, typer.Option(
     "--region-budgets/--no-region-budgets", help="Per-region budgets from CLS similarity (off: uniform). [default: on]",
     rich_help_panel=_PRUNE)]
@@ -227,6 +229,9 @@ Config = Annotated[Path | None, typer.Option(
     metavar="FILE", help="YAML file of settings (keys: option names, - or _). Also PTP_CONFIG.", rich_help_panel=_RUN)]
 Quiet = Annotated[bool | None, typer.Option(
     "--quiet/--no-quiet", "-q", help="Nothing on stderr but errors.", rich_help_panel=_RUN)]
+Verbose = Annotated[bool | None, typer.Option(
+    "--verbose/--no-verbose", "-v", help="With --ray: Ray's own log lines too (info level, the workers' output).",
+    rich_help_panel=_RUN)]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -29,9 +29,13 @@ def _from_rows(rows: list[dict]) -> list[tuple[Any, dict]]:
         shown = row.get("record")
         if row.get("error") is not None:
             continue
+        where = f"line {row.get('line')} (id {row.get('id')!r})"
+        if row.get("kept") is None:
+            raise UsageError(f"{where} has no kept indices: rerun ptp infer with --kept (ptp show draws what "
+                             "those rows say was kept)")
         if not isinstance(shown, dict) or not shown.get("image"):
-            raise UsageError(f"line {row.get('line')} (id {row.get('id')!r}) carries no image path "
-                             "(a row of ptp infer without --kept, or an image given as bytes): give --input FILE")
+            raise UsageError(f"{where} carries no image path (its image was given as bytes): give --input FILE, "
+                             "the JSONL file ptp infer read")
         overrides = {k: shown[k] for k in ("max_tiles", "min_tiles") if k in shown}
         pairs.append((Record(line=row["line"], id=row.get("id"), image=Path(shown["image"]),
                              question=str(shown.get("question", "")), overrides=overrides), row))
@@ -104,12 +108,12 @@ def _draw_all(pairs: list[tuple[Any, dict]], out_dir: Path) -> int:
 def show_command(
     predictions: Annotated[Path, typer.Argument(metavar="PRED", help="Output of ptp infer --kept.")],
     input: Annotated[Path | None, typer.Option(
-        "--input", "-i", help="The JSONL file ptp infer read. [default: the image paths and questions the "
+        "--input", "-i", metavar="FILE", help="The JSONL file ptp infer read. [default: the image paths and questions the "
         "--kept rows carry]")] = None,
-    id: Annotated[str | None, typer.Option("--id", help="Draw the record with this id.")] = None,
+    id: Annotated[str | None, typer.Option("--id", metavar="ID", help="Draw the record with this id.")] = None,
     line: Annotated[int | None, typer.Option(help="Draw the record of this input line.")] = None,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the PNG here.")] = None,
-    out_dir: Annotated[Path | None, typer.Option(help="Write every (selected) record's PNG into this folder.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", metavar="FILE", help="Write the PNG here.")] = None,
+    out_dir: Annotated[Path | None, typer.Option(metavar="DIR", help="Write every (selected) record's PNG into this folder.")] = None,
 ) -> None:
     """Draw which visual tokens a ptp infer --kept row kept, over its image (no model is needed).
 

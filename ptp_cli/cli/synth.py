@@ -13,7 +13,7 @@ MAX_GRID_TILES = 12  # the largest grid a synth canvas is drawn for (InternVL2's
 
 
 def synth_command(
-    out: Annotated[Path, typer.Option(help="Folder for images/ and questions.jsonl (created if missing).")],
+    out: Annotated[Path, typer.Option(metavar="DIR", help="Folder for images/ and questions.jsonl (created if missing).")],
     n: Annotated[int, typer.Option(help="Number of questions (one image each).")] = 600,
     seed: Annotated[int, typer.Option(help="Benchmark seed: the same seed writes the same files.")] = 1000,
     min_tiles: Annotated[int, typer.Option(help="Fewest tiles a canvas tiles into (thumbnail not counted).")] = 1,

@@ -87,13 +87,14 @@ class Question:
     target: tuple[str, ...]  # what the question names: (shape,), (colour,), (colour, shape), (c1, s1, c2, s2)
 
 
-# What each question type asks; {0}..{3} are the target's words, {plural} its shape's plural.
+# What each question type asks; {0}..{3} are the target's words, {plural} its shape's plural, {article}
+# the indefinite article of the word after it.
 QUESTIONS = {
     "color": "What color is the {0}?",
     "shape": "What shape is the {0} object?",
     "text": "What is written on the {0} {1}?",
     "count": "How many {plural} are there?",
-    "exist": "Is there a {0} {1}?",
+    "exist": "Is there {article} {0} {1}?",
     "position": "Where is the {0} {1} relative to the {2} {3}?",
 }
 
@@ -101,7 +102,8 @@ QUESTIONS = {
 def question_text(qtype: str, target: tuple[str, ...]) -> str:
     if qtype not in QUESTIONS:
         raise ValueError(f"unknown question type {qtype!r}")
-    return QUESTIONS[qtype].format(*target, plural=PLURALS.get(target[0], "")) + SUFFIX
+    article = "an" if target[0][:1] in "aeiou" else "a"  # by the next word's sound: every colour name is spelt as said
+    return QUESTIONS[qtype].format(*target, plural=PLURALS.get(target[0], ""), article=article) + SUFFIX
 
 
 def direction(a: Obj, b: Obj) -> str | None:
