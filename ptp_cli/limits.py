@@ -20,6 +20,7 @@ DTYPE_NAMES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 # itself imports every method); a test keeps these equal to ptp_cli.pruning's METHODS and PRESETS.
 METHOD_NAMES = ("fastv", "none", "pdrop", "ptp", "random", "spatial", "vtw")
 PRESET_NAMES = ("default", "ocr", "scene")
+ENGINE_NAMES = ("ptp", "vllm")  # ptp's own engine; vLLM generating from ptp's pruned embeddings
 AUTO = "auto"  # the one word a number setting may take instead of a number: alpha chosen per sample
 
 
@@ -57,6 +58,7 @@ LIMITS: dict[str, Limit] = {
     "llm_layer": Limit(lambda v: v >= 0, "must be >= 0"),
     # run (RunConfig fields)
     "dtype": Limit(lambda v: v in DTYPE_NAMES, f"must be one of {', '.join(DTYPE_NAMES)}"),
+    "engine": Limit(lambda v: v in ENGINE_NAMES, f"must be one of {', '.join(ENGINE_NAMES)}"),
     "max_new_tokens": _AT_LEAST_1,
     "temperature": Limit(lambda v: v >= 0, "must be >= 0"),
     "batch_size": _AT_LEAST_1,

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ptp_cli.builders.tiny import ptp_home
 from ptp_cli.chat_template import prompter_for
 from ptp_cli.config import ModelConfig
 from ptp_cli.devices import free_cached_memory, resolve_device, resolve_dtype
@@ -32,6 +33,7 @@ from ptp_cli.limits import check_values
 from ptp_cli.loading import LoadedModel, load_config
 from ptp_cli.pruning import PruneConfig, make_method
 from ptp_cli.records import BadRecord, Record, error_row, result_row, shown_record
+from ptp_cli.vllm_engine import VLLMEngine, VLLMGenerator, refuse_in_llm
 from ptp_cli.zoo import load_model, resolve_model
 
 
@@ -40,6 +42,7 @@ class RunConfig:
     """Everything a run is configured with. Fields that change results are echoed in every row."""
 
     model: str = "OpenGVLab/InternVL2-2B"  # local dir, hub id (from the HF cache), or "tiny"
+    engine: str = "ptp"  # ptp: ptp's own engine (every method); vllm: ptp prunes, vLLM generates (pre-LLM methods)
     prune: PruneConfig = field(default_factory=PruneConfig)  # pruning method and its settings
     max_tiles: int | None = None  # tile cap; None: the checkpoint's max_dynamic_patch
     min_tiles: int | None = None  # fewest tiles; None: the checkpoint's
@@ -91,6 +94,8 @@ def read_model_config(config: RunConfig, *, offline: bool | None = None) -> tupl
     model_cfg = load_config(model_dir).with_name(config.model)
     config.validate().prune.check_layers(model_cfg)
     config.tiling(model_cfg)
+    if config.engine == "vllm":
+        refuse_in_llm(make_method(config.prune, model_cfg))
     return model_dir, model_cfg
 
 
@@ -112,7 +117,14 @@ def run_settings(config: RunConfig, model_cfg: ModelConfig, *, dtype: torch.dtyp
         "temperature": float(config.temperature),
         "seed": config.seed,
         "dtype": str(dtype).removeprefix("torch."),
+        **({"engine": config.engine} if config.engine != "ptp" else {}),  # absent for ptp: old outputs resume
     }
+
+
+def start_vllm(loaded: LoadedModel, config: RunConfig) -> VLLMGenerator:
+    """vLLM serving the checkpoint's LLM (``--engine vllm``); eager on a CPU, where compiling costs minutes."""
+    return VLLMGenerator(loaded, cache_dir=ptp_home() / "vllm", seed=config.seed,
+                         enforce_eager=loaded.model.device.type == "cpu")
 
 
 @dataclass
@@ -140,17 +152,24 @@ class Pipeline:
         except PromptError as e:
             raise ModelLoadError(f"prompt template {self.prompter.name!r} does not fit this checkpoint: {e}") from None
         self.tiling = config.tiling(self.cfg)
+        self.engine = engine or self._make_engine()
+        max_positions = self.cfg.llm.context_length
+        if isinstance(self.engine, VLLMEngine):  # vLLM refuses prompts past its max_model_len: refuse them first
+            max_positions = min(max_positions, self.engine.max_model_len)
         self.inputs = InputProcessor(
             encoder=self.prompter, tiling=self.tiling, tokens_per_tile=self.cfg.tokens_per_tile,
             pixel_dtype=loaded.model.dtype, max_pixels=config.max_pixels,
-            max_positions=self.cfg.llm.context_length, max_prompt_tokens=config.max_prompt_tokens,
+            max_positions=max_positions, max_prompt_tokens=config.max_prompt_tokens,
             defaults=RequestDefaults(
                 max_new_tokens=config.max_new_tokens, temperature=config.temperature, seed=config.seed
             ),
         )
-        self.engine = engine or Engine(
-            loaded.model, image_token_id=loaded.image_token_id, method=make_method(config.prune, self.cfg)
-        )
+
+    def _make_engine(self) -> Engine | VLLMEngine:
+        method = make_method(self.config.prune, self.cfg)
+        if self.config.engine == "vllm":
+            return VLLMEngine(self.loaded, method=method, generator=start_vllm(self.loaded, self.config))
+        return Engine(self.loaded.model, image_token_id=self.loaded.image_token_id, method=method)
 
     @classmethod
     def load(cls, config: RunConfig) -> Pipeline:

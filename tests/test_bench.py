@@ -125,17 +125,17 @@ def test_a_spread_wider_than_the_effect_is_called_noise(report: BenchReport) -> 
 
 
 def _tiny_vit_flops(tiles: int) -> int:
-    """The tiny ViT (C=32, 12 layers, MLP 64, 1024 patches + CLS) and projector (4C=128 -> 64 -> 64), by hand."""
+    """The tiny ViT (C=32, 12 layers, MLP 64, 1024 patches + CLS) and projector (4C=128 -> 128 -> 128), by hand."""
     patches, tokens, c, mlp, layers = 1024, 1025, 32, 64, 12
     conv = 2 * patches * (3 * 14 * 14) * c
     per_layer = 2 * tokens * (c * 3 * c + c * c + 2 * c * mlp) + 2 * 2 * tokens * tokens * c  # linears + QK^T, PV
-    projector = 2 * 256 * (4 * c * 64 + 64 * 64)
+    projector = 2 * 256 * (4 * c * 128 + 128 * 128)
     return tiles * (conv + layers * per_layer + projector)
 
 
 def _tiny_prefill_flops(tokens: int, vocab: int) -> int:
-    """The tiny LLM (D=64, 4 heads of 16, 2 KV heads, MLP 128, 4 layers), causal, LM head on one position."""
-    d, q, kv, mlp, layers = 64, 64, 32, 128, 4
+    """The tiny LLM (D=128, 4 heads of 32, 2 KV heads, MLP 256, 4 layers), causal, LM head on one position."""
+    d, q, kv, mlp, layers = 128, 128, 64, 256, 4
     linears = 2 * tokens * (d * q + 2 * d * kv + q * d + 3 * d * mlp)
     attention = 2 * 2 * q * tokens * (tokens + 1) // 2
     return layers * (linears + attention) + 2 * d * vocab

@@ -21,15 +21,16 @@ from ptp_cli.config import LLMConfig, ModelConfig, VisionConfig
 from ptp_cli.loading import Layout, canonical_shapes
 from ptp_cli.tokenization import load_tokenizer
 
-TINY_VERSION = "tiny-v2"  # bump when the tiny model's weights or files change
+TINY_VERSION = "tiny-v3"  # bump when the tiny model's weights or files change
 TINY_SEED = 0
 
 # The built-in test model: real tiling geometry (448 px, patch 14, 256 tokens a tile), tiny widths.
-# 12 ViT layers so PTP's default score layer (11) exists; 4 LLM layers so layer 1 and in-LLM drops exist.
+# 12 ViT layers so PTP's default score layer (11) exists; 4 LLM layers so layer 1 and in-LLM drops exist;
+# LLM heads 32 wide, the narrowest vLLM's CPU attention takes (--engine vllm runs the tiny model too).
 TINY = ModelConfig(
     vision=VisionConfig(hidden_size=32, num_layers=12, num_heads=2, intermediate_size=64),
     llm=LLMConfig(
-        arch="internlm2", vocab_size=0, hidden_size=64, intermediate_size=128, num_layers=4,
+        arch="internlm2", vocab_size=0, hidden_size=128, intermediate_size=256, num_layers=4,
         num_heads=4, num_kv_heads=2, rope_theta=1_000_000.0, rms_norm_eps=1e-5,
         max_position_embeddings=32768,
     ),

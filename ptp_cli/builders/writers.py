@@ -263,3 +263,27 @@ def save_hf_layout(
     _write_tensors(stored, out_dir, max_shard_bytes=max_shard_bytes)
     _copy_tokenizer(tokenizer_dir, out_dir)
     return out_dir
+
+
+# The transformers causal-LM class vLLM loads natively for each text architecture of the -hf layout.
+_CAUSAL_LM = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "phi3": "Phi3ForCausalLM"}
+_HF_LLM_PREFIX = "model.language_model."
+
+
+def save_llm_view(canonical: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: Path) -> Path:
+    """Write the LLM part of an InternVL checkpoint as a plain transformers causal LM (Llama for InternLM2,
+    Qwen2, Phi-3), which engines such as vLLM load without remote code. The visual side is left out: the caller
+    feeds input embeddings. Tensors are split as the -hf layout splits them (InternLM2's grouped wqkv into
+    q/k/v), then renamed from the -hf wrapper's ``model.language_model.*`` to ``model.*``."""
+    text_arch = "llama" if cfg.llm.arch == "internlm2" else cfg.llm.arch
+    text_cfg = replace(cfg, llm=replace(cfg.llm, arch=text_arch))
+    hf = _to_layout(canonical, text_cfg, "hf")
+    tensors = {"model." + k.removeprefix(_HF_LLM_PREFIX): t for k, t in hf.items() if k.startswith(_HF_LLM_PREFIX)}
+    if not cfg.llm.tie_word_embeddings:
+        tensors["lm_head.weight"] = hf["lm_head.weight"]
+    config = _llm_json(cfg.llm, text_arch) | {"architectures": [_CAUSAL_LM[text_arch]], "torch_dtype": _dtype_name(tensors)}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_tensors(tensors, out_dir, max_shard_bytes=None)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out_dir

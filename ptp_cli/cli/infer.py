@@ -240,11 +240,14 @@ def run_infer(source: str, resolved: opt.Resolved) -> int:
         rows, window = _ray_rows(lines, source, config, resolved, image_root=image_root, log=log)
     else:
         t0 = time.perf_counter()
+        if config.engine == "vllm":  # vLLM logs at info level (and warns with tracebacks) unless told: -v shows it
+            os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO" if resolved.get("verbose") else "ERROR")
         pipeline = _explained(resolved, Pipeline.load, config)
         noise = "; random weights: its answers are noise" if pipeline.loaded.cfg.name in RANDOM_WEIGHTS else ""
         log.info(
             f"loaded {settings['model']} in {time.perf_counter() - t0:.1f} s ({pipeline.loaded.model.device}, "
-            f"{settings['dtype']}); method {settings['method']}{noise}"
+            f"{settings['dtype']}); method {settings['method']}"
+            f"{'; engine vllm' if config.engine == 'vllm' else ''}{noise}"
         )
         root = Path(image_root).expanduser().absolute() if image_root is not None else default_root(source)
         records = (parse_line(raw, line=lineno, root=root) for lineno, raw in lines)
@@ -391,6 +394,7 @@ def infer_command(
     ray_address: opt.RayAddress = None,
     ray_workers: opt.RayWorkers = None,
     model: opt.Model = None,
+    engine: opt.Engine = None,
     dtype: opt.Dtype = None,
     device: opt.Device = None,
     preset: opt.Preset = None,

@@ -53,6 +53,7 @@ class Setting:
 SETTINGS: dict[str, Setting] = {
     # model and run
     "model": Setting("str", "run"),
+    "engine": Setting("str", "run"),
     "dtype": Setting("str", "run"),
     "device": Setting("str", "run"),
     "batch_size": Setting("int", "run"),
@@ -124,6 +125,9 @@ def env_var(name: str) -> str:
 
 _MODEL, _PRUNE, _GEN, _IO, _RUN = "Model", "Pruning", "Generation", "Input and output", "Run"
 
+Engine = Annotated[str | None, typer.Option(
+    metavar="NAME", help="ptp (ptp's own engine: every method) or vllm (ptp prunes, vLLM generates: pre-LLM "
+                         "methods; needs vLLM installed, see README 'Engines'). [default: ptp]", rich_help_panel=_MODEL)]
 Model = Annotated[str | None, typer.Option(
     metavar="DIR|ID", help="Checkpoint directory, hub id (from the local HF cache), 'mini' (ptp-mini: trained, "
     "shipped with ptp) or 'tiny' (random weights, for tests: its answers are noise). [default: OpenGVLab/InternVL2-2B]",
@@ -230,7 +234,7 @@ Config = Annotated[Path | None, typer.Option(
 Quiet = Annotated[bool | None, typer.Option(
     "--quiet/--no-quiet", "-q", help="Nothing on stderr but errors.", rich_help_panel=_RUN)]
 Verbose = Annotated[bool | None, typer.Option(
-    "--verbose/--no-verbose", "-v", help="With --ray: Ray's own log lines too (info level, the workers' output).",
+    "--verbose/--no-verbose", "-v", help="With --ray or --engine vllm: their own log lines too (info level, Ray's workers' output).",
     rich_help_panel=_RUN)]
 
 

