@@ -33,7 +33,7 @@ from ptp_cli.limits import check_values
 from ptp_cli.loading import LoadedModel, load_config
 from ptp_cli.pruning import PruneConfig, make_method
 from ptp_cli.records import BadRecord, Record, error_row, result_row, shown_record
-from ptp_cli.vllm_engine import VLLMEngine, VLLMGenerator, refuse_in_llm
+from ptp_cli.vllm_engine import VLLMEngine, VLLMGenerator, refuse_in_llm, view_key
 from ptp_cli.zoo import load_model, resolve_model
 
 
@@ -123,7 +123,7 @@ def run_settings(config: RunConfig, model_cfg: ModelConfig, *, dtype: torch.dtyp
 
 def start_vllm(loaded: LoadedModel, config: RunConfig) -> VLLMGenerator:
     """vLLM serving the checkpoint's LLM (``--engine vllm``); eager on a CPU, where compiling costs minutes."""
-    return VLLMGenerator(loaded, cache_dir=ptp_home() / "vllm", seed=config.seed,
+    return VLLMGenerator(loaded.model, view_dir=ptp_home() / "vllm" / view_key(loaded.path), seed=config.seed,
                          enforce_eager=loaded.model.device.type == "cpu")
 
 
@@ -168,7 +168,8 @@ class Pipeline:
     def _make_engine(self) -> Engine | VLLMEngine:
         method = make_method(self.config.prune, self.cfg)
         if self.config.engine == "vllm":
-            return VLLMEngine(self.loaded, method=method, generator=start_vllm(self.loaded, self.config))
+            return VLLMEngine(self.loaded.model, image_token_id=self.loaded.image_token_id, method=method,
+                              generator=start_vllm(self.loaded, self.config))
         return Engine(self.loaded.model, image_token_id=self.loaded.image_token_id, method=method)
 
     @classmethod

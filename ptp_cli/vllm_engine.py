@@ -23,7 +23,7 @@ import torch
 from ptp_cli.devices import StageClock, out_of_memory_stage
 from ptp_cli.engine import Engine, Request, Result
 from ptp_cli.errors import ModelLoadError, UsageError
-from ptp_cli.loading import LoadedModel
+from ptp_cli.models.internvl import InternVLModel
 from ptp_cli.pruning.base import PruningMethod
 from ptp_cli.vision_cache import VisionCache
 
@@ -55,17 +55,17 @@ def view_key(model_dir: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def ensure_llm_view(loaded: LoadedModel, cache_dir: Path) -> Path:
-    """The checkpoint's LLM as a transformers causal LM that vLLM loads natively, written once per checkpoint."""
+def ensure_llm_view(model: InternVLModel, out: Path) -> Path:
+    """The model's LLM as a transformers causal LM that vLLM loads natively, written once into ``out``."""
     from ptp_cli.builders.writers import save_llm_view
 
-    out = cache_dir / view_key(loaded.path)
     if (out / "config.json").is_file():
         return out
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    state = {k: v.detach().cpu() for k, v in loaded.model.state_dict().items()}
-    save_llm_view(state, loaded.cfg, tmp)
-    tmp.replace(out) if not out.exists() else None
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    save_llm_view(state, model.cfg, tmp)
+    if not out.exists():  # another process may have written it meanwhile: theirs is as good
+        tmp.replace(out)
     return out
 
 
@@ -74,9 +74,9 @@ class VLLMGenerator:
 
     def __init__(
         self,
-        loaded: LoadedModel,
+        model: InternVLModel,
         *,
-        cache_dir: Path,
+        view_dir: Path,
         max_model_len: int | None = None,
         kv_cache_bytes: int | None = None,
         enforce_eager: bool = False,
@@ -88,19 +88,19 @@ class VLLMGenerator:
         except ImportError as e:
             raise UsageError(f"{INSTALL_HINT} ({e})") from None
         self._vllm = vllm
-        view = ensure_llm_view(loaded, cache_dir)
-        llm = loaded.cfg.llm
-        if kv_cache_bytes is None and loaded.model.device.type == "cpu" and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        view = ensure_llm_view(model, view_dir)
+        llm = model.cfg.llm
+        if kv_cache_bytes is None and model.device.type == "cpu" and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
             kv_cache_bytes = CPU_KV_CACHE_BYTES
         length = max_model_len or llm.context_length
         if kv_cache_bytes is not None:  # a sequence must fit the cache whole: cap the length at what fits
-            per_token = llm.num_layers * 2 * llm.num_kv_heads * llm.head_dim * loaded.model.dtype.itemsize
+            per_token = llm.num_layers * 2 * llm.num_kv_heads * llm.head_dim * model.dtype.itemsize
             # vLLM keeps a block of the cache back: leave it two blocks, on its block boundary.
             length = min(length, (kv_cache_bytes // per_token - 2 * KV_BLOCK) // KV_BLOCK * KV_BLOCK)
         try:
             self.llm = vllm.LLM(
                 model=str(view), skip_tokenizer_init=True, enable_prompt_embeds=True,
-                dtype=DTYPE_NAMES[loaded.model.dtype], enforce_eager=enforce_eager, max_model_len=length,
+                dtype=DTYPE_NAMES[model.dtype], enforce_eager=enforce_eager, max_model_len=length,
                 kv_cache_memory_bytes=kv_cache_bytes, enable_prefix_caching=prefix_caching,
                 generation_config="vllm", seed=seed, disable_log_stats=False,  # stats: per-request metrics
             )
@@ -127,15 +127,15 @@ class VLLMEngine:
     the ``VLLMGenerator`` prefills and decodes."""
 
     def __init__(
-        self, loaded: LoadedModel, *, method: PruningMethod, generator: VLLMGenerator,
+        self, model: InternVLModel, *, image_token_id: int, method: PruningMethod, generator: VLLMGenerator,
         vision_cache: VisionCache | None = None,
     ) -> None:
         refuse_in_llm(method)
         self.method = method
-        self.cfg = loaded.cfg
+        self.cfg = model.cfg
         self.generator = generator
         self.max_model_len = generator.max_model_len
-        self.ptp = Engine(loaded.model, image_token_id=loaded.image_token_id, method=method, vision_cache=vision_cache)
+        self.ptp = Engine(model, image_token_id=image_token_id, method=method, vision_cache=vision_cache)
 
     @torch.inference_mode()
     def generate(self, requests: Sequence[Request]) -> list[Result]:

@@ -41,13 +41,15 @@ def main() -> None:
     first = Pipeline.load(base)
     loaded = first.loaded
     with tempfile.TemporaryDirectory() as cache:
-        generator = VLLMGenerator(loaded, cache_dir=Path(cache), enforce_eager=True, kv_cache_bytes=a.kv_cache_bytes)
+        generator = VLLMGenerator(loaded.model, view_dir=Path(cache) / "view", enforce_eager=True,
+                                  kv_cache_bytes=a.kv_cache_bytes)
         out = {"max_model_len": generator.max_model_len, "runs": []}
         for method, ratio in RUNS:
             config = dataclasses.replace(base, prune=PruneConfig(method=method, ratio=ratio))
             ours = Pipeline(loaded, config)
             theirs = Pipeline(loaded, dataclasses.replace(config, engine="vllm"), engine=VLLMEngine(
-                loaded, method=make_method(config.prune, loaded.cfg), generator=generator))
+                loaded.model, image_token_id=loaded.image_token_id, method=make_method(config.prune, loaded.cfg),
+                generator=generator))
             out["runs"].append({
                 "method": method, "ratio": ratio,
                 "ptp": [essence(r) for r in ours.infer(iter_records(a.records))],

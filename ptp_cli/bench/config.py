@@ -31,6 +31,7 @@ class BenchConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     peer: bool = True  # include the transformers row
     seed: int = 0  # synthetic image, token ids and random weights
+    engine: str = "ptp"  # ptp | vllm: pre-LLM rows also run with vLLM generating ("vllm none", "vllm ptp@0.5", ...)
 
     @property
     def source(self) -> str:
@@ -53,6 +54,7 @@ class BenchConfig:
             raise UsageError(f"--shape: unknown shape {self.shape!r}; choose one of {', '.join(SHAPES)}")
         w, h = self.image_size
         checks = [
+            (self.engine in ("ptp", "vllm"), f"--engine must be ptp or vllm, got {self.engine!r}"),
             (w >= 1 and h >= 1, "--image-size must be positive"),
             (1 <= self.max_tiles <= MAX_TILES, f"--max-tiles must be in 1..{MAX_TILES}"),
             (self.batch_size >= 1, "--batch-size must be at least 1"),

@@ -217,10 +217,12 @@ class PtpRunner:
         method = self.engine.method
         per_layer = [visual_per_layer(r) for r in results]
         return BenchRow(
-            name=self.name, engine="ptp", method=method.name, ratio=self.ratio, settings=method.settings(),
+            name=self.name, engine="vllm" if self.name.startswith("vllm ") else "ptp", method=method.name, ratio=self.ratio, settings=method.settings(),
             samples_per_s=Stat.of([b / w for w in self.walls]), wall_s=Stat.of(self.walls),
-            ttft_s=Stat.of([t.get("vit", 0.0) + t.get("probe", 0.0) + t.get("prefill", 0.0) for t in timings]),
-            stages_s={k: Stat.of([t.get(k, 0.0) for t in timings]) for k in STAGES},
+            # vLLM rows: its own queue and prefill time of the batch's first request stand for prefill.
+            ttft_s=Stat.of([t.get("vit", 0.0) + t.get("probe", 0.0)
+                            + t.get("prefill", t.get("vllm_queue", 0.0) + t.get("vllm_prefill", 0.0)) for t in timings]),
+            stages_s={k: Stat.of([t.get(k, t.get(f"vllm_{k}", 0.0)) for t in timings]) for k in STAGES},
             peak_memory_bytes=self.memory.peak, peak_memory_kind=self.memory.kind,
             visual_tokens=statistics.fmean(r.visual_after for r in results),
             visual_tokens_layer_mean=statistics.fmean(statistics.fmean(v) for v in per_layer),

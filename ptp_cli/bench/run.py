@@ -11,6 +11,7 @@ import os
 import platform
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
@@ -31,6 +32,7 @@ from ptp_cli.bench.peer import PEER, SHARE_WEIGHTS_MAX_PARAMS, PeerRunner, build
 from ptp_cli.bench.report import BenchReport, params_text, plural, si
 from ptp_cli.bench.targets import evaluate
 from ptp_cli.bench.workload import SyntheticEncoder, TokenIds, build_workload, load_bench_model, model_config
+from ptp_cli.builders.tiny import ptp_home
 from ptp_cli.config import ModelConfig
 from ptp_cli.devices import dtype_name
 from ptp_cli.engine import Engine
@@ -39,7 +41,7 @@ from ptp_cli.flops import sample_flops
 from ptp_cli.image import TilingOptions
 from ptp_cli.loading import canonical_shapes
 from ptp_cli.pruning import PruneConfig, make_method
-from ptp_cli.zoo import RANDOM_WEIGHTS
+from ptp_cli.zoo import RANDOM_WEIGHTS, resolve_model
 
 FULL_SIZE_PARAMS = 100_000_000  # from here on a model is "full-size": hours per batch on a CPU
 
@@ -104,12 +106,37 @@ class Plan:
             )
 
 
+def _vllm_runners(config: BenchConfig, bench_model: Any, requests: list, *, device: torch.device,
+                  dtype: torch.dtype) -> list[Runner]:
+    """The pre-LLM rows again, with vLLM generating from ptp's pruned embeddings (one vLLM for all of them;
+    prefix caching off, so no row reuses another's prefill)."""
+    from ptp_cli.vllm_engine import VLLMEngine, VLLMGenerator, view_key
+
+    if config.model is not None:
+        key = view_key(resolve_model(config.model))
+    else:
+        key = f"{config.source}-seed{config.seed}-{dtype_name(dtype)}"
+    generator = VLLMGenerator(bench_model.model, view_dir=ptp_home() / "vllm" / key, seed=config.seed,
+                              enforce_eager=device.type == "cpu", prefix_caching=False)
+    runners: list[Runner] = []
+    for name, prune in row_plan(config, bench_model.cfg):
+        method = make_method(prune, bench_model.cfg)
+        if method.drop_layers():  # in-LLM methods run on ptp's engine only
+            continue
+        engine = VLLMEngine(bench_model.model, image_token_id=bench_model.ids.image, method=method, generator=generator)
+        runners.append(PtpRunner(f"vllm {name}", engine, requests, device=device, own_weights=0,
+                                 ratio=prune.ratio if "ratio" in method.settings() else None))
+    return runners
+
+
 def plan_bench(config: BenchConfig) -> Plan:
     config.validate()
     device = config.resolved_device()
     dtype = config.resolved_dtype(device)
     cfg = model_config(config)
     rows = tuple(name for name, _ in row_plan(config, cfg))  # validates every method against the model
+    if config.engine == "vllm":
+        rows += tuple(f"vllm {name}" for name, p in row_plan(config, cfg) if not make_method(p, cfg).drop_layers())
     params = sum(math.prod(shape) for shape in canonical_shapes(cfg).values())
     tiles = TilingOptions.from_config(cfg, max_tiles=config.max_tiles).num_tiles(*config.image_size)
     visual = tiles * cfg.tokens_per_tile
@@ -160,6 +187,8 @@ def run_bench(config: BenchConfig, *, log: Callable[[str], None] | None = None) 
             device=device, own_weights=ptp_weights, ratio=prune.ratio if "ratio" in method.settings() else None,
         ))
     runners += ptp_runners
+    if config.engine == "vllm":
+        runners += _vllm_runners(config, bench_model, requests, device=device, dtype=dtype)
     load_before = load_average()
     rounds = measure(runners, warmup=config.warmup, repeats=config.repeats, base=runners.index(ptp_runners[0]),
                      say=say)

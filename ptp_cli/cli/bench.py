@@ -4,6 +4,7 @@ write the JSON."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -31,6 +32,8 @@ def bench_command(
     dtype: Annotated[str, typer.Option(metavar="NAME", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16.")] = "auto",
     device: Annotated[str, typer.Option(metavar="NAME", help="auto, cpu, cuda or cuda:N.")] = "auto",
     peer: Annotated[bool, typer.Option("--peer/--no-peer", help="Include the transformers generate() row.")] = True,
+    engine: Annotated[str, typer.Option(metavar="NAME", help="ptp, or vllm: every pre-LLM row also runs with vLLM "
+                                        "generating from ptp's pruned embeddings ('vllm none', 'vllm ptp@0.5', ...).")] = "ptp",
     seed: Annotated[int, typer.Option(help="Seed of the synthetic image, token ids and random weights.")] = 0,
     json_out: Annotated[Path | None, typer.Option("--json", metavar="FILE", help="Write the report as JSON here.")] = None,
     targets: Annotated[bool, typer.Option(
@@ -41,11 +44,13 @@ def bench_command(
     """Measure ptp (no pruning, and each method at each ratio) against transformers on the same requests."""
     from ptp_cli import bench  # imports torch: keep `ptp --help` fast
 
+    if engine == "vllm":  # vLLM logs at info level (and warns with tracebacks) unless told
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     config = bench.BenchConfig(
         model=model, shape=shape, image_size=bench.parse_image_size(image_size), max_tiles=max_tiles,
         batch_size=batch_size, new_tokens=new_tokens, question_tokens=question_tokens,
         methods=bench.parse_methods(methods) if methods is not None else None, ratios=bench.parse_ratios(ratios),
-        warmup=warmup, repeats=repeats, dtype=dtype, device=device, peer=peer, seed=seed,
+        warmup=warmup, repeats=repeats, dtype=dtype, device=device, peer=peer, seed=seed, engine=engine,
     ).validate()
     if json_out is not None and json_out.is_dir():
         raise UsageError(f"--json {json_out} is a directory; give a file name")

@@ -140,7 +140,8 @@ def run_grid(
     def engine(prune: PruneConfig) -> Engine | VLLMEngine:
         method = make_method(prune, first.cfg)
         if generator is not None:
-            return VLLMEngine(first.loaded, method=method, generator=generator, vision_cache=cache)
+            return VLLMEngine(first.loaded.model, image_token_id=first.loaded.image_token_id, method=method,
+                              generator=generator, vision_cache=cache)
         return Engine(first.loaded.model, image_token_id=first.loaded.image_token_id, method=method,
                       vision_cache=cache)
 
