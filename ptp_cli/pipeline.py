@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 
-from ptp_cli.builders.tiny import ptp_home
 from ptp_cli.chat_template import prompter_for
 from ptp_cli.config import ModelConfig
 from ptp_cli.devices import free_cached_memory, resolve_device, resolve_dtype
@@ -123,6 +122,8 @@ def run_settings(config: RunConfig, model_cfg: ModelConfig, *, dtype: torch.dtyp
 
 def start_vllm(loaded: LoadedModel, config: RunConfig) -> VLLMGenerator:
     """vLLM serving the checkpoint's LLM (``--engine vllm``); eager on a CPU, where compiling costs minutes."""
+    from ptp_cli.builders.tiny import ptp_home  # the cache root (builders stay off the plain loading path)
+
     return VLLMGenerator(loaded.model, view_dir=ptp_home() / "vllm" / view_key(loaded.path), seed=config.seed,
                          enforce_eager=loaded.model.device.type == "cpu")
 

@@ -2,7 +2,8 @@
 # ptp's GPU checks in one command, on a CUDA machine with ptp installed (see the README's "GPU nodes"):
 #   1. the gpu-marked tests (python -m pytest -m gpu);
 #   2. the bench's target configuration (InternVL2-2B shapes, bf16, 7 tiles, batch 32, 16 new tokens),
-#      whose table is written into docs/benchmarks.md under the device's name (between the gpu-check markers).
+#      whose table is written into docs/benchmarks.md under the device's name (between the gpu-check markers);
+#      with vLLM importable, the same run with --engine vllm (its rows: vLLM generating from ptp's embeddings).
 # Without a GPU it says so and exits 1, having run nothing. Exit status: that of the first failing step.
 # Environment: PYTHON (default python3), PTP_GPU_CHECK_DOC (default docs/benchmarks.md), PTP_GPU_CHECK_ARGS
 # (extra `ptp bench` options, e.g. "--repeats 3").
@@ -28,8 +29,14 @@ echo "gpu-check: 2/2 ptp bench, target configuration" >&2
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 # shellcheck disable=SC2086  # PTP_GPU_CHECK_ARGS is a list of options
+engine=ptp
+if "$PYTHON" -c 'import vllm' 2>/dev/null; then
+    engine=vllm
+else
+    echo "gpu-check: vLLM is not importable: the --engine vllm rows are skipped" >&2
+fi
 "$PYTHON" -m ptp_cli.cli.main bench --shape internvl2-2b --image-size 1344x896 --max-tiles 6 --batch-size 32 \
-    --new-tokens 16 --dtype bfloat16 --device cuda --targets --json "$work/bench.json" ${PTP_GPU_CHECK_ARGS:-} \
-    | tee "$work/table.txt"
+    --new-tokens 16 --dtype bfloat16 --device cuda --targets --engine "$engine" --json "$work/bench.json" \
+    ${PTP_GPU_CHECK_ARGS:-} | tee "$work/table.txt"
 
 "$PYTHON" scripts/gpu_section.py "$DOC" "$device" "$work/table.txt"
