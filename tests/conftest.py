@@ -27,17 +27,10 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     import torch
 
     no_gpu = pytest.mark.skip(reason="needs a CUDA device")
-    no_slow = pytest.mark.skip(reason="slow: run with --runslow")
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(no_gpu)
-        if "slow" in item.keywords and not config.getoption("--runslow"):
-            item.add_marker(no_slow)
