@@ -27,7 +27,7 @@ from ptp_cli.errors import UsageError
 from ptp_cli.flops import sample_flops
 from ptp_cli.image import TilingOptions
 from ptp_cli.loading import canonical_shapes
-from ptp_cli.pruning import PruneConfig, make_method
+from ptp_cli.pruning import PruneConfig, make_method, method_class
 
 FULL_SIZE_PARAMS = 100_000_000  # from here on a model is "full-size": hours per batch on a CPU
 
@@ -37,7 +37,8 @@ def row_plan(config: BenchConfig, cfg: ModelConfig) -> list[tuple[str, PruneConf
     plan = [("none", PruneConfig(method="none"))]
     for name in config.resolved_methods():
         per_ratio = [PruneConfig(method=name, ratio=r) for r in config.ratios]
-        if "ratio" not in make_method(per_ratio[0], cfg).settings():
+        per_ratio[0].validate(cfg)  # a bad layer fails before any weight is built
+        if not method_class(name).uses_ratio:
             plan.append((name, per_ratio[0]))
         else:
             plan.extend((f"{name}@{r:g}", p) for r, p in zip(config.ratios, per_ratio, strict=True))
@@ -138,7 +139,7 @@ def run_bench(config: BenchConfig, *, log: Callable[[str], None] | None = None) 
         method = make_method(prune, cfg)
         ptp_runners.append(PtpRunner(
             name, Engine(bench_model.model, image_token_id=bench_model.ids.image, method=method), requests,
-            device=device, own_weights=ptp_weights, ratio=prune.ratio if "ratio" in method.settings() else None,
+            device=device, own_weights=ptp_weights, ratio=prune.ratio if method.uses_ratio else None,
         ))
     runners += ptp_runners
     measure(runners, warmup=config.warmup, repeats=config.repeats, say=say)
