@@ -8,7 +8,8 @@ the object a question names. This stage stands in for a real InternViT's pretrai
 small crops around the objects (6 x 6 visual tokens, 12 x 12 patches: ~1/7 of a tile, mostly object), many
 per step, with the same per-token losses as the VQA stage (colour, shape, glyph, object centre). A crop runs
 the real ViT layers with the position embeddings of the patches it covers, so the weights transfer unchanged
-to full 448 px tiles. ``python -m training.train --init runs/vit/vision.pt`` starts the VQA stage from it.
+to full 448 px tiles. ``python -m training.train --init RUN/vision.pt`` starts the VQA stage from it (the
+shipped recipe, ``training.recipe``, runs this stage twice: 1a, then 1b from 1a's ``vision.pt``).
 
 With ``--full-scenes N`` each step also trains on whole 448 px views (a tile with an object and the thumbnail
 of N scenes of 1 to 12 tiles), through exactly the inference path: thumbnails shrink objects below any crop's.

@@ -17,7 +17,10 @@ _VIT_WIDTH = MINI.vision.hidden_size
 
 
 def new_model(tokenizer_dir: Path, *, seed: int, vit_width: int = _VIT_WIDTH) -> InternVLModel:
-    """A freshly initialised, trainable ``InternVLModel`` of the mini shape (ptp's own model code)."""
+    """A freshly initialised, trainable ``InternVLModel`` of the mini shape (ptp's own model code).
+
+    Seeds torch's global generator with ``seed`` first: a training run owns its process, and the read-out heads
+    it builds next draw from the same stream (the shipped runs did, so their weights reproduce)."""
     cfg = mini_config(load_tokenizer(tokenizer_dir).vocab_size, vit_width=vit_width)
     torch.manual_seed(seed)
     model = InternVLModel(cfg)
