@@ -283,7 +283,7 @@ class Engine:
         # Each row's own prompt length picks its RoPE scaling; dropping tokens keeps positions, so it stays.
         lengths = sequence_lengths(positions, valid)  # [B]
         cos, sin = lm.rotary(positions, x.dtype, lengths=lengths)
-        drops = m.drop_layers()
+        drops = m.drop_layers() if m.prunes_in_llm else frozenset()
         caches: list[LayerCache] = []
         layer_tokens = []  # per layer, real tokens of each sample [B] (kept on device: no sync per layer)
         for j, layer in enumerate(lm.layers):

@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ptp_cli.errors import ImageError, RecordError
 
 if TYPE_CHECKING:
+    import torch
+
     from ptp_cli.config import ModelConfig
 
 # Pillow's own default MAX_IMAGE_PIXELS (it warns above this and refuses above twice this).
@@ -215,6 +216,8 @@ def tiles_to_tensor(tiles: list[Image.Image]) -> torch.Tensor:
     for tile in tiles:
         if tile.mode != "RGB" or tile.size != size:
             raise ValueError(f"tiles must all be RGB and {size}, got {tile.mode} {tile.size}")
+    import torch  # here, not above: tiling an image (``ptp infer --check``) needs no torch
+
     pixels = torch.from_numpy(np.stack([np.asarray(tile) for tile in tiles]))  # [T, S, S, 3] uint8
     pixels = pixels.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)  # [T, 3, S, S]
     mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)

@@ -2,7 +2,7 @@
 
 ``RunConfig.validate`` and ``PruneConfig.check`` apply this table to their fields; the CLI applies it to the
 values a user gave before it imports torch, so ``--ratio 1.5`` fails in a fraction of a second. Rules that
-need the registry of methods or the model's depth stay with the dataclasses.
+need the model's depth stay with the dataclasses.
 """
 
 from __future__ import annotations
@@ -13,13 +13,12 @@ from typing import Any
 
 from ptp_cli.config import MAX_TILES
 from ptp_cli.errors import UsageError
+from ptp_cli.pruning.catalog import METHODS, PRESETS
 
 AGGREGATIONS = ("mean", "max")  # reductions over attention heads / instruction tokens
 DTYPE_NAMES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
-# The registered pruning methods and presets, named here so that a typo fails before torch loads (the registry
-# itself imports every method); a test keeps these equal to ptp_cli.pruning's METHODS and PRESETS.
-METHOD_NAMES = ("fastv", "none", "pdrop", "ptp", "random", "spatial", "vtw")
-PRESET_NAMES = ("default", "ocr", "scene")
+METHOD_NAMES = tuple(sorted(METHODS))  # from the torch-free registry: a typo fails before torch loads
+PRESET_NAMES = tuple(PRESETS)
 ENGINE_NAMES = ("ptp", "vllm")  # ptp's own engine; vLLM generating from ptp's pruned embeddings
 AUTO = "auto"  # the one word a number setting may take instead of a number: alpha chosen per sample
 

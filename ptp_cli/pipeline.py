@@ -9,93 +9,30 @@ actor): ``Pipeline.load(RunConfig(model="tiny")).infer(records)``.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ptp_cli.chat_template import prompter_for
 from ptp_cli.config import ModelConfig
-from ptp_cli.devices import free_cached_memory, resolve_device, resolve_dtype
+from ptp_cli.devices import free_cached_memory
 from ptp_cli.engine import Engine, Request, Result
-from ptp_cli.errors import ModelLoadError, PromptError, RecordError, UsageError
+from ptp_cli.errors import ModelLoadError, PromptError, RecordError
 from ptp_cli.failures import FailureGuard, batch_failure
-from ptp_cli.image import DEFAULT_MAX_PIXELS, TilingOptions
 from ptp_cli.inputs import InputProcessor, RequestDefaults
-from ptp_cli.limits import check_values
-from ptp_cli.loading import LoadedModel, load_config
-from ptp_cli.pruning import PruneConfig, make_method
+from ptp_cli.loading import LoadedModel
+from ptp_cli.pruning import make_method
 from ptp_cli.records import BadRecord, Record, error_row, result_row, shown_record
-from ptp_cli.vllm_engine import VLLMEngine, VLLMGenerator, refuse_in_llm, view_key
-from ptp_cli.zoo import load_model, resolve_model
+from ptp_cli.run_config import RunConfig, read_model_config
+from ptp_cli.vllm_engine import VLLMEngine, VLLMGenerator, view_key
+from ptp_cli.zoo import load_model
 
-
-@dataclass(frozen=True)
-class RunConfig:
-    """Everything a run is configured with. Fields that change results are echoed in every row."""
-
-    model: str = "OpenGVLab/InternVL2-2B"  # local dir, hub id (from the HF cache), or "tiny"
-    engine: str = "ptp"  # ptp: ptp's own engine (every method); vllm: ptp prunes, vLLM generates (pre-LLM methods)
-    prune: PruneConfig = field(default_factory=PruneConfig)  # pruning method and its settings
-    max_tiles: int | None = None  # tile cap; None: the checkpoint's max_dynamic_patch
-    min_tiles: int | None = None  # fewest tiles; None: the checkpoint's
-    max_new_tokens: int = 64  # generation length cap
-    temperature: float = 0.0  # 0: greedy
-    seed: int = 0  # sampling and random-pruning seed (per-record override possible)
-    system_message: str | None = None  # None: the checkpoint's / template's (a -hf chat template's: none)
-    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    batch_size: int = 8  # most requests per engine batch
-    max_batch_tokens: int | None = None  # most padded prompt tokens (requests x longest) per batch; None: no cap
-    max_prompt_tokens: int | None = None  # longest prompt a record may have (unpruned); None: the model's limit
-    logprobs: bool = False  # add per-token ids and log-probabilities to each row
-    kept: bool = False  # add the kept visual token indices to each row (to draw what PTP kept)
-    max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb guard
-    workers: int = 2  # image loading / tiling threads
-    max_errors: int | None = None  # failed records (any kind) that stop the run (RunAborted); None: no cap
-
-    def resolved_device(self) -> torch.device:
-        return resolve_device(self.device)
-
-    def resolved_dtype(self, device: torch.device) -> torch.dtype:
-        return resolve_dtype(self.dtype, device)
-
-    def validate(self) -> RunConfig:
-        """Every check that needs no model (run and pruning settings); raise UsageError, else return self."""
-        check_values({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
-        if self.min_tiles is not None and self.max_tiles is not None and self.min_tiles > self.max_tiles:
-            raise UsageError(f"--min-tiles ({self.min_tiles}) is larger than --max-tiles ({self.max_tiles})")
-        self.prune.check()
-        return self
-
-    def tiling(self, model_cfg: ModelConfig) -> TilingOptions:
-        """The checkpoint's tiling with --max-tiles / --min-tiles on top."""
-        tiling = TilingOptions.from_config(model_cfg, max_tiles=self.max_tiles)
-        try:
-            return dataclasses.replace(tiling, min_tiles=self.min_tiles or tiling.min_tiles)
-        except ValueError as e:  # e.g. --min-tiles above the checkpoint's cap
-            raise UsageError(f"--min-tiles/--max-tiles: {e}") from None
-
-
-def read_model_config(config: RunConfig, *, offline: bool | None = None) -> tuple[Path, ModelConfig]:
-    """The checkpoint's folder and config, read without its weights, with every setting checked against it.
-
-    Cheap next to loading the weights: a run calls it first, so a bad layer index fails before they load.
-    ``offline``: as for ``resolve_model`` (True: only a local directory or the local hub cache).
-    """
-    model_dir = resolve_model(config.model, offline=offline)
-    model_cfg = load_config(model_dir).with_name(config.model)
-    config.validate().prune.check_layers(model_cfg)
-    config.tiling(model_cfg)
-    if config.engine == "vllm":
-        refuse_in_llm(make_method(config.prune, model_cfg))
-    return model_dir, model_cfg
+__all__ = ["Pipeline", "Prepared", "RunConfig", "read_model_config", "run_settings", "start_vllm"]
 
 
 def run_settings(config: RunConfig, model_cfg: ModelConfig, *, dtype: torch.dtype, template: str) -> dict[str, Any]:
@@ -122,7 +59,7 @@ def run_settings(config: RunConfig, model_cfg: ModelConfig, *, dtype: torch.dtyp
 
 def start_vllm(loaded: LoadedModel, config: RunConfig) -> VLLMGenerator:
     """vLLM serving the checkpoint's LLM (``--engine vllm``); eager on a CPU, where compiling costs minutes."""
-    from ptp_cli.builders.tiny import ptp_home  # the cache root (builders stay off the plain loading path)
+    from ptp_cli.home import ptp_home
 
     return VLLMGenerator(loaded.model, view_dir=ptp_home() / "vllm" / view_key(loaded.path), seed=config.seed,
                          enforce_eager=loaded.model.device.type == "cpu")

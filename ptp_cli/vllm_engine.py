@@ -25,6 +25,7 @@ from ptp_cli.engine import Engine, Request, Result
 from ptp_cli.errors import ModelLoadError, UsageError
 from ptp_cli.models.internvl import InternVLModel
 from ptp_cli.pruning.base import PruningMethod
+from ptp_cli.run_config import in_llm_with_vllm
 from ptp_cli.vision_cache import VisionCache
 
 VIEW_FORMAT = 1  # bump when the LLM view's files change
@@ -39,9 +40,8 @@ KV_BLOCK = 128  # tokens per block of vLLM's paged KV cache (its CPU default; GP
 
 def refuse_in_llm(method: PruningMethod) -> None:
     """vLLM's decoder layers keep every token: a method that drops tokens between layers runs on ptp's engine."""
-    if method.drop_layers():
-        raise UsageError(f"--method {method.name} prunes inside the LLM, which only ptp's own engine runs: "
-                         "use --engine ptp (vLLM serves the pre-LLM methods: none, ptp, random, spatial)")
+    if method.prunes_in_llm:
+        raise UsageError(in_llm_with_vllm(method.name))
 
 
 def view_key(model_dir: Path) -> str:

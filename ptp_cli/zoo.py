@@ -1,8 +1,8 @@
-"""Built-in model names: ``--model tiny`` (and any later built-in) -> a checkpoint directory.
+"""Built-in model names: ``--model tiny``, ``--model mini`` (and any later built-in) -> a checkpoint directory.
 
-A built-in is a function that returns its checkpoint directory, making it on first use if it must; adding
-one is one entry in ``BUILTINS``. Only the entry points (``pipeline``, ``bench``, the CLI) import this
-module. It is where the loading path meets ``ptp_cli.builders``, and only when a built-in is asked for:
+Two kinds: a model shipped as package data (``SHIPPED``, by its folder: this module imports no model package),
+and a model made on first use (``_tiny``: built into ``$PTP_HOME/models`` by ``ptp_cli.builders``, imported
+only when the folder is missing). Only the entry points (``pipeline``, ``bench``, the CLI) import this module:
 loading a checkpoint by path or hub id never imports the builders.
 """
 
@@ -10,29 +10,45 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ptp_cli import loading
+from ptp_cli.errors import ModelLoadError
+from ptp_cli.home import TINY_VERSION, models_dir
+
+if TYPE_CHECKING:
+    import torch
+
+# Built-in models shipped as package data (pyproject.toml's package-data): name -> checkpoint folder.
+SHIPPED: dict[str, Path] = {
+    "mini": Path(__file__).resolve().parent / "mini" / "checkpoint",  # ptp-mini, trained by training/ (repository)
+}
+
+
+def _shipped(name: str) -> Path:
+    """A shipped model's folder; ModelLoadError when this build carries no weights for it."""
+    folder = SHIPPED[name]
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(
+            f"this build of ptp ships no {name} weights ({folder} is empty); train them as training/README.md "
+            f"says (in ptp's repository) and install them with `python -m training.ship RUN_DIR`"
+        )
+    return folder
 
 
 def _tiny() -> Path:
     """The random-weight tiny model, built into $PTP_HOME/models on first use."""
-    from ptp_cli.builders.tiny import ensure_tiny  # the writers load only when a built-in is asked for
+    built = models_dir() / TINY_VERSION
+    if (built / "config.json").is_file():  # built before: the builders (and torch) stay unloaded
+        return built
+    from ptp_cli.builders.tiny import ensure_tiny  # the writers load only when the model must be made
 
     return ensure_tiny()
 
 
-def _mini() -> Path:
-    """ptp-mini, the trained miniature InternVL2 shipped as package data (ModelLoadError when not shipped)."""
-    from ptp_cli.mini.shipped import shipped_checkpoint
-
-    return shipped_checkpoint()
-
-
 BUILTINS: dict[str, Callable[[], Path]] = {
     "tiny": _tiny,
-    "mini": _mini,
+    "mini": lambda: _shipped("mini"),
 }
 RANDOM_WEIGHTS = frozenset({"tiny"})  # built-ins whose weights are random: their answers are noise
 
@@ -53,11 +69,12 @@ def resolve_model(name_or_path: str, *, offline: bool | None = None) -> Path:
 def load_model(
     name_or_path: str,
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     offline: bool | None = None,
 ) -> loading.LoadedModel:
     """``ptp_cli.loading.load_model`` that also takes the built-in names. ``cfg.name`` is what was asked for,
-    e.g. ``"tiny"``."""
+    e.g. ``"tiny"``. ``dtype``: None is float32."""
     path = resolve_model(name_or_path, offline=offline)
-    return loading.load_model(str(path), dtype=dtype, device=device, offline=offline, name=str(name_or_path))
+    options = {} if dtype is None else {"dtype": dtype}
+    return loading.load_model(str(path), device=device, offline=offline, name=str(name_or_path), **options)

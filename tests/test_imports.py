@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -114,7 +115,9 @@ def test_loading_path_never_imports_builders() -> None:
 def test_only_entry_points_import_the_zoo() -> None:
     importers = {name for name, deps in _graph(top_level_only=False).items() if "ptp_cli.zoo" in deps}
     assert importers, "nothing resolves built-in names"
-    assert all(m == "ptp_cli.pipeline" or m.startswith(("ptp_cli.bench", "ptp_cli.cli")) for m in importers), importers
+    # run_config: reading a run's model config (a built-in's too) before anything heavy, for pipeline and --check
+    entry = ("ptp_cli.pipeline", "ptp_cli.run_config")
+    assert all(m in entry or m.startswith(("ptp_cli.bench", "ptp_cli.cli")) for m in importers), importers
 
 
 # (importer, forbidden): no module under the first imports one under the second, lazily or not.
@@ -164,6 +167,30 @@ def test_the_cli_starts_without_torch() -> None:
     code = "import sys, ptp_cli.cli.main\nprint('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+SAMPLES = Path(__file__).resolve().parents[1] / "samples"
+
+
+@pytest.mark.parametrize("argv", [
+    ["methods"], ["methods", "--json"],
+    ["infer", "--check", str(SAMPLES / "questions.jsonl"), "--model", "tiny"],
+    ["infer", "--check", str(SAMPLES / "questions.jsonl"), "--method", "fastv", "--preset", "ocr"],
+], ids=["methods", "methods-json", "check-tiny", "check-default-model"])
+def test_methods_and_check_run_without_torch(argv: list[str], ptp_home: Path) -> None:
+    """The registry of methods, the settings, RunConfig and the input checks import no torch (nor does finding
+    a built-in model already built, or reading a checkpoint's config)."""
+    code = (
+        "import sys\nfrom ptp_cli.cli.main import main\nsys.argv = ['ptp', *sys.argv[1:]]\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    print('exit', e.code, 'torch' in sys.modules)\n"
+    )
+    env = {**os.environ, "PTP_HOME": str(ptp_home)}
+    out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env,
+                         timeout=120, check=False)
+    last = out.stdout.strip().splitlines()[-1]
+    assert last in ("exit 0 False", "exit 3 False"), (last, out.stderr[-2000:])  # 3: the sample with no image
+    if argv[0] == "infer":
+        assert "no weights loaded" in out.stderr
 
 
 def test_only_ptp_cli_ray_imports_ray() -> None:

@@ -12,13 +12,20 @@ import numpy as np
 import pytest
 import torch
 
-from ptp_cli.mini.data import IGNORE, drop_visual, make_sample, token_truth
-from ptp_cli.mini.evaluate import EVAL_SEED, evaluate, normalise, score
-from ptp_cli.mini.model import build_mini_tokenizer, export, new_model
-from ptp_cli.mini.pretrain import PretrainConfig, pretrain
-from ptp_cli.mini.readouts import CarryHeads, head_outputs
-from ptp_cli.mini.shipped import SHIPPED_DIR
-from ptp_cli.mini.train import (
+from ptp_cli.mini.model import build_mini_tokenizer
+from ptp_cli.pipeline import Pipeline, RunConfig
+from ptp_cli.prompts import get_template
+from ptp_cli.pruning import METHODS, PruneConfig
+from ptp_cli.records import iter_records
+from ptp_cli.synth import TYPES, example, more_questions, write_benchmark
+from ptp_cli.synth.scene import COLOURS, PLURALS, SHAPES
+from ptp_cli.zoo import SHIPPED as SHIPPED_MODELS
+from ptp_cli.zoo import load_model
+from training.data import IGNORE, drop_visual, make_sample, token_truth
+from training.evaluate import EVAL_SEED, evaluate, normalise, score
+from training.pretrain import PretrainConfig, pretrain
+from training.readouts import CarryHeads, head_outputs
+from training.train import (
     STATE,
     TrainConfig,
     forward_loss,
@@ -29,15 +36,9 @@ from ptp_cli.mini.train import (
     train,
     view_objects,
 )
-from ptp_cli.pipeline import Pipeline, RunConfig
-from ptp_cli.prompts import get_template
-from ptp_cli.pruning import PruneConfig
-from ptp_cli.pruning.base import METHODS
-from ptp_cli.records import iter_records
-from ptp_cli.synth import TYPES, example, more_questions, write_benchmark
-from ptp_cli.synth.scene import COLOURS, PLURALS, SHAPES
-from ptp_cli.zoo import load_model
+from training.weights import export, new_model
 
+SHIPPED_DIR = SHIPPED_MODELS["mini"]
 CI_SEED = EVAL_SEED + 1  # the fixed CI split: never trained on (training refuses seeds >= EVAL_SEED)
 SHIPPED = (SHIPPED_DIR / "config.json").is_file()
 needs_weights = pytest.mark.skipif(not SHIPPED, reason="no trained ptp-mini weights shipped in this build yet")
@@ -380,7 +381,7 @@ def test_model_mini_without_shipped_weights_is_one_clear_error(tmp_path: Path):
         capture_output=True, timeout=300, check=False,
     )
     err = done.stderr.decode().strip()
-    assert done.returncode == 1 and err.startswith("ptp: error:") and "ptp_cli.mini.train" in err, err
+    assert done.returncode == 1 and err.startswith("ptp: error:") and "training/README.md" in err, err
     assert "\n" not in err
 
 

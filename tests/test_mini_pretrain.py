@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from ptp_cli.image import TilingOptions
-from ptp_cli.mini.data import TOKEN_GRID, token_truth
-from ptp_cli.mini.model import build_mini_tokenizer, mimetic_init, new_model
-from ptp_cli.mini.pretrain import (
+from ptp_cli.mini.model import build_mini_tokenizer
+from ptp_cli.synth import example, render
+from training.data import TOKEN_GRID, token_truth
+from training.pretrain import (
     FULL_OFFSET,
     STATE,
     AuxHeads,
@@ -22,8 +23,8 @@ from ptp_cli.mini.pretrain import (
     pretrain,
     views_of,
 )
-from ptp_cli.mini.train import TrainConfig, train
-from ptp_cli.synth import example, render
+from training.train import TrainConfig, train
+from training.weights import mimetic_init, new_model
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ptp_cli.mini.runs import load_state, lr_at, save_state
+from training.runs import load_state, lr_at, save_state
 
 
 @dataclass

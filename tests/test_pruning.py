@@ -13,8 +13,8 @@ from transformers import InternVLVisionConfig, InternVLVisionModel, LlamaConfig,
 from ptp_cli.engine import Engine, Request, Result
 from ptp_cli.errors import UsageError
 from ptp_cli.models.internvl import InternVLModel, pixel_shuffle
-from ptp_cli.pruning import METHODS, PRESETS, PruneConfig, PruningMethod, make_method
-from ptp_cli.pruning.base import VisualContext
+from ptp_cli.pruning import METHODS, PRESETS, Capabilities, PruneConfig, make_method, method_class
+from ptp_cli.pruning.base import PruningMethod, VisualContext
 from ptp_cli.pruning.baselines import grid_indices
 from ptp_cli.pruning.ptp import PTP
 from ptp_cli.pruning.scores import instruction_scores, vit_token_scores
@@ -355,13 +355,36 @@ def test_presets_and_factory():
     assert PRESETS["default"] == PruneConfig()
     assert (PRESETS["ocr"].alpha, PRESETS["ocr"].vit_layer) == (0.2, 2)
     assert PRESETS["scene"].alpha == 0.8
-    for name, cls in METHODS.items():
+    for name in METHODS:
         m = make_method(PruneConfig(method=name), CFG)
-        assert type(m) is cls and m.name == name
+        assert type(m) is method_class(name) and m.name == name
         assert m.settings()["method"] == name
     assert sorted(make_method(PruneConfig(method="pdrop"), CFG).drop_layers()) == [0, 1, 2]  # after 1, 2, 3 of 4
     assert make_method(PruneConfig(method="vtw"), CFG).drop_layers() == {1}  # after layer 2 of 4
     assert make_method(PruneConfig(method="fastv"), CFG).drop_layers() == {1}  # K_f = 2
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_each_class_declares_what_its_catalog_entry_says(name: str) -> None:
+    """The registry (torch-free) and the classes agree, and a capability is declared exactly when the class
+    has the hook it describes."""
+    cls = method_class(name)  # raises TypeError on a mismatch
+    caps = Capabilities.of(cls)
+    assert caps == METHODS[name].capabilities
+    overrides = {hook: getattr(cls, hook) is not getattr(PruningMethod, hook)
+                 for hook in ("vit_score_layer", "probe_layer", "after_layer", "drop_layers")}
+    assert caps.needs_vit_scores == overrides["vit_score_layer"]
+    assert caps.needs_probe == overrides["probe_layer"]
+    assert caps.prunes_in_llm == overrides["after_layer"] == overrides["drop_layers"]
+    assert caps.uses_ratio == ("ratio" in make_method(PruneConfig(method=name), CFG).settings())
+
+
+def test_a_class_that_disagrees_with_its_entry_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ptp_cli.pruning import inllm
+
+    monkeypatch.setattr(inllm.VTW, "prunes_in_llm", False)
+    with pytest.raises(TypeError, match="does not match"):
+        method_class("vtw")
 
 
 # ---------------------------------------------------------------------------------------------- engine

@@ -32,15 +32,15 @@ from ptp_cli.bench.peer import PEER, SHARE_WEIGHTS_MAX_PARAMS, PeerRunner, build
 from ptp_cli.bench.report import BenchReport, params_text, plural, si
 from ptp_cli.bench.targets import evaluate
 from ptp_cli.bench.workload import SyntheticEncoder, TokenIds, build_workload, load_bench_model, model_config
-from ptp_cli.builders.tiny import ptp_home
 from ptp_cli.config import ModelConfig
 from ptp_cli.devices import dtype_name
 from ptp_cli.engine import Engine
 from ptp_cli.errors import UsageError
 from ptp_cli.flops import sample_flops
+from ptp_cli.home import ptp_home
 from ptp_cli.image import TilingOptions
 from ptp_cli.loading import canonical_shapes
-from ptp_cli.pruning import PruneConfig, make_method
+from ptp_cli.pruning import PruneConfig, make_method, method_class
 from ptp_cli.zoo import RANDOM_WEIGHTS, resolve_model
 
 FULL_SIZE_PARAMS = 100_000_000  # from here on a model is "full-size": hours per batch on a CPU
@@ -51,7 +51,8 @@ def row_plan(config: BenchConfig, cfg: ModelConfig) -> list[tuple[str, PruneConf
     plan = [("none", PruneConfig(method="none"))]
     for name in config.resolved_methods():
         per_ratio = [PruneConfig(method=name, ratio=r) for r in config.ratios]
-        if "ratio" not in make_method(per_ratio[0], cfg).settings():
+        per_ratio[0].validate(cfg)  # a bad layer fails before any weight is built
+        if not method_class(name).uses_ratio:
             plan.append((name, per_ratio[0]))
         else:
             plan.extend((f"{name}@{r:g}", p) for r, p in zip(config.ratios, per_ratio, strict=True))
@@ -121,11 +122,11 @@ def _vllm_runners(config: BenchConfig, bench_model: Any, requests: list, *, devi
     runners: list[Runner] = []
     for name, prune in row_plan(config, bench_model.cfg):
         method = make_method(prune, bench_model.cfg)
-        if method.drop_layers():  # in-LLM methods run on ptp's engine only
+        if method.prunes_in_llm:  # in-LLM methods run on ptp's engine only
             continue
         engine = VLLMEngine(bench_model.model, image_token_id=bench_model.ids.image, method=method, generator=generator)
         runners.append(PtpRunner(f"vllm {name}", engine, requests, device=device, own_weights=0,
-                                 ratio=prune.ratio if "ratio" in method.settings() else None))
+                                 ratio=prune.ratio if method.uses_ratio else None))
     return runners
 
 
@@ -136,7 +137,8 @@ def plan_bench(config: BenchConfig) -> Plan:
     cfg = model_config(config)
     rows = tuple(name for name, _ in row_plan(config, cfg))  # validates every method against the model
     if config.engine == "vllm":
-        rows += tuple(f"vllm {name}" for name, p in row_plan(config, cfg) if not make_method(p, cfg).drop_layers())
+        rows += tuple(f"vllm {name}" for name, p in row_plan(config, cfg)
+                      if not method_class(p.method).prunes_in_llm)
     params = sum(math.prod(shape) for shape in canonical_shapes(cfg).values())
     tiles = TilingOptions.from_config(cfg, max_tiles=config.max_tiles).num_tiles(*config.image_size)
     visual = tiles * cfg.tokens_per_tile
@@ -184,7 +186,7 @@ def run_bench(config: BenchConfig, *, log: Callable[[str], None] | None = None) 
         method = make_method(prune, cfg)
         ptp_runners.append(PtpRunner(
             name, Engine(bench_model.model, image_token_id=bench_model.ids.image, method=method), requests,
-            device=device, own_weights=ptp_weights, ratio=prune.ratio if "ratio" in method.settings() else None,
+            device=device, own_weights=ptp_weights, ratio=prune.ratio if method.uses_ratio else None,
         ))
     runners += ptp_runners
     if config.engine == "vllm":

@@ -18,10 +18,12 @@ import torch
 from ptp_cli.builders.bpe import build_tiny_tokenizer
 from ptp_cli.builders.writers import save_hf_layout, save_original_layout
 from ptp_cli.config import LLMConfig, ModelConfig, VisionConfig
+from ptp_cli.home import TINY_VERSION, models_dir, ptp_home
 from ptp_cli.loading import Layout, canonical_shapes
 from ptp_cli.tokenization import load_tokenizer
 
-TINY_VERSION = "tiny-v3"  # bump when the tiny model's weights or files change
+__all__ = ["TINY", "TINY_VERSION", "build_random_checkpoint", "ensure_tiny", "ptp_home", "random_state_dict", "tiny_config"]
+
 TINY_SEED = 0
 
 # The built-in test model: real tiling geometry (448 px, patch 14, 256 tokens a tile), tiny widths.
@@ -38,11 +40,6 @@ TINY = ModelConfig(
     max_dynamic_patch=12,
     name="tiny",
 )
-
-
-def ptp_home() -> Path:
-    """ptp's cache root: $PTP_HOME, default ~/.cache/ptp."""
-    return Path(os.environ.get("PTP_HOME") or "~/.cache/ptp").expanduser()
 
 
 def _init_range(name: str, shape: tuple[int, ...], *, tied: bool) -> tuple[float, float]:
@@ -129,7 +126,7 @@ def ensure_tiny(*, cache_dir: Path | None = None) -> Path:
     Safe when several processes race: each builds in a private temporary folder and renames it into place;
     the first rename wins and the others discard their copy (the builds are byte-identical anyway).
     """
-    root = Path(cache_dir) if cache_dir is not None else ptp_home() / "models"
+    root = Path(cache_dir) if cache_dir is not None else models_dir()
     final = root / TINY_VERSION
     if (final / "config.json").is_file():
         return final

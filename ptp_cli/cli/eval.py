@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from ptp_cli.cli import options as opt
+from ptp_cli.cli.console import EXIT_INTERRUPTED, Log
 from ptp_cli.errors import UsageError
 
 if TYPE_CHECKING:
     from ptp_cli.eval.gold import Gold
     from ptp_cli.eval.score import RunScore
 
-EXIT_INTERRUPTED = 130
 # ptp infer's options that ptp eval takes as they are (with --config); --methods/--ratios replace method/ratio.
 RUN_OPTIONS = (
     "model", "engine", "dtype", "device", "preset", "alpha", "vit_layer", "llm_layer", "tau", "head_agg", "instr_agg",
@@ -41,15 +41,6 @@ def _with_options(command: Callable[..., Any], names: tuple[str, ...]) -> Callab
     return command
 
 
-class Log:
-    def __init__(self, *, quiet: bool) -> None:
-        self.quiet = quiet
-
-    def __call__(self, message: str) -> None:
-        if not self.quiet:
-            typer.echo(f"ptp: {message}", err=True)
-
-
 def _check_output(path: Path | None, option: str) -> None:
     if path is None:
         return
@@ -67,7 +58,7 @@ def parse_grid(methods: str, ratios: str) -> tuple[tuple[str, ...], tuple[float,
         values = ()
     if not values or not all(0.0 <= r < 1.0 for r in values):
         raise UsageError(f"--ratios must be comma-separated numbers in [0, 1), got {ratios!r}")
-    from ptp_cli.pruning import METHODS  # imports torch: the checks above stay fast
+    from ptp_cli.pruning import METHODS  # the registry by name: no torch
 
     names = tuple(sorted(dict.fromkeys(m.strip() for m in methods.split(",") if m.strip()), key=lambda m: m != "none"))
     if unknown := [m for m in names if m not in METHODS]:

@@ -24,6 +24,7 @@ import typer
 from tqdm import tqdm
 
 from ptp_cli.cli import options as opt
+from ptp_cli.cli.console import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_OK, EXIT_RECORDS_FAILED, Log
 from ptp_cli.errors import ModelLoadError, RunAborted, UsageError
 from ptp_cli.output import OrderedWriter
 from ptp_cli.records import (
@@ -43,8 +44,6 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_RECORDS_FAILED = 0, 1, 2, 3
-EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 130, 141  # 128 + SIGINT, 128 + SIGPIPE, as a shell reports them
 MAX_WARNINGS = 5  # failed records named on stderr; the rest are only counted
 
 # The settings `ptp infer` reads from the environment and --config.
@@ -53,20 +52,6 @@ INFER_SETTINGS = tuple(opt.SETTINGS)
 
 # ---------------------------------------------------------------------------------------------------------
 # Helpers
-
-
-class Log:
-    """stderr messages, prefixed ``ptp:``; silent when quiet. Written through tqdm so a bar stays intact."""
-
-    def __init__(self, *, quiet: bool) -> None:
-        self.quiet = quiet
-
-    def info(self, message: str) -> None:
-        if not self.quiet:
-            tqdm.write(f"ptp: {message}", file=sys.stderr)
-
-    def warning(self, message: str) -> None:
-        self.info(f"warning: {message}")
 
 
 @dataclass
@@ -352,7 +337,7 @@ def run_check(
     """``--check``: every record checked as a run would, without weights; the exit code a run would give."""
     from ptp_cli.config import ModelConfig
     from ptp_cli.dryrun import check_records
-    from ptp_cli.pipeline import read_model_config
+    from ptp_cli.run_config import read_model_config
 
     model_cfg = ModelConfig()  # InternVL2's tiling, when no model is given or found
     if "model" in resolved.values:
@@ -438,4 +423,5 @@ def infer_command(
     """
     given = {name: value for name, value in locals().items() if name not in ("input", "config")}
     resolved = opt.resolve(given, names=INFER_SETTINGS, config=config)
-    raise typer.Exit(run_infer(input, resolved))
+    with warnings.catch_warnings():  # --quiet silences warnings for this run only
+        raise typer.Exit(run_infer(input, resolved))

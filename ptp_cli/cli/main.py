@@ -18,8 +18,9 @@ from typer.core import TyperCommand
 
 from ptp_cli import __version__
 from ptp_cli.cli.bench import bench_command
+from ptp_cli.cli.console import EXIT_FATAL, EXIT_INTERRUPTED, EXIT_USAGE
 from ptp_cli.cli.eval import eval_command
-from ptp_cli.cli.infer import EXIT_FATAL, EXIT_INTERRUPTED, EXIT_USAGE, infer_command
+from ptp_cli.cli.infer import infer_command
 from ptp_cli.cli.methods import methods_command
 from ptp_cli.cli.show import show_command
 from ptp_cli.cli.synth import synth_command

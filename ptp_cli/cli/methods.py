@@ -9,12 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from ptp_cli.cli.options import SETTINGS
-
-
-def _summary(cls: type) -> str:
-    """The first paragraph of a class's docstring, on one line."""
-    paragraph = (cls.__doc__ or "").strip().split("\n\n")[0]
-    return " ".join(paragraph.replace("``", "").split())
+from ptp_cli.pruning import METHODS, PRESETS  # the registry by name and the settings: no torch
 
 
 def _show(value: Any) -> str:
@@ -27,10 +22,8 @@ def methods_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")] = False,
 ) -> None:
     """List the pruning methods (--method) and the presets (--preset) with their settings."""
-    from ptp_cli.pruning import METHODS, PRESETS  # imports torch: keep `ptp --help` fast
-
     option = {s.field_name(n): n for n, s in SETTINGS.items() if s.target == "prune"}  # field -> option name
-    methods = {name: _summary(cls) for name, cls in sorted(METHODS.items())}
+    methods = {name: entry.summary for name, entry in sorted(METHODS.items())}
     presets = {name: {option.get(k, k): v for k, v in dataclasses.asdict(cfg).items()} for name, cfg in PRESETS.items()}
     if as_json:
         typer.echo(json.dumps({"methods": methods, "presets": presets}, indent=2))

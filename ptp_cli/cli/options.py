@@ -29,8 +29,8 @@ from ptp_cli.errors import UsageError
 from ptp_cli.limits import AUTO, check_values
 
 if TYPE_CHECKING:
-    from ptp_cli.pipeline import RunConfig
     from ptp_cli.pruning import PruneConfig
+    from ptp_cli.run_config import RunConfig
 
 Target = Literal["run", "prune", "cli"]
 COMMAND_LINE = "command line"
@@ -405,7 +405,7 @@ def resolve(
 
 def prune_config(resolved: Resolved) -> PruneConfig:
     """The PruneConfig: the preset (or the defaults), then every pruning setting given on top."""
-    from ptp_cli.pruning import PRESETS  # imports torch: keep `ptp --help` fast
+    from ptp_cli.pruning import PRESETS  # no torch; loaded only by the commands that prune
 
     preset = resolved.get("preset", "default")
     if preset not in PRESETS:
@@ -430,7 +430,7 @@ def check_limits(resolved: Resolved) -> None:
 def run_config(resolved: Resolved) -> RunConfig:
     """The RunConfig of a run, validated as far as possible without the model."""
     check_limits(resolved)
-    from ptp_cli.pipeline import RunConfig  # imports torch: keep `ptp --help` and the checks above fast
+    from ptp_cli.run_config import RunConfig  # no torch, but Pillow and numpy: keep `ptp --help` fast
 
     fields = {n: v for n, v in resolved.values.items() if SETTINGS[n].target == "run"}
     config = RunConfig(prune=prune_config(resolved), **fields)

@@ -8,9 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
+from ptp_cli.cli.console import EXIT_OK, EXIT_RECORDS_FAILED
 from ptp_cli.errors import PtpError, UsageError
-
-EXIT_SOME_FAILED = 3
 
 
 def _file_name(row: dict, taken: set[str]) -> str:
@@ -102,7 +101,7 @@ def _draw_all(pairs: list[tuple[Any, dict]], out_dir: Path) -> int:
     skipped = len(pairs) - written - failed
     typer.echo(f"ptp: wrote {written} pictures to {out_dir}" + (f", {failed} failed" if failed else "")
                + (f", {skipped} error rows skipped" if skipped else ""), err=True)
-    return EXIT_SOME_FAILED if failed else 0
+    return EXIT_RECORDS_FAILED if failed else EXIT_OK
 
 
 def show_command(

@@ -1,6 +1,6 @@
 """The evaluation grid: every (method, ratio) over one gold file, with one loaded model, resumable.
 
-Runs are ``none`` (once), then each method at each ratio; a method whose settings ignore the ratio (vtw,
+Runs are ``none`` (once), then each method at each ratio; a method that ignores the ratio (vtw,
 pdrop) runs once. Each run writes its rows, in input order, to ``OUT_DIR/<run>.jsonl`` (``none.jsonl``,
 ``ptp@0.5.jsonl``). A run whose file already holds a row for every record is not redone; a partial one
 continues with the records it lacks (``scan_output`` repairs a torn last line first). A file written with
@@ -21,7 +21,7 @@ from ptp_cli.engine import Engine
 from ptp_cli.errors import UsageError
 from ptp_cli.output import OrderedWriter
 from ptp_cli.pipeline import Pipeline, RunConfig, start_vllm
-from ptp_cli.pruning import PruneConfig, make_method
+from ptp_cli.pruning import PruneConfig, make_method, method_class
 from ptp_cli.records import iter_records
 from ptp_cli.resume import scan_output
 from ptp_cli.vision_cache import VisionCache
@@ -42,7 +42,8 @@ def plan_runs(base: PruneConfig, pipeline: Pipeline, methods: tuple[str, ...],
     specs = []
     for method in methods:
         per_ratio = [dataclasses.replace(base, method=method, ratio=r) for r in ratios]
-        if "ratio" in make_method(per_ratio[0], pipeline.cfg).settings():
+        per_ratio[0].validate(pipeline.cfg)  # a bad layer fails before any run starts
+        if method_class(method).uses_ratio:
             specs += [RunSpec(f"{method}@{r:g}", p) for r, p in zip(ratios, per_ratio, strict=True)]
         else:  # none, vtw, pdrop: the ratio changes nothing
             specs.append(RunSpec(method, per_ratio[0]))

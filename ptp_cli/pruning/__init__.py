@@ -1,7 +1,10 @@
-"""Token pruning: the method interface, the user's settings, and every method (importing registers them)."""
+"""Token pruning: the registry of methods (``catalog``), the user's settings, the factory; all without torch.
 
-from ptp_cli.pruning import baselines, inllm, ptp  # noqa: F401  (registration)
-from ptp_cli.pruning.base import METHODS, PruningMethod
+The method interface (``base``) and the methods (``ptp``, ``baselines``, ``inllm``) import torch: ``make_method``
+(or ``method_class``) imports a method's module when it is built.
+"""
+
+from ptp_cli.pruning.catalog import METHODS, Capabilities, method_class
 from ptp_cli.pruning.settings import PRESETS, PruneConfig, make_method
 
-__all__ = ["METHODS", "PRESETS", "PruneConfig", "PruningMethod", "make_method"]
+__all__ = ["METHODS", "PRESETS", "Capabilities", "PruneConfig", "make_method", "method_class"]

@@ -1,8 +1,9 @@
 """The one interface every pruning method implements, and the registry that selects methods by name.
 
-This module imports nothing else from ``ptp_cli.pruning``: the settings (``settings.py``) and every method
-build on it. A method without settings (``none``) is built with no arguments; the methods that read the
-user's settings derive from ``settings.ConfiguredMethod`` and are built by ``settings.make_method``.
+Every method declares what it needs and where it acts as class attributes (``uses_ratio``,
+``needs_vit_scores``, ``needs_probe``, ``prunes_in_llm``), the same as its entry in ``catalog.py``, the
+torch-free registry of methods by name. A method without settings (``none``) is built with no arguments; the
+methods that read the user's settings derive from ``ConfiguredMethod``; ``settings.make_method`` builds either.
 
 A method can act at two points of the engine:
 
@@ -18,9 +19,13 @@ The engine knows nothing about any method; a method knows nothing about tokeniza
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+
+if TYPE_CHECKING:
+    from ptp_cli.config import ModelConfig
+    from ptp_cli.pruning.settings import PruneConfig
 
 
 @dataclass
@@ -59,9 +64,19 @@ class LayerState:
 
 
 class PruningMethod:
-    """Base class. Subclasses set ``name`` and override the hooks they use."""
+    """Base class. Subclasses set ``name`` and their capabilities (as ``catalog.Capabilities`` lists them, and
+    as the method's catalog entry says) and override the hooks they use."""
 
     name: ClassVar[str]
+    uses_ratio: ClassVar[bool] = True  # --ratio sets how many visual tokens it drops
+    needs_vit_scores: ClassVar[bool] = False  # may ask for the ViT's CLS attention (``vit_score_layer``)
+    needs_probe: ClassVar[bool] = False  # may ask for the instruction probe (``probe_layer``)
+    prunes_in_llm: ClassVar[bool] = False  # drops tokens between LLM layers (``drop_layers``, ``after_layer``)
+
+    @classmethod
+    def build(cls, cfg: PruneConfig, model_cfg: ModelConfig) -> PruningMethod:
+        """The method for these settings; a method without settings ignores them."""
+        return cls()
 
     def vit_score_layer(self) -> int | None:
         """ViT layer whose CLS attention the method needs (``VisualContext.token_scores``), or None."""
@@ -98,17 +113,23 @@ class PruningMethod:
         return {"method": self.name}
 
 
-METHODS: dict[str, type[PruningMethod]] = {}
-
-
-def register(cls: type[PruningMethod]) -> type[PruningMethod]:
-    """Class decorator: make the method selectable by its ``name``."""
-    METHODS[cls.name] = cls
-    return cls
-
-
-@register
 class NoPruning(PruningMethod):
     """Every visual token reaches every layer."""
 
     name = "none"
+    uses_ratio = False
+
+
+class ConfiguredMethod(PruningMethod):
+    """Base of the methods built from the user's settings (and the model's shape, for layer defaults)."""
+
+    def __init__(self, cfg: PruneConfig, model_cfg: ModelConfig) -> None:
+        self.cfg = cfg
+        self.model_cfg = model_cfg
+
+    @classmethod
+    def build(cls, cfg: PruneConfig, model_cfg: ModelConfig) -> PruningMethod:
+        return cls(cfg, model_cfg)
+
+    def head_aggregation(self) -> str:
+        return self.cfg.head_agg

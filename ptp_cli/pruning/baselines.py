@@ -7,12 +7,10 @@ from typing import Any
 
 import torch
 
-from ptp_cli.pruning.base import VisualContext, register
+from ptp_cli.pruning.base import ConfiguredMethod, VisualContext
 from ptp_cli.pruning.budgets import keep_count, tile_budgets
-from ptp_cli.pruning.settings import ConfiguredMethod
 
 
-@register
 class RandomPruning(ConfiguredMethod):
     """K = round((1 - ratio) * N) tokens uniformly at random over all tiles of the sample.
 
@@ -56,7 +54,6 @@ def grid_indices(b: int, side: int) -> torch.Tensor:
     return torch.tensor(sorted(out), dtype=torch.long)
 
 
-@register
 class SpatialPruning(ConfiguredMethod):
     """Per tile, a regular grid of b_i tokens; b_i are PTP's budgets (CLS-similarity regions, or uniform)."""
 

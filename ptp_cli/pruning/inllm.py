@@ -11,9 +11,8 @@ from typing import Any
 
 import torch
 
-from ptp_cli.pruning.base import LayerState, register
+from ptp_cli.pruning.base import ConfiguredMethod, LayerState
 from ptp_cli.pruning.scores import CHUNK_ELEMENTS, aggregate_heads, attention_rows
-from ptp_cli.pruning.settings import ConfiguredMethod
 
 
 def received_attention(state: LayerState, *, head_agg: str) -> torch.Tensor:
@@ -55,11 +54,11 @@ def keep_top_visual(score: torch.Tensor, state: LayerState, keep: float) -> torc
     return (state.valid & ~state.visual) | (vis & top)
 
 
-@register
 class FastV(ConfiguredMethod):
     """After layer K_f, keep the (1 - ratio) visual tokens with the most mean attention received at layer K_f - 1."""
 
     name = "fastv"
+    prunes_in_llm = True
 
     def drop_layers(self) -> frozenset[int]:
         return frozenset({self.cfg.fastv_layer - 1})
@@ -75,11 +74,12 @@ class FastV(ConfiguredMethod):
         return {"method": self.name, "ratio": c.ratio, "fastv_layer": c.fastv_layer, "head_agg": c.head_agg}
 
 
-@register
 class VTW(ConfiguredMethod):
     """Visual Token Withdrawal: no visual token after layer K_w (default half the layers)."""
 
     name = "vtw"
+    uses_ratio = False
+    prunes_in_llm = True
 
     def drop_layers(self) -> frozenset[int]:
         return frozenset({self.cfg.resolved_vtw_layer(self.model_cfg) - 1})
@@ -91,12 +91,13 @@ class VTW(ConfiguredMethod):
         return {"method": self.name, "vtw_layer": self.cfg.resolved_vtw_layer(self.model_cfg)}
 
 
-@register
 class PyramidDrop(ConfiguredMethod):
     """After each stage layer, keep ``pdrop_keep`` of the remaining visual tokens, ranked by the last prompt
     token's attention at that layer."""
 
     name = "pdrop"
+    uses_ratio = False  # pdrop_keep sets what each stage keeps
+    prunes_in_llm = True
 
     def drop_layers(self) -> frozenset[int]:
         return frozenset(k - 1 for k in self.cfg.resolved_pdrop_layers(self.model_cfg))

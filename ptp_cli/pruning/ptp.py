@@ -8,9 +8,8 @@ import torch
 
 from ptp_cli.limits import AUTO
 from ptp_cli.pruning.adaptive import auto_alpha, signals
-from ptp_cli.pruning.base import VisualContext, register
+from ptp_cli.pruning.base import ConfiguredMethod, VisualContext
 from ptp_cli.pruning.budgets import tile_budgets
-from ptp_cli.pruning.settings import ConfiguredMethod
 
 
 def minmax(x: torch.Tensor) -> torch.Tensor:
@@ -31,7 +30,6 @@ def top_per_tile(score: torch.Tensor, budgets: list[int]) -> torch.Tensor:
     return torch.cat(kept).sort().values
 
 
-@register
 class PTP(ConfiguredMethod):
     """Score = (1 - alpha) * minmax(s) + alpha * minmax(c) per tile; keep the top b_i tokens of tile i.
 
@@ -44,6 +42,8 @@ class PTP(ConfiguredMethod):
     """
 
     name = "ptp"
+    needs_vit_scores = True  # s (unless alpha is 1 or --no-token-score)
+    needs_probe = True  # c (unless alpha is 0)
 
     @property
     def _auto(self) -> bool:

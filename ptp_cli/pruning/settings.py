@@ -1,7 +1,7 @@
 """The user's pruning settings (one frozen dataclass), named presets, and the factory that builds a method.
 
-Depends on the registry (``base.py``), never the other way round; ``ConfiguredMethod`` is the base of every
-method that reads these settings.
+Imports no torch (the registry, ``catalog.py``, names the methods): the CLI checks these settings before
+torch loads. ``make_method`` imports the method's class, and torch with it.
 
 Sampling and random pruning are seeded per request (``Request.seed``), so no seed lives here.
 Layer options follow one convention: "after layer K" means the first K decoder layers (0-based 0..K-1) see
@@ -11,16 +11,20 @@ every token and layer K onward sees the pruned sequence; the drop is decided fro
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING
 
+from ptp_cli import limits  # the module, read at call time: limits imports the catalog, in this package
 from ptp_cli.config import ModelConfig
 from ptp_cli.errors import UsageError
-from ptp_cli.limits import AUTO, check_values
-from ptp_cli.pruning.base import METHODS, PruningMethod
+from ptp_cli.pruning import catalog
+
+if TYPE_CHECKING:
+    from ptp_cli.pruning.base import PruningMethod
 
 
 @dataclass(frozen=True)
 class PruneConfig:
-    method: str = "ptp"  # a name in METHODS: none, ptp, random, spatial, fastv, vtw, pdrop
+    method: str = "ptp"  # a name in catalog.METHODS: none, ptp, random, spatial, fastv, vtw, pdrop
     ratio: float = 0.5  # fraction of visual tokens pruned, in [0, 1) (ignored by none, vtw and pdrop)
     # PTP fusion weight of the instruction score c against the token score s, in [0, 1], or "auto": chosen per
     # sample from how concentrated s and c are (``adaptive.auto_alpha``)
@@ -50,13 +54,13 @@ class PruneConfig:
 
     def check(self) -> PruneConfig:
         """The checks that need no model: ranges, names, combinations. Return self."""
-        check_values({f.name: getattr(self, f.name) for f in fields(self)})
-        if self.method not in METHODS:
-            raise UsageError(f"--method: unknown method {self.method!r}; choose one of {', '.join(sorted(METHODS))}")
+        limits.check_values({f.name: getattr(self, f.name) for f in fields(self)})
+        if self.method not in catalog.METHODS:
+            raise UsageError(f"--method: unknown method {self.method!r}; choose one of {', '.join(sorted(catalog.METHODS))}")
         if self.method == "ptp" and not self.use_token_score and self.alpha == 0:
             raise UsageError("--no-token-score needs --alpha > 0 (nothing would rank the tokens)")
-        if self.method == "ptp" and not self.use_token_score and self.alpha == AUTO:
-            raise UsageError(f"--no-token-score does not go with --alpha {AUTO} (the rule weighs s against c)")
+        if self.method == "ptp" and not self.use_token_score and self.alpha == limits.AUTO:
+            raise UsageError(f"--no-token-score does not go with --alpha {limits.AUTO} (the rule weighs s against c)")
         return self
 
     def check_layers(self, model_cfg: ModelConfig) -> PruneConfig:
@@ -83,29 +87,11 @@ class PruneConfig:
         return self
 
 
-# Named starting points (the paper's findings); a CLI applies explicit options on top with dataclasses.replace.
-PRESETS: dict[str, PruneConfig] = {
-    "default": PruneConfig(),
-    "ocr": replace(PruneConfig(), alpha=0.2, vit_layer=2),  # OCR/charts: more s, an early ViT layer
-    "scene": replace(PruneConfig(), alpha=0.8),  # open scene questions: more instruction guidance
-}
-
-
-class ConfiguredMethod(PruningMethod):
-    """Base of the methods built from the user's settings (and the model's shape, for layer defaults)."""
-
-    def __init__(self, cfg: PruneConfig, model_cfg: ModelConfig) -> None:
-        self.cfg = cfg
-        self.model_cfg = model_cfg
-
-    def head_aggregation(self) -> str:
-        return self.cfg.head_agg
+# Named starting points (catalog.PRESETS); a CLI applies explicit options on top with dataclasses.replace.
+PRESETS: dict[str, PruneConfig] = {name: replace(PruneConfig(), **changes) for name, changes in catalog.PRESETS.items()}
 
 
 def make_method(cfg: PruneConfig, model_cfg: ModelConfig) -> PruningMethod:
     """Validate the settings against the model and build the method they name."""
     cfg.validate(model_cfg)
-    cls = METHODS[cfg.method]
-    if issubclass(cls, ConfiguredMethod):
-        return cls(cfg, model_cfg)
-    return cls()  # a method without settings (none)
+    return catalog.method_class(cfg.method).build(cfg, model_cfg)

@@ -1,31 +1,33 @@
 """Stage 2 of ptp-mini: train the LLM on synth scenes over the frozen vision side, on the CPU, deterministically
-and resumably.
+and resumably. The shipped weights' run (``training.recipe`` holds every stage's command):
 
-    python -m ptp_cli.mini.train --out runs/mini --seed 1 --steps 5000 --single-tile-until 0.25 \
-        --small-grid-until 0.6 --init runs/vit-b/vision.pt
+    python -m training.train --out runs/mini --seed 1 --steps 5000 --single-tile-until 0.25 \
+        --small-grid-until 0.6 --init runs/vit-1b/vision.pt --count-view tiles \
+        --token-place-weight 1 --route-place-weight 1 --route-count-weight 1 --route-count-head 2
 
 trains ptp's own ``InternVLModel`` (the modules inference runs, with gradients) on ``ptp_cli.synth`` examples
 drawn with the training seed (never an evaluation seed). The ViT and projector come from stage 1
-(``ptp_cli.mini.pretrain``, ``--init``) and stay frozen. Killed and started again with the same arguments, it
+(``training.pretrain``, ``--init``) and stay frozen. Killed and started again with the same arguments, it
 continues from its last checkpoint (weights, optimizer, step) and reaches the same weights as an uninterrupted
 run: every example is a pure function of (seed, index) and nothing else draws random numbers.
 
-Losses: next-token cross-entropy on the answers (and the separator that ends each), plus three guides that
-make an LLM this small learn to look within an hour (without them it learns each question type's answer
-prior and nothing else): *grounding*, the tokens that end a phrase naming objects attend (layer
+Losses: next-token cross-entropy on the answers (and the separator that ends each), plus guides that make an
+LLM this small learn to look within an hour (without them it learns each question type's answer prior and
+nothing else). On by default: *grounding*, the tokens that end a phrase naming objects attend (layer
 ``ground_layer``, after the question's words have mixed) to those objects' visual tokens, in the view the
 question needs (``ground_targets``), as referring/grounding data teaches real VLMs; *carry*, after that layer
 those tokens' hidden states hold the named object's colour, shape, glyph and place and how many objects the
 phrase names (training-only read-outs, not exported); *routing*, heads 0 and 1 of the answer position attend
-to the (first and second) naming tokens at layer ``route_layer``. Optional guides (off by default, not in the
-shipped weights' recipe): *token place*, the thumbnail's object tokens hold their place at the grounding
-layer's input (the ViT keeps places in the background's tokens only); *route place* and *route count*, what
-the routing heads bring to the answer holds each object's place and the count; *background dropout*
-(``--drop-background``), some scenes' sequences lose part of their background tokens with the positions
-renumbered, as pre-LLM pruning leaves a prompt. No loss shapes PTP's
-instruction score (the question tokens' attention at LLM layer 1).
+to the (first and second) naming tokens at layer ``route_layer``. Off by default and on in the shipped recipe
+(above): *token place* (``--token-place-weight``), the thumbnail's object tokens hold their place at the
+grounding layer's input (the ViT keeps places in the background's tokens only); *route place* and *route
+count* (``--route-place-weight``, ``--route-count-weight``, ``--route-count-head``), what the routing heads
+bring to the answer holds each object's place and the count. Off, and not in the shipped recipe: *background
+dropout* (``--drop-background``), some scenes' sequences lose part of their background tokens with the
+positions renumbered, as pre-LLM pruning leaves a prompt. No loss shapes PTP's instruction score (the question
+tokens' attention at LLM layer 1).
 
-Curriculum: single-tile scenes first, then grids of up to 4 tiles, then up to 12 (docs/accuracy.md).
+Curriculum: single-tile scenes first, then grids of up to 4 tiles, then up to 12 (training/README.md).
 """
 
 from __future__ import annotations
@@ -39,18 +41,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ptp_cli.mini.data import IGNORE, TOKEN_GRID, Sample, drop_visual, make_sample
-from ptp_cli.mini.evaluate import EVAL_SEED, evaluate
-from ptp_cli.mini.model import MINI, build_mini_tokenizer, export, new_model
-from ptp_cli.mini.pretrain import load_vision
-from ptp_cli.mini.readouts import CarryHeads, attention_loss, head_outputs
-from ptp_cli.mini.runs import config_main, load_state, log, lr_at, save_state
+from ptp_cli.mini.model import MINI, build_mini_tokenizer
 from ptp_cli.models.internvl import InternVLModel
 from ptp_cli.prompts import get_template
 from ptp_cli.synth import example, more_questions
 from ptp_cli.tokenization import load_tokenizer
+from training.data import IGNORE, TOKEN_GRID, Sample, drop_visual, make_sample
+from training.evaluate import EVAL_SEED, evaluate
+from training.pretrain import load_vision
+from training.readouts import CarryHeads, attention_loss, head_outputs
+from training.runs import config_main, load_state, log, lr_at, save_state
+from training.weights import export, new_model
 
 STATE = "train_state.pt"
+ROUTED_FIRST = 0  # the head the routing loss sends to the (first) naming token (head 1: to the second one)
 SCHEDULE_ONLY = ("checkpoint_minutes", "eval_minutes", "eval_questions")  # settings that do not change the weights
 
 
@@ -82,13 +86,16 @@ class TrainConfig:
     route_place_weight: float = 0.0  # weight of the route-place loss: on position questions, what heads 0 and 1
     # of that layer bring to the answer position holds the first and the second object's place (apart, so
     # the last MLP can compare them)
-    route_place_head: int = 0  # the first of the two heads read for the places (it and the next one); not 0:
-    # the routing loss also sends them to the first and the second naming token of position questions
+    route_place_head: int = 0  # the first of the two heads read for the places (it and the next one); 0 (heads 0
+    # and 1, which the routing loss already sends to the first and the second naming token) adds no attention
+    # term; another head is also sent there, on position questions, by an attention term of its own
     route_count_weight: float = 0.0  # weight of the route-count loss: on count and existence questions, what the
     # count head (below) of that layer brings to the answer position holds how many objects the question names
-    route_count_head: int = 0  # the head of that layer read for the count; not 0: the routing loss also sends it
-    # to the naming token on count and existence questions (heads 2 and 3 share the other key-value head than
-    # heads 0 and 1, so the count does not crowd the values that carry colour, shape, glyph and place)
+    route_count_head: int = 0  # the head of that layer read for the count; 0 (head 0, which the routing loss
+    # already sends to the naming token) adds no attention term; another head is also sent to the naming token,
+    # on count and existence questions, by an attention term of its own (heads 2 and 3 share the other
+    # key-value head than heads 0 and 1, so the count does not crowd the values that carry colour, shape,
+    # glyph and place)
     drop_background: float = 0.0  # probability that a scene's sequence loses part of its background tokens
     # before the LLM (contiguous positions after, as pre-LLM pruning leaves a prompt): the place of an object
     # must then come from what survives, not from its distance to the image's first token
@@ -99,7 +106,7 @@ class TrainConfig:
     eval_minutes: float = 20.0  # wall-clock minutes between held-out evaluations (0: never)
     eval_questions: int = 60  # held-out questions per evaluation
     vit_width: int = 32  # ViT width (12 layers, heads of 16 channels); must match --init's
-    init: str = ""  # vision.pt of stage 1 (ptp_cli.mini.pretrain): ViT and projector, kept frozen; a whole
+    init: str = ""  # vision.pt of stage 1 (training.pretrain): ViT and projector, kept frozen; a whole
     # model state (a fine-tune) also brings its LLM
 
 
@@ -211,15 +218,15 @@ def guide_losses(lm, carry: CarryHeads, h: torch.Tensor, positions: torch.Tensor
         # head 0: the answer position reads the (first) naming token; head 1: the second one, where a question
         # names two objects (position: compare their places)
         first = [torch.tensor(rs[:1]) for rs in sample.naming_rows]
-        route = attention_loss(lm, h, positions, sample.answer_rows, first, layer=layer, head=0)
+        route = attention_loss(lm, h, positions, sample.answer_rows, first, layer=layer, head=ROUTED_FIRST)
         pairs = [(a, rs[1]) for a, rs in zip(sample.answer_rows, sample.naming_rows, strict=True) if len(rs) > 1]
         if pairs:
             route = route + attention_loss(lm, h, positions, [a for a, _ in pairs],
-                                           [torch.tensor([b]) for _, b in pairs], layer=layer, head=1)
+                                           [torch.tensor([b]) for _, b in pairs], layer=layer, head=ROUTED_FIRST + 1)
         first = np.cumsum([0] + [len(rs) for rs in sample.naming_rows])  # each question's first naming row
         placed = [(a, rs) for a, t, rs in zip(sample.answer_rows, sample.types, sample.naming_rows, strict=True)
                   if t == "position" and len(rs) > 1]
-        if cfg.route_place_head and cfg.route_place_weight and placed:
+        if cfg.route_place_weight and cfg.route_place_head != ROUTED_FIRST and placed:
             for i in range(2):  # the place heads read the first and the second named object
                 route = route + attention_loss(lm, h, positions, [a for a, _ in placed],
                                                [torch.tensor([rs[i]]) for _, rs in placed],
@@ -227,7 +234,7 @@ def guide_losses(lm, carry: CarryHeads, h: torch.Tensor, positions: torch.Tensor
         head = cfg.route_count_head
         counted = [(a, f) for a, t, f in zip(sample.answer_rows, sample.types, first, strict=False)
                    if t in ("count", "exist")]  # (answer row, first naming row)
-        if head and cfg.route_count_weight and counted:
+        if cfg.route_count_weight and head != ROUTED_FIRST and counted:
             route = route + attention_loss(lm, h, positions, [a for a, _ in counted],
                                            [torch.tensor([rows[f]]) for _, f in counted], layer=layer, head=head)
         out["route"] = route
@@ -312,8 +319,8 @@ def train(out: Path, cfg: TrainConfig, *, stop_at: int | None = None) -> Path:
     if not 0 <= cfg.route_count_head < MINI.llm.num_heads:
         raise ValueError(f"--route-count-head is a head of the routing layer, 0 to {MINI.llm.num_heads - 1}")
     if not cfg.init:
-        raise ValueError("the VQA stage starts from a pretrained vision side: pass --init runs/vit/vision.pt "
-                         "(python -m ptp_cli.mini.pretrain)")
+        raise ValueError("the VQA stage starts from a pretrained vision side: pass --init runs/vit-1b/vision.pt "
+                         "(python -m training.pretrain)")
     torch.set_num_threads(1)
     out = Path(out)
     tok_dir = out / "tokenizer"
@@ -375,7 +382,7 @@ def train(out: Path, cfg: TrainConfig, *, stop_at: int | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    config_main(train, TrainConfig, argv, prog="python -m ptp_cli.mini.train", doc=__doc__,
+    config_main(train, TrainConfig, argv, prog="python -m training.train", doc=__doc__,
                 out_help="run folder (checkpoints, log, export)")
 
 

@@ -1,6 +1,6 @@
 """Stage 1 of ptp-mini: pretrain the vision side (InternViT + projector) alone on the scenes' dense labels.
 
-    python -m ptp_cli.mini.pretrain --out runs/vit --seed 1
+    python -m training.pretrain --out runs/vit --seed 1
 
 From scratch, the full VQA loop learns colours at once but shapes and glyphs very slowly (a ViT has no
 locality prior, and each step sees two scenes whose objects cover ~2% of the tokens), so the LLM cannot find
@@ -8,7 +8,8 @@ the object a question names. This stage stands in for a real InternViT's pretrai
 small crops around the objects (6 x 6 visual tokens, 12 x 12 patches: ~1/7 of a tile, mostly object), many
 per step, with the same per-token losses as the VQA stage (colour, shape, glyph, object centre). A crop runs
 the real ViT layers with the position embeddings of the patches it covers, so the weights transfer unchanged
-to full 448 px tiles. ``python -m ptp_cli.mini.train --init runs/vit/vision.pt`` starts the VQA stage from it.
+to full 448 px tiles. ``python -m training.train --init RUN/vision.pt`` starts the VQA stage from it (the
+shipped recipe, ``training.recipe``, runs this stage twice: 1a, then 1b from 1a's ``vision.pt``).
 
 With ``--full-scenes N`` each step also trains on whole 448 px views (a tile with an object and the thumbnail
 of N scenes of 1 to 12 tiles), through exactly the inference path: thumbnails shrink objects below any crop's.
@@ -29,12 +30,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptp_cli.image import TilingOptions
-from ptp_cli.mini.data import CLS_TARGETS, TOKEN_GRID, TOKEN_PX, token_truth
-from ptp_cli.mini.model import build_mini_tokenizer, mimetic_init, new_model
-from ptp_cli.mini.runs import config_main, load_state, log, lr_at, save_state
+from ptp_cli.mini.model import build_mini_tokenizer
 from ptp_cli.models.internvl import InternVLModel, pixel_shuffle
 from ptp_cli.synth import example, render
 from ptp_cli.synth.scene import COLOURS, GLYPHS, SHAPES
+from training.data import CLS_TARGETS, TOKEN_GRID, TOKEN_PX, token_truth
+from training.runs import config_main, load_state, log, lr_at, save_state
+from training.weights import mimetic_init, new_model
 
 STATE = "train_state.pt"
 VISION = "vision.pt"  # the stage's product: vision_model.*, mlp1.* and the token heads, for --init
@@ -340,7 +342,7 @@ def pretrain(out: Path, cfg: PretrainConfig, *, stop_at: int | None = None) -> P
 
 
 def main(argv: list[str] | None = None) -> None:
-    config_main(pretrain, PretrainConfig, argv, prog="python -m ptp_cli.mini.pretrain", doc=__doc__,
+    config_main(pretrain, PretrainConfig, argv, prog="python -m training.pretrain", doc=__doc__,
                 out_help="run folder (checkpoint, log, vision.pt)")
 
 

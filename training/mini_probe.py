@@ -1,7 +1,7 @@
 """Probe a ptp-mini stage-2 run link by link: where the naming tokens' grounding attention lands, what the carry
 read-outs recover, whether the answer reads the naming tokens, and the answers, per question type.
 
-    python scripts/mini_probe.py runs/mini [--scenes 12] [--min-tiles 2] [--max-tiles 12]
+    python -m training.mini_probe runs/mini [--scenes 12] [--min-tiles 2] [--max-tiles 12]
 
 Scenes come from the held-out seed (1000) with their extra questions (a probe, not an accuracy measure)."""
 
@@ -15,11 +15,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ptp_cli.mini.data import TOKEN_GRID, make_sample
-from ptp_cli.mini.evaluate import EVAL_SEED
-from ptp_cli.mini.model import new_model
-from ptp_cli.mini.readouts import CarryHeads, attention_loss
-from ptp_cli.mini.train import (
+from ptp_cli.prompts import get_template
+from ptp_cli.synth import example, more_questions
+from ptp_cli.tokenization import load_tokenizer
+from training.data import TOKEN_GRID, make_sample
+from training.evaluate import EVAL_SEED
+from training.readouts import CarryHeads, attention_loss
+from training.train import (
     STATE,
     TrainConfig,
     ground_targets,
@@ -27,9 +29,7 @@ from ptp_cli.mini.train import (
     sequence_inputs,
     view_objects,
 )
-from ptp_cli.prompts import get_template
-from ptp_cli.synth import example, more_questions
-from ptp_cli.tokenization import load_tokenizer
+from training.weights import new_model
 
 
 def main(argv: list[str] | None = None) -> None:

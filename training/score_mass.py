@@ -1,9 +1,9 @@
 """How much of PTP's token score s and instruction score c falls on the objects of synth scenes.
 
-    python scripts/score_mass.py [--model mini] [--n 24] [--seed 1001] [--max-tiles 6]
+    python -m training.score_mass [--model mini] [--n 24] [--seed 1001] [--max-tiles 6]
 
 Runs PTP through the public pipeline with a method that also notes both score maps, then, per scene, the share
-of each score's sum on the object tokens (``ptp_cli.mini.data.token_truth``: every view, thumbnail included),
+of each score's sum on the object tokens (``training.data.token_truth``: every view, thumbnail included),
 averaged over the scenes; beside it the share of the tokens that are object tokens (a score blind to the
 objects puts that much there)."""
 
@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 
 from ptp_cli.engine import Engine
-from ptp_cli.mini.data import TOKEN_GRID, token_truth
 from ptp_cli.pipeline import Pipeline, RunConfig
 from ptp_cli.pruning import PruneConfig
 from ptp_cli.pruning.ptp import PTP
 from ptp_cli.records import iter_records
 from ptp_cli.synth import example, write_benchmark
 from ptp_cli.zoo import load_model
+from training.data import TOKEN_GRID, token_truth
 
 
 class NotingPTP(PTP):

@@ -1,7 +1,7 @@
-"""Re-run the first steps of a stage-2 run (ptp_cli.mini.train) with its recorded settings and compare the
+"""Re-run the first steps of a stage-2 run (training.train) with its recorded settings and compare the
 training log line by line: a cheap check that the current code still reproduces a long run.
 
-    python scripts/repro_check.py runs/mini --steps 300 [--set place_head=-1 ...]
+    python -m training.repro_check runs/mini --steps 300 [--set place_head=-1 ...]
 
 Exit status 0 when every logged loss of the first ``--steps`` steps is equal (to the log's 4 decimals)."""
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ptp_cli.mini.train import STATE, TrainConfig, train
+from training.train import STATE, TrainConfig, train
 
 SKIP = ("elapsed",)  # wall-clock fields differ between runs by nature
 

@@ -1,4 +1,4 @@
-"""Turn a training run into the shipped checkpoint: ``python -m ptp_cli.mini.ship RUN_DIR [--to DIR]``.
+"""Turn a training run into the shipped checkpoint: ``python -m training.ship RUN_DIR [--to DIR]``.
 
 Loads the run's last training state, writes the model (not the auxiliary heads) in the original InternVL2
 layout to the package's checkpoint folder, with a ``ptp_mini.json`` saying how it was trained.
@@ -13,9 +13,11 @@ from pathlib import Path
 
 import torch
 
-from ptp_cli.mini.model import export, new_model
-from ptp_cli.mini.shipped import SHIPPED_DIR
-from ptp_cli.mini.train import STATE
+from training.train import STATE
+from training.weights import export, new_model
+
+# The repository's package-data folder (what `--model mini` loads once installed), not an installed copy's.
+SHIPPED_DIR = Path(__file__).resolve().parents[1] / "ptp_cli" / "mini" / "checkpoint"
 
 
 def ship(run_dir: Path, to: Path = SHIPPED_DIR) -> Path:
@@ -29,8 +31,8 @@ def ship(run_dir: Path, to: Path = SHIPPED_DIR) -> Path:
         shutil.rmtree(to)
     export(model, tok_dir, to)
     provenance = {
-        "trained_by": "python -m ptp_cli.mini.pretrain (stage 1), python -m ptp_cli.mini.train (stage 2); "
-                      "the commands are in docs/accuracy.md",
+        "trained_by": "python -m training.recipe (training/README.md): training.pretrain (stages 1a, 1b), "
+                      "training.train (stage 2, these settings)",
         "config": state["config"],
         "step": state["step"],
         "train_seconds": round(state["elapsed"]),
@@ -40,7 +42,7 @@ def ship(run_dir: Path, to: Path = SHIPPED_DIR) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m ptp_cli.mini.ship", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m training.ship", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="the --out folder of a training run")
     parser.add_argument("--to", type=Path, default=SHIPPED_DIR, help="where to write the checkpoint")
     args = parser.parse_args(argv)

@@ -1,4 +1,4 @@
-"""Training-only read-outs and attention probes of ptp-mini's stage 2 (``ptp_cli.mini.train``): linear heads
+"""Training-only read-outs and attention probes of ptp-mini's stage 2 (``training.train``): linear heads
 that ask a hidden state to hold what a guide wants there, and the attention of chosen rows and heads of one LLM
 layer, computed as the inference modules compute it."""
 
@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ptp_cli.mini.data import IGNORE, TOKEN_GRID
 from ptp_cli.models.llm import apply_rope
 from ptp_cli.pruning.scores import attention_rows
 from ptp_cli.synth.scene import COLOURS, COUNTS, GLYPHS, SHAPES
+from training.data import IGNORE, TOKEN_GRID
 
 
 class CarryHeads(nn.Module):

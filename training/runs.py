@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
+import re
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -59,13 +61,50 @@ def _flag(text: str) -> bool:
     return text.lower() in ("true", "1")
 
 
-def config_main(run, config_cls, argv: list[str] | None, *, prog: str, doc: str, out_help: str) -> None:
-    """A stage's command line: ``--out`` plus one option per field of its config dataclass."""
-    parser = argparse.ArgumentParser(prog=prog, description=doc.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help=out_help)
+_FIELD = re.compile(r"^    (\w+): [^#]+#\s*(.*)$")  # `    name: type = default  # help`
+_MORE = re.compile(r"^    #\s*(.*)$")  # a comment line under it continues the help
+
+
+def field_help(config_cls: type) -> dict[str, str]:
+    """Each field's help: its comment in the dataclass's source, continuation lines included. A config's
+    settings are documented once, where they are declared, and the command line reads them from there."""
+    helps: dict[str, str] = {}
+    name = None
+    for line in inspect.getsource(config_cls).splitlines():
+        if m := _FIELD.match(line):
+            name = m.group(1)
+            helps[name] = m.group(2)
+        elif name is not None and (m := _MORE.match(line)):
+            helps[name] += " " + m.group(1)
+        else:
+            name = None
+    return helps
+
+
+def config_parser(config_cls: type, *, prog: str, doc: str, out_help: str) -> argparse.ArgumentParser:
+    """A stage's command line: ``--out`` plus one option per field of its config dataclass, each with the
+    field's comment as help (ValueError for a field without one)."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, default=argparse.SUPPRESS, help=out_help)
+    helps = field_help(config_cls)
     for name, default in asdict(config_cls()).items():
+        if not helps.get(name):
+            raise ValueError(f"{config_cls.__name__}.{name} has no comment to serve as its --help")
         kind = _flag if isinstance(default, bool) else type(default)
-        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=default)
-    args = vars(parser.parse_args(argv))
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=default, help=helps[name],
+                            metavar="true|false" if kind is _flag else None)
+    return parser
+
+
+def parse_config(config_cls: type, argv: list[str] | None, **parser_options: str) -> tuple[Path, Any]:
+    """(--out, the config) from a stage's command line (``parser_options``: as ``config_parser``)."""
+    args = vars(config_parser(config_cls, **parser_options).parse_args(argv))
     out = args.pop("out")
-    print(run(out, config_cls(**args)))
+    return out, config_cls(**args)
+
+
+def config_main(run, config_cls, argv: list[str] | None, **parser_options: str) -> None:
+    """Run a stage from its command line and print what it wrote."""
+    out, cfg = parse_config(config_cls, argv, **parser_options)
+    print(run(out, cfg))
