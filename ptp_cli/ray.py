@@ -124,6 +124,9 @@ def _start(address: str | None, *, verbose: bool) -> bool:
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # rows come back in input order, as from one process
     ctx.enable_progress_bars = False  # ptp prints its own progress and summary
+    # Start every actor (each loads the model) before any block goes out: otherwise the first actor up can take
+    # every block of a small input while the others are still loading.
+    ctx.wait_for_min_actors_s = 600
     ctx.print_on_execution_start = False
     return started
 
