@@ -139,14 +139,8 @@ class Engine:
         """Run one batch through every stage; one ``Result`` per request, in order."""
         if not requests:
             return []
-        self.check(requests)
         clock = StageClock(self.model.device)
-        with out_of_memory_stage("vit"):
-            visual = self.encode_images(requests)
-        clock.lap("vit")
-        with out_of_memory_stage("probe"):
-            selection = self.select(requests, visual)
-        clock.lap("probe")
+        visual, selection = self.encode_and_select(requests, clock)
         with out_of_memory_stage("prefill"):
             prompts = self.build_prompts(requests, visual.features, selection.keep)
             state = self.prefill(prompts, room=max(r.max_new_tokens for r in requests))
@@ -155,6 +149,18 @@ class Engine:
             tokens, logps = self.decode(requests, state)
         clock.lap("decode")
         return self._results(requests, prompts, state.layer_tokens, tokens, logps, clock.times, selection.notes)
+
+    def encode_and_select(self, requests: Sequence[Request], clock: StageClock) -> tuple[VisualFeatures, Selection]:
+        """The stages before the LLM (checks, ViT, the method's scores and choice), timed as vit and probe: what
+        any engine that generates from the pruned prompts runs first."""
+        self.check(requests)
+        with out_of_memory_stage("vit"):
+            visual = self.encode_images(requests)
+        clock.lap("vit")
+        with out_of_memory_stage("probe"):
+            selection = self.select(requests, visual)
+        clock.lap("probe")
+        return visual, selection
 
     # ------------------------------------------------------------------------------------------ stages
 

@@ -142,13 +142,9 @@ class VLLMEngine:
         if not requests:
             return []
         ptp = self.ptp
-        ptp.check(requests)
         clock = StageClock(ptp.model.device)
-        with out_of_memory_stage("vit"):
-            visual = ptp.encode_images(requests)
-        clock.lap("vit")
+        visual, selection = ptp.encode_and_select(requests, clock)
         with out_of_memory_stage("probe"):
-            selection = ptp.select(requests, visual)
             prompts = ptp.build_prompts(requests, visual.features, selection.keep)
             embeds = [prompts.x[i, : len(ids)].cpu() for i, ids in enumerate(prompts.ids)]  # [S_i, D] each
         clock.lap("probe")

@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import pytest
 from PIL import Image
 from test_cli import _env, error_line, parse_rows, ptp, write_jsonl
 
-from ptp_cli.builders.tiny import TINY_VERSION
+from ptp_cli.builders.tiny import TINY_VERSION, build_random_checkpoint
 from ptp_cli.builders.writers import save_original_layout
 from ptp_cli.loading import load_model, load_state_dict
 
@@ -57,6 +58,9 @@ def _checkpoint(ptp_home: Path, tmp: Path, arch: str) -> Path:
         return tiny
     cfg = load_model(str(tiny)).cfg
     out = tmp / arch
+    if arch == "qwen2":  # Qwen2 has q/k/v biases: its own seeded random weights, the tiny model's shapes
+        cfg = replace(cfg, llm=replace(cfg.llm, arch="qwen2", qkv_bias=True))
+        return build_random_checkpoint(cfg, out, seed=1, tokenizer_dir=tiny)
     save_original_layout(load_state_dict(tiny, cfg), cfg, out, llm_arch=arch, tokenizer_dir=tiny)
     return out
 
