@@ -4,6 +4,8 @@ vLLM pins its own torch and transformers, so it lives in a Python of its own (as
 is often a separate environment): ``PTP_VLLM_PYTHON`` names it (``.ci/run`` builds one), or this Python if it has
 vLLM. Each test starts vLLM once (eager mode, a small KV cache) in a subprocess of that Python:
 ``tests/vllm_worker.py`` runs ptp's engine and vLLM on the same records for every pre-LLM method and ratio.
+The default run starts vLLM once (the built-in tiny checkpoint); ``--runslow`` adds Qwen2, Phi-3 and the CLI on
+ptp-mini.
 """
 
 from __future__ import annotations
@@ -97,6 +99,7 @@ def test_vllm_generates_what_ptps_engine_generates(ptp_home: Path, tmp_path: Pat
 
 
 @needs_vllm
+@pytest.mark.slow  # a second vLLM start (ptp-mini): keeps the default suite under 10 minutes on 2 cores
 def test_cli_engine_vllm_answers_the_samples_as_ptp_does(ptp_home: Path, tmp_path: Path) -> None:
     args = ["infer", str(REPO / "samples" / "questions.jsonl"), "--model", "mini", "--max-new-tokens", "8"]
     ours = ptp(*args, home=ptp_home)
