@@ -61,8 +61,8 @@ def start_vllm(loaded: LoadedModel, config: RunConfig) -> VLLMGenerator:
     """vLLM serving the checkpoint's LLM (``--engine vllm``); eager on a CPU, where compiling costs minutes."""
     from ptp_cli.home import ptp_home
 
-    return VLLMGenerator(loaded.model, view_dir=ptp_home() / "vllm" / view_key(loaded.path), seed=config.seed,
-                         enforce_eager=loaded.model.device.type == "cpu")
+    view = ptp_home() / "vllm" / view_key(loaded.path, loaded.model.dtype)
+    return VLLMGenerator(loaded.model, view_dir=view, seed=config.seed, enforce_eager=loaded.model.device.type == "cpu")
 
 
 @dataclass

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,10 +45,11 @@ def refuse_in_llm(method: PruningMethod) -> None:
         raise UsageError(in_llm_with_vllm(method.name))
 
 
-def view_key(model_dir: Path) -> str:
-    """The source checkpoint's fingerprint: its config and the names, sizes and times of its files (hashing
-    gigabytes of weights at every start would cost more than it guards against)."""
-    h = hashlib.sha256(f"ptp-llm-view-{VIEW_FORMAT}".encode())
+def view_key(model_dir: Path, dtype: torch.dtype) -> str:
+    """The LLM view's folder name: the source checkpoint's fingerprint (the names, sizes and times of its files;
+    hashing gigabytes of weights at every start would cost more than it guards against) and the dtype the view
+    is written in (a bf16 view would round an fp32 run's weights)."""
+    h = hashlib.sha256(f"ptp-llm-view-{VIEW_FORMAT}-{dtype}".encode())
     h.update(str(model_dir.resolve()).encode())
     for f in sorted(p for p in model_dir.iterdir() if p.is_file()):
         st = f.stat()
@@ -64,7 +66,9 @@ def ensure_llm_view(model: InternVLModel, out: Path) -> Path:
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     save_llm_view(state, model.cfg, tmp)
-    if not out.exists():  # another process may have written it meanwhile: theirs is as good
+    if out.exists():  # another process wrote it meanwhile: theirs is as good
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
         tmp.replace(out)
     return out
 

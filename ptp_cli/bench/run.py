@@ -114,7 +114,7 @@ def _vllm_runners(config: BenchConfig, bench_model: Any, requests: list, *, devi
     from ptp_cli.vllm_engine import VLLMEngine, VLLMGenerator, view_key
 
     if config.model is not None:
-        key = view_key(resolve_model(config.model))
+        key = view_key(resolve_model(config.model), dtype)
     else:
         key = f"{config.source}-seed{config.seed}-{dtype_name(dtype)}"
     generator = VLLMGenerator(bench_model.model, view_dir=ptp_home() / "vllm" / key, seed=config.seed,
