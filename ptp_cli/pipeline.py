@@ -29,7 +29,7 @@ from ptp_cli.loading import LoadedModel
 from ptp_cli.pruning import make_method
 from ptp_cli.records import BadRecord, Record, error_row, result_row, shown_record
 from ptp_cli.run_config import RunConfig, read_model_config
-from ptp_cli.vllm_engine import VLLMEngine, VLLMGenerator, view_key
+from ptp_cli.vllm_engine import VLLMEngine, VLLMGenerator, refuse_in_llm, view_key
 from ptp_cli.zoo import load_model
 
 __all__ = ["Pipeline", "Prepared", "RunConfig", "read_model_config", "run_settings", "start_vllm"]
@@ -75,7 +75,9 @@ class Prepared:
 
 
 class Pipeline:
-    def __init__(self, loaded: LoadedModel, config: RunConfig, *, engine: Engine | None = None) -> None:
+    def __init__(
+        self, loaded: LoadedModel, config: RunConfig, *, engine: Engine | VLLMEngine | None = None
+    ) -> None:
         """``engine``: run requests on this one instead of building one from ``loaded`` and ``config.prune`` (it
         must prune as ``config.prune`` says: rows echo those settings)."""
         config.validate()
@@ -106,6 +108,7 @@ class Pipeline:
     def _make_engine(self) -> Engine | VLLMEngine:
         method = make_method(self.config.prune, self.cfg)
         if self.config.engine == "vllm":
+            refuse_in_llm(method)  # before vLLM starts (tens of seconds)
             return VLLMEngine(self.loaded.model, image_token_id=self.loaded.image_token_id, method=method,
                               generator=start_vllm(self.loaded, self.config))
         return Engine(self.loaded.model, image_token_id=self.loaded.image_token_id, method=method)
