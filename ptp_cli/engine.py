@@ -118,6 +118,8 @@ class DecodeState:
 
 
 class Engine:
+    kind = "ptp"  # which engine generates (reports label rows with it)
+
     def __init__(
         self,
         model: InternVLModel,

@@ -130,6 +130,8 @@ class VLLMEngine:
     """Same interface as ``Engine`` (``generate(requests) -> list[Result]``): ptp's engine encodes and prunes,
     the ``VLLMGenerator`` prefills and decodes."""
 
+    kind = "vllm"
+
     def __init__(
         self, model: InternVLModel, *, image_token_id: int, method: PruningMethod, generator: VLLMGenerator,
         vision_cache: VisionCache | None = None,

@@ -217,7 +217,7 @@ class PtpRunner:
         method = self.engine.method
         per_layer = [visual_per_layer(r) for r in results]
         return BenchRow(
-            name=self.name, engine="vllm" if self.name.startswith("vllm ") else "ptp", method=method.name, ratio=self.ratio, settings=method.settings(),
+            name=self.name, engine=self.engine.kind, method=method.name, ratio=self.ratio, settings=method.settings(),
             samples_per_s=Stat.of([b / w for w in self.walls]), wall_s=Stat.of(self.walls),
             # vLLM rows: its own queue and prefill time of the batch's first request stand for prefill.
             ttft_s=Stat.of([t.get("vit", 0.0) + t.get("probe", 0.0)

@@ -11,7 +11,6 @@ import os
 import platform
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import torch
 
@@ -31,10 +30,17 @@ from ptp_cli.bench.measurement import (
 from ptp_cli.bench.peer import PEER, SHARE_WEIGHTS_MAX_PARAMS, PeerRunner, build_peer
 from ptp_cli.bench.report import BenchReport, params_text, plural, si
 from ptp_cli.bench.targets import evaluate
-from ptp_cli.bench.workload import SyntheticEncoder, TokenIds, build_workload, load_bench_model, model_config
+from ptp_cli.bench.workload import (
+    BenchModel,
+    SyntheticEncoder,
+    TokenIds,
+    build_workload,
+    load_bench_model,
+    model_config,
+)
 from ptp_cli.config import ModelConfig
 from ptp_cli.devices import dtype_name
-from ptp_cli.engine import Engine
+from ptp_cli.engine import Engine, Request
 from ptp_cli.errors import UsageError
 from ptp_cli.flops import sample_flops
 from ptp_cli.home import ptp_home
@@ -107,7 +113,7 @@ class Plan:
             )
 
 
-def _vllm_runners(config: BenchConfig, bench_model: Any, requests: list, *, device: torch.device,
+def _vllm_runners(config: BenchConfig, bench_model: BenchModel, requests: list[Request], *, device: torch.device,
                   dtype: torch.dtype) -> list[Runner]:
     """The pre-LLM rows again, with vLLM generating from ptp's pruned embeddings (one vLLM for all of them;
     prefix caching off, so no row reuses another's prefill)."""
