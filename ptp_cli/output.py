@@ -1,16 +1,55 @@
-"""Writing result rows: rows that finish out of order go out in input order, one orjson line each."""
+"""Writing result rows: rows that finish out of order go out in input order, one orjson line each (or through
+another format's ``RowSink``: ``ptp_cli.formats``)."""
 
 from __future__ import annotations
 
 import contextlib
 import io
 from collections.abc import Mapping
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import orjson
 
 from ptp_cli.errors import RecordError
 from ptp_cli.records import error_row
+
+
+class RowSink(Protocol):
+    """Where an ``OrderedWriter`` puts rows: ``encode`` runs at ``put`` (a row that cannot be written fails
+    there, and the buffer holds the compact form); ``write`` gets encoded rows in order; ``flush`` and ``close``
+    make them durable. The JSONL sink below writes each burst at once; others may batch (Parquet parts)."""
+
+    def encode(self, row: Mapping[str, Any]) -> Any: ...
+
+    def write(self, rows: list[Any]) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class JsonlSink:
+    """One orjson line per row, flushed after every burst."""
+
+    def __init__(self, stream: IO[bytes] | IO[str], *, convert: Any = None) -> None:
+        if isinstance(stream, io.TextIOBase):
+            stream.flush()  # anything already written as text goes before our bytes
+            stream = stream.buffer  # type: ignore[attr-defined]
+        self._stream: IO[bytes] = stream  # type: ignore[assignment]
+        self._convert = convert  # row -> row in another JSON layout (the OpenAI batch output), or None
+
+    def encode(self, row: Mapping[str, Any]) -> bytes:
+        return _dumps(row if self._convert is None else self._convert(row))
+
+    def write(self, rows: list[bytes]) -> None:
+        self._stream.write(b"".join(rows))
+        self._stream.flush()
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def close(self) -> None:
+        self._stream.flush()
 
 
 class OrderedWriter:
@@ -24,21 +63,18 @@ class OrderedWriter:
     Memory is bounded: ``put(seq)`` requires ``can_accept(seq)``, i.e. ``seq < next_seq + window``; a producer
     that gets ``False`` must finish its in-flight records (all of which have smaller seqs) before reading more.
 
-    ``stream`` is a binary stream (a text stream is written through its ``.buffer``); the writer never closes
-    it. A closed pipe (``ptp infer ... | head``) raises ``BrokenPipeError`` from ``put``/``close``, so the CLI
+    ``stream`` is a binary stream (a text stream is written through its ``.buffer``), or a ``RowSink``; the
+    writer never closes a stream, and closes a sink. A closed pipe (``ptp infer ... | head``) raises ``BrokenPipeError`` from ``put``/``close``, so the CLI
     can exit quietly; the writer then refuses further rows.
     """
 
-    def __init__(self, stream: IO[bytes] | IO[str], *, window: int = 1024) -> None:
+    def __init__(self, stream: IO[bytes] | IO[str] | RowSink, *, window: int = 1024) -> None:
         if window < 1:
             raise ValueError("window must be at least 1")
-        if isinstance(stream, io.TextIOBase):
-            stream.flush()  # anything already written as text goes before our bytes
-            stream = stream.buffer  # type: ignore[attr-defined]
-        self._stream: IO[bytes] = stream  # type: ignore[assignment]
+        self._sink: RowSink = stream if hasattr(stream, "encode") else JsonlSink(stream)  # type: ignore[arg-type]
         self.window = window
         self._next = 0
-        self._buffer: dict[int, bytes] = {}
+        self._buffer: dict[int, Any] = {}
         self._written = 0
         self._closed = False
 
@@ -71,7 +107,7 @@ class OrderedWriter:
             raise ValueError(
                 f"seq {seq} is beyond the window (next {self._next}, window {self.window}); check can_accept()"
             )
-        self._buffer[seq] = _dumps(row)  # serialise now: bytes are smaller, and a bad row fails here
+        self._buffer[seq] = self._sink.encode(row)  # serialise now: smaller, and a bad row fails here
         if seq == self._next:
             self._drain()
 
@@ -81,13 +117,12 @@ class OrderedWriter:
             chunks.append(self._buffer.pop(self._next))
             self._next += 1
         if chunks:
-            self._write(b"".join(chunks))
+            self._write(chunks)
             self._written += len(chunks)
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, rows: list[Any]) -> None:
         try:
-            self._stream.write(data)
-            self._stream.flush()
+            self._sink.write(rows)
         except BrokenPipeError:
             self._closed = True
             self._buffer.clear()
@@ -100,11 +135,12 @@ class OrderedWriter:
             return
         self._closed = True
         if not self._buffer:
-            self._stream.flush()
+            self._sink.close()
             return
         seqs = sorted(self._buffer)
         missing = sorted(set(range(self._next, seqs[-1])) - set(seqs))
-        self._write(b"".join(self._buffer.pop(s) for s in seqs))
+        self._write([self._buffer.pop(s) for s in seqs])
+        self._sink.close()
         self._written += len(seqs)
         self._next = seqs[-1] + 1
         shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ def scan_output(
     settings: Mapping[str, Any] | None = None,
     force: bool = False,
     retry_errors: bool = False,
+    read_row: Callable[[dict[str, Any]], tuple[int | None, str | None, bool]] | None = None,
 ) -> ResumeState:
     """Read an earlier run's output for ``--resume``: repair it in place and return the lines already done.
 
@@ -49,6 +50,9 @@ def scan_output(
     - Rows carry ``settings``; if their ``fingerprint`` differs from ``settings_fingerprint`` (or from that of
       ``settings``, and then the message lists what differs), raise ``UsageError`` unless ``force``.
       ``None`` for both skips the check.
+
+    ``read_row`` reads a row of another JSON layout (the OpenAI batch output) as ``(line, settings
+    fingerprint, is an error)``, line None for a row that is not ptp's.
 
     Nothing is modified before every check has passed.
     """
@@ -89,18 +93,25 @@ def scan_output(
             except orjson.JSONDecodeError:
                 bad = (n, "invalid JSON")
                 continue
-            line = row.get("line") if isinstance(row, dict) else None
+            fp = None
+            if read_row is not None and isinstance(row, dict):
+                line, fp, is_error = read_row(row)
+            else:
+                line = row.get("line") if isinstance(row, dict) else None
+                is_error = isinstance(row, dict) and row.get("error") is not None
             if not (isinstance(line, int) and not isinstance(line, bool) and line >= 1):
                 raise UsageError(
                     f"{path}, line {n}: not a ptp result row (no integer 'line'); refusing to resume into it"
                 )
             good_end = offset
             rows += 1
-            if isinstance(row_settings := row.get("settings"), dict):
+            if fp is not None:
+                fingerprints.add(fp)
+            elif isinstance(row_settings := row.get("settings"), dict):
                 fingerprints.add(fp := fingerprint(row_settings))
                 if other is None and fp != settings_fingerprint:
                     other = row_settings
-            if row.get("error") is not None:
+            if is_error:
                 error_at.add(n)
                 retried.add(line)
             else:

@@ -1,4 +1,5 @@
-"""``ptp infer``: JSONL records in, one JSON result row per record out, in input order, resumable.
+"""``ptp infer``: records in (JSONL, Parquet, Arrow, WebDataset, OpenAI batch), one result row per record out
+(JSONL, Parquet or the batch output format; ``ptp_cli.formats``), in input order, resumable.
 
 stdout (or --output) carries rows only; logs, warnings, the progress bar and the summary go to stderr.
 Exit codes: 0 every record ok, 3 some records failed (each still has an error row), 2 usage error,
@@ -18,26 +19,17 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from tqdm import tqdm
 
+from ptp_cli import formats
 from ptp_cli.cli import options as opt
 from ptp_cli.cli.console import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_OK, EXIT_RECORDS_FAILED, Log
 from ptp_cli.errors import ModelLoadError, RunAborted, UsageError
 from ptp_cli.output import OrderedWriter
-from ptp_cli.records import (
-    BadRecord,
-    Record,
-    default_root,
-    is_missing_image,
-    iter_lines,
-    iter_records,
-    parse_line,
-    parse_shard,
-)
-from ptp_cli.resume import scan_output
+from ptp_cli.records import BadRecord, Record, default_root, is_missing_image, iter_lines, parse_shard
 
 if TYPE_CHECKING:
     from ptp_cli.pipeline import RunConfig
@@ -87,39 +79,32 @@ class Stats:
         return text
 
 
-def _count_records(path: str, shard: tuple[int, int] | None, skip: frozenset[int]) -> int | None:
-    """How many rows the run will write (for the progress bar), by the rules of iter_records; None for stdin."""
-    if path == "-":
-        return None
-    count, index = 0, -1
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            index += 1
-            if (shard is None or index % shard[1] == shard[0]) and lineno not in skip:
-                count += 1
-    return count
+def _open_io(source: str, output: str | None, resolved: opt.Resolved) -> tuple[formats.Reader, str]:
+    """The input opened and checked (its format from its name or --input-format) and the output's format, before
+    the model loads; then the output path checked."""
+    columns = formats.Columns(image=resolved.get("image_column"), question=resolved.get("question_column"),
+                              id=resolved.get("id_column"))
+    reader = _explained(resolved, formats.open_input, source, format=resolved.get("input_format"), columns=columns,
+                        base_dir=_image_root(resolved.get("image_root")))
+    out_format = _explained(resolved, formats.output_format, output, given=resolved.get("output_format"),
+                            input_format=reader.format)
+    _check_paths(source, output, folder=out_format == "parquet")
+    return reader, out_format
 
 
-def _check_paths(source: str, output: str | None) -> None:
-    """Fail before the model loads: an unreadable input, an unwritable output, or an output that is the input."""
-    if source != "-":
-        try:
-            with open(source, "rb"):
-                pass
-        except OSError as e:
-            raise UsageError(f"cannot read input {source}: {e.strerror or e}") from None
+def _check_paths(source: str, output: str | None, *, folder: bool = False) -> None:
+    """Fail before the model loads: an unwritable output, or an output that is the input (``folder``: the
+    output is a folder of Parquet parts)."""
     if output is None:
         return
     out = Path(output)
-    if out.is_dir():
+    if out.is_dir() and not folder:
         raise UsageError(f"--output {output} is a directory")
     if not out.parent.is_dir():
         raise UsageError(f"--output {output}: the folder {out.parent} does not exist")
     if not os.access(out if out.exists() else out.parent, os.W_OK):
         raise UsageError(f"--output {output}: permission denied")
-    if source != "-" and out.exists() and os.path.samefile(source, out):
+    if source != "-" and out.exists() and Path(source).exists() and os.path.samefile(source, out):
         raise UsageError(f"--output {output} is the input file; choose another file")
 
 
@@ -190,11 +175,11 @@ def run_infer(source: str, resolved: opt.Resolved) -> int:
         shard = parse_shard(resolved.get("shard")) if resolved.get("shard") is not None else None
     except UsageError as e:
         raise resolved.explain(e) from None
-    _check_paths(source, output)
+    reader, out_format = _open_io(source, output, resolved)
     config = opt.run_config(resolved)  # every check that needs no model, the value ranges before torch
     image_root = _image_root(resolved.get("image_root"))
     if resolved.get("check"):
-        return run_check(source, config, resolved, shard=shard, image_root=image_root, log=log)
+        return run_check(reader, config, resolved, shard=shard, image_root=image_root, log=log)
     from ptp_cli.chat_template import template_name
     from ptp_cli.pipeline import Pipeline, read_model_config, run_settings
     from ptp_cli.zoo import RANDOM_WEIGHTS
@@ -206,14 +191,18 @@ def run_infer(source: str, resolved: opt.Resolved) -> int:
     skip: frozenset[int] = frozenset()
     kept_errors = 0  # error rows an earlier run left in --output that this run does not redo
     if resume:
-        state = _explained(resolved, scan_output, output, settings=settings, force=force, retry_errors=retry)
+        state = _explained(resolved, formats.scan, output, format=out_format, settings=settings, force=force,
+                           retry_errors=retry)
         skip = state.done
         kept_errors = 0 if retry else state.error_rows
         repaired = f", cut a torn last line ({state.torn_bytes} bytes)" if state.torn_bytes else ""
         retried = f", retrying {state.error_rows} failed" if retry and state.error_rows else ""
         log.info(f"resuming {output}: {len(skip)} records already done{retried}{repaired}")
 
-    lines = _peeked(iter_lines(source, shard=shard, skip_lines=skip))
+    if resolved.get("ray") and reader.format != "jsonl":
+        raise UsageError(f"--ray reads JSONL input; run {reader.format} input without --ray")
+    lines = _peeked(iter_lines(source, shard=shard, skip_lines=skip) if resolved.get("ray")
+                    else reader.records(shard=shard, skip=skip))
     if lines is None:  # nothing to run: say so, and load no model
         what = "stdin" if source == "-" else source
         shard_note = f" (shard {shard[0]}/{shard[1]})" if shard is not None else ""
@@ -234,20 +223,14 @@ def run_infer(source: str, resolved: opt.Resolved) -> int:
             f"{settings['dtype']}); method {settings['method']}"
             f"{'; engine vllm' if config.engine == 'vllm' else ''}{noise}"
         )
-        root = Path(image_root).expanduser().absolute() if image_root is not None else default_root(source)
-        records = (parse_line(raw, line=lineno, root=root) for lineno, raw in lines)
-        rows, window = pipeline.run(_noting_relative(records, relative)), pipeline.reorder_window
+        rows, window = pipeline.run(_noting_relative(lines, relative)), pipeline.reorder_window  # type: ignore[arg-type]
     show_bar = not log.quiet and sys.stderr.isatty()
-    total = _count_records(source, shard, skip) if show_bar else None
+    total = reader.count(shard=shard, skip=skip) if show_bar else None
     stats = Stats()
     with ExitStack() as stack:
-        if output is None:
-            stream: IO[Any] = sys.stdout
-        else:
-            try:
-                stream = stack.enter_context(open(output, "ab" if resume else "wb"))
-            except OSError as e:
-                raise UsageError(f"cannot write --output {output}: {e.strerror or e}") from None
+        stream = formats.output_sink(output, format=out_format, resume=resume, stdout=sys.stdout)
+        if output is not None:  # whatever happens, the rows handed to a file's sink are made durable
+            stack.callback(_close_quietly, stream)
         bar = stack.enter_context(
             tqdm(total=total, disable=not show_bar, file=sys.stderr, unit="rec", dynamic_ncols=True)
         )
@@ -294,7 +277,12 @@ def run_infer(source: str, resolved: opt.Resolved) -> int:
     return max(EXIT_RECORDS_FAILED if stats.failed else EXIT_OK, _resumed_errors(kept_errors, output, log))
 
 
-def _peeked(lines: Iterator[tuple[int, bytes]]) -> Iterator[tuple[int, bytes]] | None:
+def _close_quietly(sink: Any) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        sink.close()
+
+
+def _peeked(lines: Iterator[T]) -> Iterator[T] | None:
     """``lines`` unchanged, or None when it yields nothing (read up to its first line: stdin may block)."""
     first = next(lines, None)
     if first is None:
@@ -331,7 +319,7 @@ def _ray_rows(
 
 
 def run_check(
-    source: str, config: RunConfig, resolved: opt.Resolved, *, shard: tuple[int, int] | None,
+    reader: formats.Reader, config: RunConfig, resolved: opt.Resolved, *, shard: tuple[int, int] | None,
     image_root: str | None, log: Log,
 ) -> int:
     """``--check``: every record checked as a run would, without weights; the exit code a run would give."""
@@ -345,7 +333,7 @@ def run_check(
             _, model_cfg = _explained(resolved, read_model_config, config, offline=True)
         except ModelLoadError as e:
             log.warning(f"{e}; checking with InternVL2's tiling (1..12 tiles of 448 px) instead")
-    records = iter_records(source, base_dir=image_root, shard=shard)
+    records = reader.records(shard=shard)
     report = check_records(records, tiling=config.tiling(model_cfg), max_pixels=config.max_pixels)
     for line, rid, err in report.errors:
         log.info(f"line {line} (id {rid!r}): {err.kind}: {err}")
@@ -356,7 +344,7 @@ def run_check(
         f"checked {plural(report.records, 'record')}: {report.ok} ok, {report.failed} would fail; "
         f"{plural(report.tiles, 'tile')} ({tokens} visual tokens before pruning); no weights loaded"
     )
-    if hint := _image_root_hint(report.missing_relative, report.records, source, image_root):
+    if hint := _image_root_hint(report.missing_relative, report.records, getattr(reader, "source", "-"), image_root):
         log.info(hint)
     return EXIT_RECORDS_FAILED if report.failed else EXIT_OK
 
@@ -367,7 +355,8 @@ def run_check(
 
 def infer_command(
     input: Annotated[str, typer.Argument(
-        metavar="INPUT", help="JSONL file of records (id, image, question), or - for stdin.")],
+        metavar="INPUT", help="Records: a JSONL file (id, image, question) or - for stdin; a Parquet file or "
+        "folder, a datasets save_to_disk folder, WebDataset .tar shards or an OpenAI batch file.")],
     output: opt.Output = None,
     resume: opt.Resume = None,
     force_resume: opt.ForceResume = None,
@@ -375,6 +364,11 @@ def infer_command(
     shard: opt.Shard = None,
     image_root: opt.ImageRoot = None,
     check: opt.Check = None,
+    input_format: opt.InputFormat = None,
+    output_format: opt.OutputFormat = None,
+    image_column: opt.ImageColumn = None,
+    question_column: opt.QuestionColumn = None,
+    id_column: opt.IdColumn = None,
     ray: opt.Ray = None,
     ray_address: opt.RayAddress = None,
     ray_workers: opt.RayWorkers = None,
@@ -415,7 +409,9 @@ def infer_command(
     quiet: opt.Quiet = None,
     verbose: opt.Verbose = None,
 ) -> None:
-    """Answer the question of every record of INPUT; write one JSON line per record, in input order.
+    """Answer the question of every record of INPUT; write one row per record, in input order.
+
+    Rows are JSON lines, or Parquet (-o results.parquet), or OpenAI batch output lines for a batch file.
 
     Settings come from the command line, then PTP_<OPTION> variables (PTP_RATIO=0.3), then --config FILE.yaml.
     Exit codes: 0 all ok, 3 some records failed (see their 'error' rows), 2 usage error, 1 fatal error,
