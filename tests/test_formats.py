@@ -128,7 +128,7 @@ def test_wrong_columns_list_the_columns(tmp_path: Path) -> None:
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"picture": [b"x"], "ask": ["?"]}), tmp_path / "t.parquet")
-    with pytest.raises(UsageError, match="--image-column.*its columns: picture, ask"):
+    with pytest.raises(UsageError, match=r"--image-column.*its columns: picture, ask"):
         open_input(str(tmp_path / "t.parquet"))
     with pytest.raises(UsageError, match="no column 'img'"):
         open_input(str(tmp_path / "t.parquet"), columns=Columns(image="img", question="ask"))
@@ -149,7 +149,7 @@ def test_a_mislabelled_file_is_a_usage_error(tmp_path: Path, name: str, content:
 
 def test_a_truncated_shard_ends_with_an_error_row_and_the_next_shard_is_read(tmp_path: Path) -> None:
     recs = _records(tmp_path)[:4]
-    a, b = write_shards(recs, tmp_path, tmp_path / "wds", shards=2)
+    a, _ = write_shards(recs, tmp_path, tmp_path / "wds", shards=2)
     data = a.read_bytes()
     cut = data.index(b"000001.png") + 512 + 100  # inside the second sample's image
     a.write_bytes(data[:cut])
@@ -413,3 +413,26 @@ def test_the_command_reads_the_parquet_sample_and_writes_parquet(
     # The JSONL sample's document record asks for 4 tiles; the Parquet file carries that column too.
     assert [_essence(r) for r in rows] == [_essence(r) for r in want]
     assert [r["settings"]["max_tiles"] for r in rows] == [1] * 6
+
+
+def test_eval_reads_gold_and_predictions_in_these_formats(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from ptp_cli.cli.main import app
+
+    recs = [{**r, "answer": f"colour {i}"} for i, r in enumerate(_records(tmp_path)[:4])]
+    gold = write_parquet(recs, tmp_path, tmp_path / "gold.parquet")
+    wds = tmp_path / "wds"
+    write_shards(recs, tmp_path, wds, shards=2)
+    settings = {"model": "tiny"}
+    rows = [{"id": r["id"], "line": i + 1, "answer": r["answer"] if i < 3 else "wrong", "finish_reason": "stop",
+             "tokens": {"prompt": 10, "generated": 2}, "settings": settings} for i, r in enumerate(recs)]
+    _write_rows(tmp_path / "pred.parquet", "parquet", rows)
+    _write_rows(tmp_path / "pred.jsonl", "openai", rows)
+    for gold_path in (gold, wds / "questions-{0..1}.tar"):
+        for pred in ("pred.parquet", "pred.jsonl"):
+            done = CliRunner().invoke(app, ["eval", str(gold_path), "-p", str(tmp_path / pred), "--json",
+                                            str(tmp_path / "r.json")])
+            assert done.exit_code == 0, done.output
+            run = json.loads((tmp_path / "r.json").read_text())["runs"][0]
+            assert run["scores"] == {"exact": 0.75} and (run["n"], run["n_missing"]) == (4, 0), (gold_path, pred)

@@ -107,7 +107,7 @@ def _grid_runs(gold: Path, resolved: opt.Resolved, *, methods: str, ratios: str,
 
 def eval_command(
     gold: Annotated[Path, typer.Argument(
-        metavar="GOLD", help="JSONL gold records: answer or answers, optional choices and metric.")],
+        metavar="GOLD", help="Gold records (JSONL, or Parquet, a datasets folder, WebDataset shards): answer or answers, optional choices and metric.")],
     predictions: Annotated[list[Path] | None, typer.Option(
         "--predictions", "-p", metavar="FILE", help="Score this ptp infer output (repeatable: one run each); no model runs.")] = None,
     methods: Annotated[str | None, typer.Option(

@@ -45,13 +45,13 @@ def _select(predictions: Path, input: Path | None, *, id: str | None, line: int 
     """(input record, row) pairs, filtered by id and line: the records of ``input`` matched to the rows, or,
     without ``input``, the records the rows carry."""
     from ptp_cli.eval.score import match_rows, read_predictions
-    from ptp_cli.records import iter_records
+    from ptp_cli.formats import open_input
 
     rows = read_predictions(predictions)
     if input is None:
         pairs = _from_rows(rows)
     else:
-        records = list(iter_records(input))
+        records = list(open_input(str(input)).records())
         matched, _ = match_rows(records, rows)
         pairs = [(rec, row) for rec, row in zip(records, matched, strict=True) if row is not None]
     source = f"a record of {input}" if input is not None else "a drawable row"
@@ -107,8 +107,8 @@ def _draw_all(pairs: list[tuple[Any, dict]], out_dir: Path) -> int:
 def show_command(
     predictions: Annotated[Path, typer.Argument(metavar="PRED", help="Output of ptp infer --kept.")],
     input: Annotated[Path | None, typer.Option(
-        "--input", "-i", metavar="FILE", help="The JSONL file ptp infer read. [default: the image paths and questions the "
-        "--kept rows carry]")] = None,
+        "--input", "-i", metavar="FILE", help="The input ptp infer read (JSONL, Parquet, a datasets folder, "
+        "WebDataset shards or a batch file). [default: the image paths and questions the --kept rows carry]")] = None,
     id: Annotated[str | None, typer.Option("--id", metavar="ID", help="Draw the record with this id.")] = None,
     line: Annotated[int | None, typer.Option(help="Draw the record of this input line.")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", metavar="FILE", help="Write the PNG here.")] = None,

@@ -19,10 +19,10 @@ from pathlib import Path
 
 from ptp_cli.engine import Engine
 from ptp_cli.errors import UsageError
+from ptp_cli.formats import open_input
 from ptp_cli.output import OrderedWriter
 from ptp_cli.pipeline import Pipeline, RunConfig, start_vllm
 from ptp_cli.pruning import PruneConfig, make_method, method_class
-from ptp_cli.records import iter_records
 from ptp_cli.resume import scan_output
 from ptp_cli.vision_cache import VisionCache
 from ptp_cli.vllm_engine import VLLMEngine
@@ -106,7 +106,7 @@ def _write_missing(pipeline: Pipeline, gold: Path, out: Path, *, log: Callable[[
         log(f"{name}: done ({total} records in {out})")
         return
     log(f"{name}: {todo} of {total} records to run" + (f" ({len(state.done)} done before)" if state.done else ""))
-    records = iter_records(gold, skip_lines=state.done)
+    records = open_input(str(gold)).records(skip=state.done)
     with out.open("ab") as stream, contextlib.closing(pipeline.run(records)) as rows:
         writer = OrderedWriter(stream, window=pipeline.reorder_window)
         for seq, row in rows:

@@ -26,8 +26,20 @@ from ptp_cli.output import JsonlSink, RowSink
 from ptp_cli.records import iter_records
 from ptp_cli.resume import ResumeState, scan_output
 
-__all__ = ["INPUT_FORMATS", "OUTPUT_FORMATS", "Columns", "Item", "Reader", "detect_input_format", "open_input",
-           "output_format", "output_sink", "read_rows", "scan"]
+__all__ = [
+    "INPUT_FORMATS",
+    "OUTPUT_FORMATS",
+    "Columns",
+    "Item",
+    "Reader",
+    "detect_input_format",
+    "iter_rows",
+    "open_input",
+    "output_format",
+    "output_sink",
+    "read_rows",
+    "scan",
+]
 
 
 def _looks_like_batch(path: Path) -> bool:
@@ -116,6 +128,23 @@ def open_input(source: str, *, format: str | None = None, columns: Columns | Non
         except OSError as e:
             raise UsageError(f"cannot read input {source}: {e.strerror or e}") from None
     return JsonlReader(source, base_dir=base_dir)
+
+
+def iter_rows(source: str, *, format: str | None = None) -> Iterator[tuple[int, dict[str, Any]]] | None:
+    """(position, fields) of every record of a Parquet, Arrow or WebDataset source, as JSON values without the
+    image bytes (``ptp eval`` reads gold answers from them); None for a JSONL source (read it as JSONL)."""
+    fmt = format or detect_input_format(source)
+    if fmt in ("parquet", "arrow"):
+        from ptp_cli.formats.arrow import TableReader
+
+        return TableReader(source, format=fmt, columns=None, base_dir=None).rows()
+    if fmt == "webdataset":
+        from ptp_cli.formats.webdataset import ShardReader
+
+        return ShardReader(source, columns=Columns()).rows()
+    if fmt == "openai":
+        raise UsageError(f"{source} is an OpenAI batch file: its requests carry no gold answers")
+    return None
 
 
 def output_format(output: str | None, *, given: str | None, input_format: str) -> str:

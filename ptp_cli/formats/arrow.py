@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ptp_cli.errors import UsageError
-from ptp_cli.formats.base import Columns, Item, selected
+from ptp_cli.formats.base import Columns, Item, json_safe, selected
 from ptp_cli.formats.table import choose_columns, row_record
 
 BATCH_ROWS = 32  # rows decoded at once: bounds memory by a few dozen images
@@ -88,19 +88,29 @@ def arrow_files(source: str) -> list[Path]:
     return files
 
 
+def _binary(pa: Any, t: Any) -> bool:
+    """A column of image bytes: binary, or a struct holding binary (the datasets Image feature)."""
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t):
+        return True
+    return pa.types.is_struct(t) and any(_binary(pa, t.field(i).type) for i in range(t.num_fields))
+
+
 class TableReader:
     """Records of Parquet or Arrow files, in file order then row order; positions are 1-based row numbers across
     all files."""
 
-    def __init__(self, source: str, *, format: str, columns: Columns, base_dir: str | None) -> None:
+    def __init__(self, source: str, *, format: str, columns: Columns | None, base_dir: str | None) -> None:
+        """``columns`` None: the table is only read as rows (``rows``: gold answers), not as records."""
         self.format = format
         self.source = source
         self._pa = pyarrow()
         self.files = parquet_files(source) if format == "parquet" else arrow_files(source)
         names = self._schema(self.files[0]).names
-        self.columns = choose_columns(names, columns, where=str(self.files[0]))
-        for f in self.files[1:]:
-            choose_columns(self._schema(f).names, self.columns, where=str(f))  # every part has the columns
+        self.columns = Columns()
+        if columns is not None:
+            self.columns = choose_columns(names, columns, where=str(self.files[0]))
+            for f in self.files[1:]:
+                choose_columns(self._schema(f).names, self.columns, where=str(f))  # every part has the columns
         self._base = Path(base_dir).expanduser().absolute() if base_dir is not None else None
 
     def _schema(self, path: Path) -> Any:
@@ -147,6 +157,16 @@ class TableReader:
                     taken = batch.take(self._pa.array([i - start for i in wanted], self._pa.int64()))
                     for i, row in zip(wanted, taken.to_pylist(), strict=True):
                         yield row_record(row, position=i + 1, columns=self.columns, root=root)
+                index = start + batch.num_rows
+
+    def rows(self) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(position, the row's cells as JSON values) of every row; binary cells (images) left out."""
+        index = 0
+        for path in self.files:
+            for start, batch in self._batches(path, index, None, frozenset()):
+                names = [f.name for f in batch.schema if not _binary(self._pa, f.type)]
+                for i, row in enumerate(batch.select(names).to_pylist()):
+                    yield start + i + 1, json_safe(row)
                 index = start + batch.num_rows
 
     def _batches(

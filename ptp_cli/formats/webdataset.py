@@ -100,6 +100,18 @@ class ShardReader:
                 else:
                     yield self.record(key, members, position=index + 1)
 
+    def rows(self) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(position, the sample's JSON fields and its key) of every sample (gold answers)."""
+        index = 0
+        for path in self.files:
+            for key, members, _ in _samples(path):
+                index += 1
+                try:
+                    meta = orjson.loads(members["json"]) if "json" in members else {}
+                except orjson.JSONDecodeError:
+                    meta = {}
+                yield index, {"key": key, **(meta if isinstance(meta, dict) else {})}
+
     def record(self, key: str, members: dict[str, bytes], *, position: int) -> Record | BadRecord:
         """One sample -> a Record, or a BadRecord naming what is missing or malformed."""
         problems: list[str] = []
