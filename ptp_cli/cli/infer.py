@@ -25,6 +25,7 @@ import typer
 from tqdm import tqdm
 
 from ptp_cli import formats
+from ptp_cli.cli import format_options as fo
 from ptp_cli.cli import options as opt
 from ptp_cli.cli.console import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_OK, EXIT_RECORDS_FAILED, Log
 from ptp_cli.errors import ModelLoadError, RunAborted, UsageError
@@ -355,8 +356,8 @@ def run_check(
 
 def infer_command(
     input: Annotated[str, typer.Argument(
-        metavar="INPUT", help="Records: a JSONL file (id, image, question) or - for stdin; a Parquet file or "
-        "folder, a datasets save_to_disk folder, WebDataset .tar shards or an OpenAI batch file.")],
+        metavar="INPUT", help="JSONL file of records (id, image, question), or - for stdin; or a Parquet "
+        "file or folder, a datasets save_to_disk folder, WebDataset .tar shards, an OpenAI batch file (see Formats).")],
     output: opt.Output = None,
     resume: opt.Resume = None,
     force_resume: opt.ForceResume = None,
@@ -364,11 +365,11 @@ def infer_command(
     shard: opt.Shard = None,
     image_root: opt.ImageRoot = None,
     check: opt.Check = None,
-    input_format: opt.InputFormat = None,
-    output_format: opt.OutputFormat = None,
-    image_column: opt.ImageColumn = None,
-    question_column: opt.QuestionColumn = None,
-    id_column: opt.IdColumn = None,
+    input_format: fo.InputFormat = None,
+    output_format: fo.OutputFormat = None,
+    image_column: fo.ImageColumn = None,
+    question_column: fo.QuestionColumn = None,
+    id_column: fo.IdColumn = None,
     ray: opt.Ray = None,
     ray_address: opt.RayAddress = None,
     ray_workers: opt.RayWorkers = None,

@@ -97,11 +97,8 @@ SETTINGS: dict[str, Setting] = {
     "verbose": Setting("bool", "cli"),
     "image_root": Setting("str", "cli"),
     "check": Setting("bool", "cli"),
-    "input_format": Setting("str", "cli"),
-    "output_format": Setting("str", "cli"),
-    "image_column": Setting("str", "cli"),
-    "question_column": Setting("str", "cli"),
-    "id_column": Setting("str", "cli"),
+    # formats (their Typer options: cli/format_options.py)
+    **{n: Setting("str", "cli") for n in ("input_format", "output_format", "image_column", "question_column", "id_column")},
     # Ray Data (ptp infer --ray)
     "ray": Setting("bool", "cli"),
     "ray_address": Setting("str", "cli"),
@@ -224,25 +221,6 @@ ImageRoot = Annotated[str | None, typer.Option(
 Check = Annotated[bool | None, typer.Option(
     "--check/--no-check", help="Dry run: check the options and every record (JSON, fields, image, tiles) "
     "without loading the model; report on stderr, write no rows.", rich_help_panel=_IO)]
-_FORMATS = "Formats"
-InputFormat = Annotated[str | None, typer.Option(
-    metavar="NAME", help="jsonl, parquet (a file, a folder of parts or a glob), arrow (a datasets save_to_disk "
-    "folder or an .arrow file), webdataset (.tar shards; shard-{000..009}.tar patterns too) or openai (a batch "
-    "file). [default: from INPUT's name; a .jsonl of batch requests is openai]", rich_help_panel=_FORMATS)]
-OutputFormat = Annotated[str | None, typer.Option(
-    metavar="NAME", help="jsonl, parquet (a folder of part files) or openai (batch output lines). "
-    "[default: parquet for an --output ending .parquet; openai for an openai input; else jsonl]",
-    rich_help_panel=_FORMATS)]
-ImageColumn = Annotated[str | None, typer.Option(
-    metavar="NAME", help="Parquet/Arrow: the image column (bytes, a path, or a datasets Image struct). "
-    "WebDataset: the image member's extension. [default: image, img, ...; WebDataset: jpg, png, ...]",
-    rich_help_panel=_FORMATS)]
-QuestionColumn = Annotated[str | None, typer.Option(
-    metavar="NAME", help="Parquet/Arrow: the question column. WebDataset: the .json field, or txt for the .txt "
-    "member. [default: question, then prompt]", rich_help_panel=_FORMATS)]
-IdColumn = Annotated[str | None, typer.Option(
-    metavar="NAME", help="Parquet/Arrow/WebDataset: the id column (JSON field). [default: id if there; else the "
-    "row number, or the WebDataset key]", rich_help_panel=_FORMATS)]
 _RAY = "Ray Data"
 Ray = Annotated[bool | None, typer.Option(
     "--ray/--no-ray", help="Run as a Ray Data job: one model per actor, rows as from one process. "
