@@ -436,3 +436,15 @@ def test_eval_reads_gold_and_predictions_in_these_formats(tmp_path: Path, monkey
             assert done.exit_code == 0, done.output
             run = json.loads((tmp_path / "r.json").read_text())["runs"][0]
             assert run["scores"] == {"exact": 0.75} and (run["n"], run["n_missing"]) == (4, 0), (gold_path, pred)
+
+
+def test_without_pyarrow_a_parquet_input_is_one_line_naming_the_extra(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['pyarrow'] = None\nfrom ptp_cli.cli.main import main\n"
+            "sys.argv = ['ptp', 'infer', '--check', sys.argv[1]]\nmain()")
+    done = subprocess.run([sys.executable, "-c", code, str(SAMPLES / "questions.parquet")], capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "ptp: error: Parquet and Arrow files need pyarrow: pip install 'ptp-cli[parquet]'"], done.stderr

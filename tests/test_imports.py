@@ -179,10 +179,10 @@ SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 ], ids=["methods", "methods-json", "check-tiny", "check-default-model"])
 def test_methods_and_check_run_without_torch(argv: list[str], ptp_home: Path) -> None:
     """The registry of methods, the settings, RunConfig and the input checks import no torch (nor does finding
-    a built-in model already built, or reading a checkpoint's config)."""
+    a built-in model already built, or reading a checkpoint's config), nor pyarrow on a JSONL input."""
     code = (
         "import sys\nfrom ptp_cli.cli.main import main\nsys.argv = ['ptp', *sys.argv[1:]]\n"
-        "try:\n    main()\nexcept SystemExit as e:\n    print('exit', e.code, 'torch' in sys.modules)\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    print('exit', e.code, 'torch' in sys.modules or 'pyarrow' in sys.modules)\n"
     )
     env = {**os.environ, "PTP_HOME": str(ptp_home)}
     out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env,
@@ -203,3 +203,17 @@ def test_only_ptp_cli_ray_imports_ray() -> None:
             if any(n == "ray" or n.startswith("ray.") for n in names):
                 importers.add(name)
     assert importers == {"ptp_cli.ray"}
+
+
+def test_only_the_table_formats_import_pyarrow() -> None:
+    """pyarrow is an optional extra: only the Parquet/Arrow modules import it, and only inside functions."""
+    importers = {}
+    for name, path in _modules().items():
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            if any(n == "pyarrow" or n.startswith("pyarrow.") for n in names):
+                importers[name] = importers.get(name, False) or node in tree.body  # True: at module level
+    assert set(importers) == {"ptp_cli.formats.arrow", "ptp_cli.formats.parquet_out"}
+    assert not any(importers.values())
