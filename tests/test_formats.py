@@ -448,3 +448,26 @@ def test_without_pyarrow_a_parquet_input_is_one_line_naming_the_extra(tmp_path: 
                           text=True, timeout=120, check=False)
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
         "ptp: error: Parquet and Arrow files need pyarrow: pip install 'ptp-cli[parquet]'"], done.stderr
+
+
+def test_corrupt_table_data_becomes_error_rows_in_place(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    recs = _records(tmp_path)[:4] * 2  # 8 rows, row groups of 2
+    path = write_parquet(recs, tmp_path, tmp_path / "t.parquet", image="bytes", row_group_size=2)
+    meta = pq.ParquetFile(path).metadata
+    col = [meta.row_group(1).column(i) for i in range(meta.num_columns)
+           if meta.row_group(1).column(i).path_in_schema == "image"][0]
+    data = bytearray(path.read_bytes())
+    data[col.data_page_offset:col.data_page_offset + 32] = b"\xff" * 32  # the second row group's page header
+    path.write_bytes(bytes(data))
+    items = list(open_input(str(path)).records())
+    assert [i.line for i in items] == list(range(1, 9))
+    assert [type(i).__name__ for i in items] == ["Record"] * 2 + ["BadRecord"] * 2 + ["Record"] * 4
+    assert "cannot read this row" in str(items[2].error)
+
+    folder = write_hf_folder(recs, tmp_path, tmp_path / "hf")  # a stream of 2-row batches, cut short
+    arrow = folder / "data-00000-of-00001.arrow"
+    arrow.write_bytes(arrow.read_bytes()[: arrow.stat().st_size * 2 // 3])
+    items = list(open_input(str(folder)).records())
+    assert isinstance(items[-1], BadRecord) and all(isinstance(i, Record) for i in items[:-1]) and len(items) >= 3

@@ -12,12 +12,14 @@ import glob
 import json
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ptp_cli.errors import UsageError
+from ptp_cli.errors import InvalidRecordError, UsageError
 from ptp_cli.formats.base import Columns, Item, json_safe, selected
 from ptp_cli.formats.table import choose_columns, row_record
+from ptp_cli.records import BadRecord
 
 BATCH_ROWS = 32  # rows decoded at once: bounds memory by a few dozen images
 _PARQUET_MAGIC = b"PAR1"
@@ -151,6 +153,12 @@ class TableReader:
         for path in self.files:
             root = self._root(path)
             for start, batch in self._batches(path, index, shard, skip):
+                if isinstance(batch, _Unreadable):  # a corrupt stretch: each of its rows gets an error row
+                    err = InvalidRecordError(f"{path.name}: cannot read this row ({batch.message})")
+                    yield from (BadRecord(i + 1, i + 1, err) for i in range(start, start + batch.rows)
+                                if selected(i, i + 1, shard, skip))
+                    index = start + batch.rows
+                    continue
                 rows = range(start, start + batch.num_rows)
                 wanted = [i for i in rows if selected(i, i + 1, shard, skip)]
                 if wanted:
@@ -172,7 +180,8 @@ class TableReader:
     def _batches(
         self, path: Path, first: int, shard: tuple[int, int] | None, skip: frozenset[int]
     ) -> Iterator[tuple[int, Any]]:
-        """(index of the batch's first row over all files, record batch) of one file."""
+        """(index of the batch's first row over all files, record batch or ``_Unreadable``) of one file."""
+        failures = (OSError, self._pa.ArrowException)
         if self.format == "parquet":
             import pyarrow.parquet as pq
 
@@ -181,17 +190,31 @@ class TableReader:
             start = first
             for g in range(pf.metadata.num_row_groups):
                 n = pf.metadata.row_group(g).num_rows
-                if any(selected(i, i + 1, shard, skip) for i in range(start, start + n)):
-                    for batch in pf.iter_batches(batch_size=BATCH_ROWS, row_groups=[g]):
-                        yield start, batch
-                        start += batch.num_rows
-                else:
-                    start += n
+                end = start + n
+                if any(selected(i, i + 1, shard, skip) for i in range(start, end)):
+                    try:
+                        for batch in pf.iter_batches(batch_size=BATCH_ROWS, row_groups=[g]):
+                            yield start, batch
+                            start += batch.num_rows
+                    except failures as e:  # the rest of this row group; the next one is read as usual
+                        yield start, _Unreadable(end - start, str(e).splitlines()[0])
+                start = end
             return
-        with self._open_ipc(path) as reader:
-            start = first
-            for batch in reader:
-                for off in range(0, batch.num_rows, BATCH_ROWS):
-                    part = batch.slice(off, BATCH_ROWS)
-                    yield start, part
-                    start += part.num_rows
+        start = first
+        try:
+            with self._open_ipc(path) as reader:
+                for batch in reader:
+                    for off in range(0, batch.num_rows, BATCH_ROWS):
+                        part = batch.slice(off, BATCH_ROWS)
+                        yield start, part
+                        start += part.num_rows
+        except failures as e:  # a stream has no row count: one error row where it broke, then the next file
+            yield start, _Unreadable(1, str(e).splitlines()[0])
+
+
+@dataclass(frozen=True)
+class _Unreadable:
+    """Rows pyarrow could not read (a corrupt page, a truncated stream)."""
+
+    rows: int
+    message: str
