@@ -456,8 +456,8 @@ def test_corrupt_table_data_becomes_error_rows_in_place(tmp_path: Path) -> None:
     recs = _records(tmp_path)[:4] * 2  # 8 rows, row groups of 2
     path = write_parquet(recs, tmp_path, tmp_path / "t.parquet", image="bytes", row_group_size=2)
     meta = pq.ParquetFile(path).metadata
-    col = [meta.row_group(1).column(i) for i in range(meta.num_columns)
-           if meta.row_group(1).column(i).path_in_schema == "image"][0]
+    col = next(meta.row_group(1).column(i) for i in range(meta.num_columns)
+               if meta.row_group(1).column(i).path_in_schema == "image")
     data = bytearray(path.read_bytes())
     data[col.data_page_offset:col.data_page_offset + 32] = b"\xff" * 32  # the second row group's page header
     path.write_bytes(bytes(data))

@@ -357,7 +357,7 @@ def run_check(
 def infer_command(
     input: Annotated[str, typer.Argument(
         metavar="INPUT", help="JSONL file of records (id, image, question), or - for stdin; or a Parquet "
-        "file or folder, a datasets save_to_disk folder, WebDataset .tar shards, an OpenAI batch file (see Formats).")],
+        "file or folder, a datasets save_to_disk folder, WebDataset .tar shards, an OpenAI batch file (see --input-format).")],
     output: opt.Output = None,
     resume: opt.Resume = None,
     force_resume: opt.ForceResume = None,

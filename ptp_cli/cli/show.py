@@ -34,7 +34,7 @@ def _from_rows(rows: list[dict]) -> list[tuple[Any, dict]]:
                              "those rows say was kept)")
         if not isinstance(shown, dict) or not shown.get("image"):
             raise UsageError(f"{where} carries no image path (its image was given as bytes): give --input FILE, "
-                             "the JSONL file ptp infer read")
+                             "the input ptp infer read")
         overrides = {k: shown[k] for k in ("max_tiles", "min_tiles") if k in shown}
         pairs.append((Record(line=row["line"], id=row.get("id"), image=Path(shown["image"]),
                              question=str(shown.get("question", "")), overrides=overrides), row))
