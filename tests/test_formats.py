@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -350,7 +351,7 @@ def _essence(row: dict[str, Any]) -> tuple:
     return row["line"], str(row["id"]), row.get("answer"), None if err is None else err["type"]
 
 
-@pytest.mark.slow  # two runs of 20 records plus the reference: about 30 s each on 2 cores
+@pytest.mark.slow  # two runs of 60 records plus the reference: about 30 s each on 2 cores
 @pytest.mark.parametrize(("fmt", "out_name"), [("parquet-struct", "out.parquet"), ("openai", "out.jsonl")])
 def test_resume_after_sigkill_is_exact(
     fmt: str, out_name: str, tmp_path: Path, pipelines: dict[str, Any], ptp_home: Path,
@@ -361,10 +362,11 @@ def test_resume_after_sigkill_is_exact(
 
     from test_cli import TIMEOUT, popen, ptp
 
-    recs = [{**r, "id": f"{r['id']}-{k}"} for k in range(4) for r in _records(tmp_path)]  # every 5th bad
+    recs = [{**r, "id": f"{r['id']}-{k}"} for k in range(12) for r in _records(tmp_path)]  # every 5th bad
     src = _write(fmt, recs, tmp_path)
     out = tmp_path / out_name
-    proc = popen("infer", src, *CLI_ARGS, "-o", str(out), "--resume", home=ptp_home)
+    slow = [*CLI_ARGS[:-1], "1"]  # --batch-size 1: rows come one by one, so the kill lands mid-run
+    proc = popen("infer", src, *slow, "-o", str(out), "--resume", home=ptp_home)
     deadline = time.monotonic() + TIMEOUT
     while not (list(out.glob("part-*.parquet")) if fmt.startswith("parquet") else
                out.exists() and out.read_bytes().count(b"\n") >= 6):
@@ -374,7 +376,8 @@ def test_resume_after_sigkill_is_exact(
     proc.communicate(timeout=TIMEOUT)
     resumed = ptp("infer", src, *CLI_ARGS, "-o", str(out), "--resume", home=ptp_home)
     assert resumed.returncode == 3, resumed.stderr.decode()  # the missing images: error rows
-    assert "resuming" in resumed.stderr.decode()
+    resumed_from = re.search(r"resuming .*: (\d+) records already done", resumed.stderr.decode())
+    assert resumed_from is not None and 0 < int(resumed_from[1]) < len(recs)  # killed mid-run
     rows = list(read_rows(out))
     if fmt == "openai":
         for obj in map(json.loads, out.read_text().splitlines()):
@@ -402,11 +405,14 @@ def test_the_bundled_samples_check(name: str, ptp_home: Path, monkeypatch: pytes
 def test_the_command_reads_the_parquet_sample_and_writes_parquet(
     tmp_path: Path, pipelines: dict[str, Any], ptp_home: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from test_cli import ptp
+    from typer.testing import CliRunner
 
+    from ptp_cli.cli.main import app
+
+    monkeypatch.setenv("PTP_HOME", str(ptp_home))
     out = tmp_path / "out.parquet"
-    done = ptp("infer", str(SAMPLES / "questions.parquet"), *CLI_ARGS, "-o", str(out), home=ptp_home)
-    assert done.returncode == 3, done.stderr.decode()
+    done = CliRunner().invoke(app, ["infer", str(SAMPLES / "questions.parquet"), *CLI_ARGS, "-o", str(out)])
+    assert done.exit_code == 3, done.output
     rows = list(read_rows(out))
     want = list(_pipeline(pipelines, "tiny", ptp_home, monkeypatch).infer(
         open_input(str(SAMPLES / "questions.jsonl")).records()))
