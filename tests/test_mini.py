@@ -66,7 +66,7 @@ def test_the_export_is_an_original_internvl2_checkpoint_that_loads_unchanged(fre
     for name, tensor in model.state_dict().items():
         assert torch.equal(theirs[name], tensor), name
     for method in METHODS:  # ptp's default layers exist at this depth, for every method
-        PruneConfig(method=method).validate(cfg)
+        PruneConfig(method=method).check_layers(cfg)
 
 
 def test_training_sees_exactly_the_inference_prompt_and_tiles(fresh, tmp_path: Path):

@@ -57,7 +57,7 @@ def row_plan(config: BenchConfig, cfg: ModelConfig) -> list[tuple[str, PruneConf
     plan = [("none", PruneConfig(method="none"))]
     for name in config.resolved_methods():
         per_ratio = [PruneConfig(method=name, ratio=r) for r in config.ratios]
-        per_ratio[0].validate(cfg)  # a bad layer fails before any weight is built
+        per_ratio[0].check_layers(cfg)  # a bad layer fails before any weight is built
         if not method_class(name).uses_ratio:
             plan.append((name, per_ratio[0]))
         else:
@@ -163,8 +163,7 @@ def run_bench(config: BenchConfig, *, log: Callable[[str], None] | None = None) 
 
     plan = plan_bench(config)
     say = log or (lambda _msg: None)
-    device, dtype = plan.device, plan.dtype
-    torch.manual_seed(config.seed)
+    device, dtype = plan.device, plan.dtype  # random weights and token ids come from generators seeded here
 
     say(f"building {config.source} ({dtype_name(dtype)} on {device})")
     bench_model = load_bench_model(config, dtype=dtype, device=device)

@@ -38,6 +38,7 @@ from ptp_cli.records import (
     parse_shard,
 )
 from ptp_cli.resume import scan_output
+from ptp_cli.settings import INFER, names_for
 
 if TYPE_CHECKING:
     from ptp_cli.pipeline import RunConfig
@@ -45,9 +46,6 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 MAX_WARNINGS = 5  # failed records named on stderr; the rest are only counted
-
-# The settings `ptp infer` reads from the environment and --config.
-INFER_SETTINGS = tuple(opt.SETTINGS)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -227,7 +225,7 @@ def run_infer(source: str, resolved: opt.Resolved) -> int:
         t0 = time.perf_counter()
         if config.engine == "vllm":  # vLLM logs at info level (and warns with tracebacks) unless told: -v shows it
             os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO" if resolved.get("verbose") else "ERROR")
-        pipeline = _explained(resolved, Pipeline.load, config)
+        pipeline = _explained(resolved, Pipeline.load, config, checked=True)  # read_model_config ran above
         noise = "; random weights: its answers are noise" if pipeline.loaded.cfg.name in RANDOM_WEIGHTS else ""
         log.info(
             f"loaded {settings['model']} in {time.perf_counter() - t0:.1f} s ({pipeline.loaded.model.device}, "
@@ -315,8 +313,6 @@ def _ray_rows(
     image_root: str | None, log: Log,
 ) -> tuple[Iterator[tuple[int, dict[str, Any]]], int]:
     """``--ray``: the rows of a Ray Data job over the input's lines, in input order, and the writer's window."""
-    if resolved.get("ray_workers") is not None and resolved.get("ray_workers") < 1:
-        raise UsageError("--ray-workers must be at least 1")
     try:
         from ptp_cli.ray import run_ray  # imports Ray: only a run that asks for it pays for it
     except ImportError as e:
@@ -358,6 +354,7 @@ def run_check(
     )
     if hint := _image_root_hint(report.missing_relative, report.records, source, image_root):
         log.info(hint)
+    log.info(f"settings given: {opt.describe(resolved)}")
     return EXIT_RECORDS_FAILED if report.failed else EXIT_OK
 
 
@@ -365,55 +362,13 @@ def run_check(
 # The command
 
 
+@opt.with_settings(names_for(INFER))
 def infer_command(
+    ctx: typer.Context,
     input: Annotated[str, typer.Argument(
         metavar="INPUT", help="JSONL file of records (id, image, question), or - for stdin.")],
-    output: opt.Output = None,
-    resume: opt.Resume = None,
-    force_resume: opt.ForceResume = None,
-    retry_errors: opt.RetryErrors = None,
-    shard: opt.Shard = None,
-    image_root: opt.ImageRoot = None,
-    check: opt.Check = None,
-    ray: opt.Ray = None,
-    ray_address: opt.RayAddress = None,
-    ray_workers: opt.RayWorkers = None,
-    model: opt.Model = None,
-    engine: opt.Engine = None,
-    dtype: opt.Dtype = None,
-    device: opt.Device = None,
-    preset: opt.Preset = None,
-    method: opt.Method = None,
-    ratio: opt.Ratio = None,
-    alpha: opt.Alpha = None,
-    vit_layer: opt.VitLayer = None,
-    llm_layer: opt.LlmLayer = None,
-    tau: opt.Tau = None,
-    head_agg: opt.HeadAgg = None,
-    instr_agg: opt.InstrAgg = None,
-    region_budgets: opt.RegionBudgets = None,
-    token_score: opt.TokenScore = None,
-    fastv_layer: opt.FastvLayer = None,
-    vtw_layer: opt.VtwLayer = None,
-    pdrop_layers: opt.PdropLayers = None,
-    pdrop_keep: opt.PdropKeep = None,
-    max_new_tokens: opt.MaxNewTokens = None,
-    temperature: opt.Temperature = None,
-    seed: opt.Seed = None,
-    logprobs: opt.Logprobs = None,
-    kept: opt.Kept = None,
-    system_message: opt.SystemMessage = None,
-    max_tiles: opt.MaxTiles = None,
-    min_tiles: opt.MinTiles = None,
-    batch_size: opt.BatchSize = None,
-    max_batch_tokens: opt.MaxBatchTokens = None,
-    max_prompt_tokens: opt.MaxPromptTokens = None,
-    workers: opt.Workers = None,
-    max_errors: opt.MaxErrors = None,
-    max_pixels: opt.MaxPixels = None,
     config: opt.Config = None,
-    quiet: opt.Quiet = None,
-    verbose: opt.Verbose = None,
+    **settings: Any,
 ) -> None:
     """Answer the question of every record of INPUT; write one JSON line per record, in input order.
 
@@ -421,7 +376,6 @@ def infer_command(
     Exit codes: 0 all ok, 3 some records failed (see their 'error' rows), 2 usage error, 1 fatal error,
     130 interrupted (rerun with --resume), 141 the reader of stdout went away.
     """
-    given = {name: value for name, value in locals().items() if name not in ("input", "config")}
-    resolved = opt.resolve(given, names=INFER_SETTINGS, config=config)
+    resolved = opt.gather(ctx, settings)
     with warnings.catch_warnings():  # --quiet silences warnings for this run only
         raise typer.Exit(run_infer(input, resolved))

@@ -100,10 +100,22 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+def _bad_variable(param: Any) -> str | None:
+    """The PTP_<NAME> variable a bad value came from: the option's variable is set and the option is not on the
+    command line."""
+    var = getattr(param, "envvar", None)
+    if not isinstance(var, str) or var not in os.environ:
+        return None
+    given = any(arg == o or arg.startswith(o + "=") for o in (*param.opts, *param.secondary_opts) for arg in sys.argv[1:])
+    return None if given else var
+
+
 def _usage_message(e: Any) -> str:
     """Click's message (with its "did you mean" hint), the command it concerns, and where help is."""
     command = e.ctx.command_path if e.ctx is not None else "ptp"
     message = e.format_message().rstrip(".")
+    if (var := _bad_variable(getattr(e, "param", None))) is not None:
+        message += f" (from {var}={os.environ[var]})"
     hint = f" (see '{command} -h')" if e.ctx is not None else ""
     where = command.removeprefix("ptp").strip()
     return f"{where + ': ' if where else ''}{message[:1].lower()}{message[1:]}{hint}"

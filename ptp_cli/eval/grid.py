@@ -42,7 +42,7 @@ def plan_runs(base: PruneConfig, pipeline: Pipeline, methods: tuple[str, ...],
     specs = []
     for method in methods:
         per_ratio = [dataclasses.replace(base, method=method, ratio=r) for r in ratios]
-        per_ratio[0].validate(pipeline.cfg)  # a bad layer fails before any run starts
+        per_ratio[0].check_layers(pipeline.cfg)  # a bad layer fails before any run starts
         if method_class(method).uses_ratio:
             specs += [RunSpec(f"{method}@{r:g}", p) for r, p in zip(ratios, per_ratio, strict=True)]
         else:  # none, vtw, pdrop: the ratio changes nothing
@@ -134,7 +134,7 @@ def run_grid(
     first = Pipeline.load(dataclasses.replace(config, engine="ptp", prune=dataclasses.replace(config.prune, method="none")))
     specs = plan_runs(config.prune, first, methods, ratios) + list(extra)
     for spec in extra:  # the grid's own runs are valid by construction; these are checked before any runs
-        spec.prune.validate(first.cfg)
+        spec.prune.check_layers(first.cfg)
     cache = VisionCache()  # every run reads the same images: the ViT runs once per image and score layer
     generator = start_vllm(first.loaded, config) if config.engine == "vllm" else None
 
@@ -146,7 +146,7 @@ def run_grid(
         return Engine(first.loaded.model, image_token_id=first.loaded.image_token_id, method=method,
                       vision_cache=cache)
 
-    pipelines = [Pipeline(first.loaded, dataclasses.replace(config, prune=s.prune), engine=engine(s.prune))
+    pipelines = [Pipeline(first.loaded, dataclasses.replace(config, prune=s.prune), engine=engine(s.prune), checked=True)
                  for s in specs]
     log(f"loaded {first.settings()['model']}; {len(specs)} runs: {', '.join(s.name for s in specs)}")
     for spec, pipeline in zip(specs, pipelines, strict=True):
