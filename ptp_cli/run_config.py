@@ -99,5 +99,6 @@ def check_against_model(config: RunConfig, model_cfg: ModelConfig) -> None:
 
 def in_llm_with_vllm(method: str) -> str:
     """The one line that refuses an in-LLM method under --engine vllm (vLLM's layers keep every token)."""
+    pre_llm = ", ".join(sorted(n for n, entry in METHODS.items() if not entry.capabilities.prunes_in_llm))
     return (f"--method {method} prunes inside the LLM, which only ptp's own engine runs: use --engine ptp "
-            "(vLLM serves the pre-LLM methods: none, ptp, random, spatial)")
+            f"(vLLM serves the pre-LLM methods: {pre_llm})")

@@ -167,8 +167,8 @@ _TABLE: tuple[Setting, ...] = (
     # --- pruning
     _s("preset", "str", "default", "Starting pruning settings: default, ocr or scene ('ptp methods' shows them).",
        PRUNING, "cli", rule=_one_of_registered(preset_names), metavar="NAME"),
-    _s("method", "str", "ptp", "Pruning method: none, ptp, random, spatial, fastv, vtw or pdrop ('ptp methods' "
-       "says what each does).", PRUNING, "prune", rule=_one_of_registered(method_names), metavar="NAME", commands=(INFER,)),
+    _s("method", "str", "ptp", "Pruning method, e.g. none, ptp or random ('ptp methods' lists them all and says "
+       "what each does).", PRUNING, "prune", rule=_one_of_registered(method_names), metavar="NAME", commands=(INFER,)),
     _s("ratio", "float", 0.5, "Fraction of visual tokens pruned, in [0, 1).", PRUNING, "prune",
        rule=Rule(lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"), commands=(INFER,)),
     _s("alpha", "float_or_auto", 0.5, "PTP weight of the instruction score, in [0, 1], or 'auto': chosen per "

@@ -46,7 +46,7 @@ from ptp_cli.flops import sample_flops
 from ptp_cli.home import ptp_home
 from ptp_cli.image import TilingOptions
 from ptp_cli.loading import canonical_shapes
-from ptp_cli.pruning import PruneConfig, make_method, method_class
+from ptp_cli.pruning import PruneConfig, make_method, method_class, plan_grid
 from ptp_cli.zoo import RANDOM_WEIGHTS, resolve_model
 
 FULL_SIZE_PARAMS = 100_000_000  # from here on a model is "full-size": hours per batch on a CPU
@@ -54,15 +54,8 @@ FULL_SIZE_PARAMS = 100_000_000  # from here on a model is "full-size": hours per
 
 def row_plan(config: BenchConfig, cfg: ModelConfig) -> list[tuple[str, PruneConfig]]:
     """(row name, settings) of every ptp row: none, then each method at each ratio (once if it ignores it)."""
-    plan = [("none", PruneConfig(method="none"))]
-    for name in config.resolved_methods():
-        per_ratio = [PruneConfig(method=name, ratio=r) for r in config.ratios]
-        per_ratio[0].check_layers(cfg)  # a bad layer fails before any weight is built
-        if not method_class(name).uses_ratio:
-            plan.append((name, per_ratio[0]))
-        else:
-            plan.extend((f"{name}@{r:g}", p) for r, p in zip(config.ratios, per_ratio, strict=True))
-    return plan
+    return [("none", PruneConfig(method="none")),
+            *plan_grid(PruneConfig(), config.resolved_methods(), config.ratios, cfg)]
 
 
 @dataclass(frozen=True)

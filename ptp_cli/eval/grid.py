@@ -21,7 +21,7 @@ from ptp_cli.engine import Engine
 from ptp_cli.errors import UsageError
 from ptp_cli.output import OrderedWriter
 from ptp_cli.pipeline import Pipeline, RunConfig, start_vllm
-from ptp_cli.pruning import PruneConfig, make_method, method_class
+from ptp_cli.pruning import PruneConfig, make_method, plan_grid
 from ptp_cli.records import iter_records
 from ptp_cli.resume import scan_output
 from ptp_cli.vision_cache import VisionCache
@@ -39,15 +39,7 @@ class RunSpec:
 def plan_runs(base: PruneConfig, pipeline: Pipeline, methods: tuple[str, ...],
               ratios: tuple[float, ...]) -> list[RunSpec]:
     """The grid's runs, with ``base`` (preset, alpha, layers, ...) under each method and ratio."""
-    specs = []
-    for method in methods:
-        per_ratio = [dataclasses.replace(base, method=method, ratio=r) for r in ratios]
-        per_ratio[0].check_layers(pipeline.cfg)  # a bad layer fails before any run starts
-        if method_class(method).uses_ratio:
-            specs += [RunSpec(f"{method}@{r:g}", p) for r, p in zip(ratios, per_ratio, strict=True)]
-        else:  # none, vtw, pdrop: the ratio changes nothing
-            specs.append(RunSpec(method, per_ratio[0]))
-    return specs
+    return [RunSpec(name, prune) for name, prune in plan_grid(base, methods, ratios, pipeline.cfg)]
 
 
 def ptp_variants(base: PruneConfig, ratios: tuple[float, ...], *, alphas: tuple[float | str, ...] = (),

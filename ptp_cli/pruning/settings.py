@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class PruneConfig:
     # Defaults and allowed values: ptp_cli/settings.py.
-    method: str = default("method")  # a name in catalog.METHODS: none, ptp, random, spatial, fastv, vtw, pdrop
+    method: str = default("method")  # a name in catalog.METHODS
     ratio: float = default("ratio")  # fraction of visual tokens pruned (ignored by none, vtw and pdrop)
     # PTP fusion weight of the instruction score c against the token score s, or "auto": chosen per sample from
     # how concentrated s and c are (``adaptive.auto_alpha``)
@@ -83,6 +83,22 @@ class PruneConfig:
 
 # Named starting points (catalog.PRESETS); a CLI applies explicit options on top with dataclasses.replace.
 PRESETS: dict[str, PruneConfig] = {name: replace(PruneConfig(), **changes) for name, changes in catalog.PRESETS.items()}
+
+
+def plan_grid(base: PruneConfig, methods: tuple[str, ...], ratios: tuple[float, ...],
+              model_cfg: ModelConfig) -> list[tuple[str, PruneConfig]]:
+    """The runs of a (method x ratio) grid over ``base``, as ``ptp eval`` and ``ptp bench`` both plan them:
+    ("ptp@0.5", settings) per ratio for a method that uses one, ("none", settings) once for one that does not.
+    Each method's settings are checked against the model before any run starts."""
+    runs: list[tuple[str, PruneConfig]] = []
+    for method in methods:
+        per_ratio = [replace(base, method=method, ratio=r) for r in ratios]
+        per_ratio[0].check_layers(model_cfg)  # a bad layer fails before anything runs or is built
+        if catalog.method_class(method).uses_ratio:
+            runs += [(f"{method}@{r:g}", p) for r, p in zip(ratios, per_ratio, strict=True)]
+        else:  # none, vtw, pdrop: the ratio changes nothing
+            runs.append((method, per_ratio[0]))
+    return runs
 
 
 def make_method(cfg: PruneConfig, model_cfg: ModelConfig) -> PruningMethod:
