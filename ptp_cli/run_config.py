@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 
 from ptp_cli.config import ModelConfig
 from ptp_cli.errors import UsageError
-from ptp_cli.image import TilingOptions
 from ptp_cli.loading import load_config
+from ptp_cli.preprocess.image import TilingOptions
 from ptp_cli.pruning import PruneConfig
 from ptp_cli.pruning.catalog import METHODS
 from ptp_cli.settings import check_fields, default
@@ -59,12 +59,12 @@ class RunConfig:
             raise UsageError(f"--min-tiles ({self.min_tiles}) is larger than --max-tiles ({self.max_tiles})")
 
     def resolved_device(self) -> torch.device:
-        from ptp_cli.devices import resolve_device  # torch: only what runs the model needs it
+        from ptp_cli.run.devices import resolve_device  # torch: only what runs the model needs it
 
         return resolve_device(self.device)
 
     def resolved_dtype(self, device: torch.device) -> torch.dtype:
-        from ptp_cli.devices import resolve_dtype
+        from ptp_cli.run.devices import resolve_dtype
 
         return resolve_dtype(self.dtype, device)
 

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from ptp_cli.config import MAX_TILES
 from ptp_cli.errors import UsageError
-from ptp_cli.image import DEFAULT_MAX_PIXELS
+from ptp_cli.preprocess.image import DEFAULT_MAX_PIXELS
 
 AUTO = "auto"  # the one word a number setting may take instead of a number: alpha chosen per sample
 AGGREGATIONS = ("mean", "max")  # reductions over attention heads / instruction tokens

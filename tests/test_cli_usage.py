@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 from test_cli import error_line, records, write_jsonl
 
-from ptp_cli.resume import scan_output
+from ptp_cli.io.resume import scan_output
 
 PTP = str(Path(sys.executable).with_name("ptp"))  # the console script pip installed next to this python
 TIMEOUT = 180
@@ -336,10 +336,10 @@ def test_scan_output_lists_the_changed_settings(tmp_path: Path) -> None:
 
 def test_checks_split_into_model_free_and_layer_checks() -> None:
     from ptp_cli.config import SHAPES
-    from ptp_cli.devices import DTYPES
     from ptp_cli.errors import UsageError
-    from ptp_cli.pipeline import RunConfig
     from ptp_cli.pruning import METHODS, PRESETS, PruneConfig
+    from ptp_cli.run.devices import DTYPES
+    from ptp_cli.run.pipeline import RunConfig
     from ptp_cli.settings import DTYPE_NAMES, method_names, preset_names
 
     # The torch-free tables name every dtype, method and preset the library takes, and nothing else.

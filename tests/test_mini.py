@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
+from ptp_cli.io.records import iter_records
 from ptp_cli.mini.model import build_mini_tokenizer
-from ptp_cli.pipeline import Pipeline, RunConfig
-from ptp_cli.prompts import get_template
 from ptp_cli.pruning import METHODS, PruneConfig
-from ptp_cli.records import iter_records
+from ptp_cli.run.pipeline import Pipeline, RunConfig
 from ptp_cli.synth import TYPES, example, more_questions, write_benchmark
 from ptp_cli.synth.scene import COLOURS, PLURALS, SHAPES
+from ptp_cli.text.prompts import get_template
 from ptp_cli.zoo import SHIPPED as SHIPPED_MODELS
 from ptp_cli.zoo import load_model
 from training.data import IGNORE, drop_visual, make_sample, token_truth

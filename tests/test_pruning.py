@@ -10,7 +10,6 @@ import torch
 from tiny_random import CFG, IMG, synthetic_request, tiny_model
 from transformers import InternVLVisionConfig, InternVLVisionModel, LlamaConfig, LlamaForCausalLM
 
-from ptp_cli.engine import Engine, Request, Result
 from ptp_cli.errors import UsageError
 from ptp_cli.models.internvl import InternVLModel, pixel_shuffle
 from ptp_cli.pruning import METHODS, PRESETS, Capabilities, PruneConfig, make_method, method_class
@@ -18,6 +17,7 @@ from ptp_cli.pruning.base import PruningMethod, VisualContext
 from ptp_cli.pruning.baselines import grid_indices
 from ptp_cli.pruning.ptp import PTP
 from ptp_cli.pruning.scores import instruction_scores, vit_token_scores
+from ptp_cli.run.engine import Engine, Request, Result
 
 NTOK = 256
 

@@ -39,14 +39,14 @@ from ptp_cli.bench.workload import (
     model_config,
 )
 from ptp_cli.config import ModelConfig
-from ptp_cli.devices import dtype_name
-from ptp_cli.engine import Engine, Request
 from ptp_cli.errors import UsageError
-from ptp_cli.flops import sample_flops
 from ptp_cli.home import ptp_home
-from ptp_cli.image import TilingOptions
 from ptp_cli.loading import canonical_shapes
+from ptp_cli.preprocess.image import TilingOptions
 from ptp_cli.pruning import PruneConfig, make_method, method_class, plan_grid
+from ptp_cli.run.devices import dtype_name
+from ptp_cli.run.engine import Engine, Request
+from ptp_cli.run.flops import sample_flops
 from ptp_cli.zoo import RANDOM_WEIGHTS, resolve_model
 
 FULL_SIZE_PARAMS = 100_000_000  # from here on a model is "full-size": hours per batch on a CPU
@@ -110,7 +110,7 @@ def _vllm_runners(config: BenchConfig, bench_model: BenchModel, requests: list[R
                   dtype: torch.dtype) -> list[Runner]:
     """The pre-LLM rows again, with vLLM generating from ptp's pruned embeddings (one vLLM for all of them;
     prefix caching off, so no row reuses another's prefill)."""
-    from ptp_cli.vllm_engine import VLLMEngine, VLLMGenerator, view_key
+    from ptp_cli.run.vllm_engine import VLLMEngine, VLLMGenerator, view_key
 
     if config.model is not None:
         key = view_key(resolve_model(config.model), dtype)

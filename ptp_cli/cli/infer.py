@@ -35,19 +35,19 @@ from ptp_cli.cli.console import (
 )
 from ptp_cli.cli.tally import Stats, count_records, image_root_hint, noting_relative
 from ptp_cli.errors import ModelLoadError, RunAborted, UsageError
-from ptp_cli.output import OrderedWriter
-from ptp_cli.records import (
+from ptp_cli.io.output import OrderedWriter
+from ptp_cli.io.records import (
     default_root,
     iter_lines,
     iter_records,
     parse_line,
     parse_shard,
 )
-from ptp_cli.resume import scan_output
+from ptp_cli.io.resume import scan_output
 from ptp_cli.settings import INFER, names_for
 
 if TYPE_CHECKING:
-    from ptp_cli.pipeline import RunConfig
+    from ptp_cli.run.pipeline import RunConfig
 
 T = TypeVar("T")
 
@@ -160,8 +160,8 @@ def _read_options(source: str, resolved: opt.Resolved) -> Job:
 def _model_settings(job: Job) -> dict[str, Any]:
     """The checkpoint's config (no weights) checks the settings against the model and gives the settings every
     row echoes and --resume compares."""
-    from ptp_cli.chat_template import template_name
-    from ptp_cli.pipeline import read_model_config, run_settings
+    from ptp_cli.run.pipeline import read_model_config, run_settings
+    from ptp_cli.text.chat_template import template_name
 
     config = job.config
     model_dir, model_cfg = _explained(job.resolved, read_model_config, config)
@@ -191,7 +191,7 @@ def _local_rows(
     lines: Iterator[tuple[int, bytes]], job: Job, settings: dict[str, Any], relative: set[int], *, log: Log,
 ) -> tuple[Iterator[tuple[int, dict[str, Any]]], int]:
     """The rows of a pipeline in this process, in completion order, and the writer's reorder window."""
-    from ptp_cli.pipeline import Pipeline
+    from ptp_cli.run.pipeline import Pipeline
     from ptp_cli.zoo import RANDOM_WEIGHTS
 
     t0, config = time.perf_counter(), job.config
@@ -288,7 +288,7 @@ def _ray_rows(
 ) -> tuple[Iterator[tuple[int, dict[str, Any]]], int]:
     """``--ray``: the rows of a Ray Data job over the input's lines, in input order, and the writer's window."""
     try:
-        from ptp_cli.ray import run_ray  # imports Ray: only a run that asks for it pays for it
+        from ptp_cli.run.ray import run_ray  # imports Ray: only a run that asks for it pays for it
     except ImportError as e:
         raise UsageError(f"--ray needs Ray Data ({e}): pip install 'ptp-cli[ray]'") from None
     actors = job.resolved.get("ray_workers") or 1
@@ -303,7 +303,7 @@ def _ray_rows(
 def run_check(job: Job, *, log: Log) -> int:
     """``--check``: every record checked as a run would, without weights; the exit code a run would give."""
     from ptp_cli.config import ModelConfig
-    from ptp_cli.dryrun import check_records
+    from ptp_cli.io.dryrun import check_records
     from ptp_cli.run_config import read_model_config
 
     source, config, resolved = job.source, job.config, job.resolved

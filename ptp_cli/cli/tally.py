@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ptp_cli.cli.console import plural
-from ptp_cli.records import BadRecord, Record, is_missing_image
+from ptp_cli.io.records import BadRecord, Record, is_missing_image
 
 
 @dataclass

@@ -17,15 +17,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ptp_cli.engine import Engine
 from ptp_cli.errors import UsageError
-from ptp_cli.output import OrderedWriter
-from ptp_cli.pipeline import Pipeline, RunConfig, start_vllm
+from ptp_cli.io.output import OrderedWriter
+from ptp_cli.io.records import iter_records
+from ptp_cli.io.resume import scan_output
 from ptp_cli.pruning import PruneConfig, make_method, plan_grid
-from ptp_cli.records import iter_records
-from ptp_cli.resume import scan_output
-from ptp_cli.vision_cache import VisionCache
-from ptp_cli.vllm_engine import VLLMEngine
+from ptp_cli.run.engine import Engine
+from ptp_cli.run.pipeline import Pipeline, RunConfig, start_vllm
+from ptp_cli.run.vision_cache import VisionCache
+from ptp_cli.run.vllm_engine import VLLMEngine
 
 
 @dataclass(frozen=True)

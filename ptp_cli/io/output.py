@@ -10,7 +10,7 @@ from typing import IO, Any
 import orjson
 
 from ptp_cli.errors import RecordError
-from ptp_cli.records import error_row
+from ptp_cli.io.records import error_row
 
 
 class OrderedWriter:

@@ -18,18 +18,18 @@ from typing import Any
 
 import torch
 
-from ptp_cli.chat_template import prompter_for
 from ptp_cli.config import ModelConfig
-from ptp_cli.devices import free_cached_memory
-from ptp_cli.engine import Engine, Request, Result
 from ptp_cli.errors import ModelLoadError, PromptError, RecordError
-from ptp_cli.failures import FailureGuard, batch_failure
-from ptp_cli.inputs import InputProcessor, RequestDefaults
+from ptp_cli.io.records import BadRecord, Record, error_row, result_row, shown_record
 from ptp_cli.loading import LoadedModel
+from ptp_cli.preprocess.inputs import InputProcessor, RequestDefaults
 from ptp_cli.pruning import make_method
-from ptp_cli.records import BadRecord, Record, error_row, result_row, shown_record
+from ptp_cli.run.devices import free_cached_memory
+from ptp_cli.run.engine import Engine, Request, Result
+from ptp_cli.run.failures import FailureGuard, batch_failure
+from ptp_cli.run.vllm_engine import VLLMEngine, VLLMGenerator, view_key
 from ptp_cli.run_config import RunConfig, check_against_model, read_model_config
-from ptp_cli.vllm_engine import VLLMEngine, VLLMGenerator, view_key
+from ptp_cli.text.chat_template import prompter_for
 from ptp_cli.zoo import load_model
 
 __all__ = ["Pipeline", "Prepared", "RunConfig", "read_model_config", "run_settings", "start_vllm"]
