@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING
 
 from ptp_cli.config import ModelConfig
 from ptp_cli.errors import UsageError
-from ptp_cli.image import DEFAULT_MAX_PIXELS, TilingOptions
-from ptp_cli.limits import check_values
 from ptp_cli.loading import load_config
+from ptp_cli.preprocess.image import TilingOptions
 from ptp_cli.pruning import PruneConfig
 from ptp_cli.pruning.catalog import METHODS
+from ptp_cli.settings import check_fields, default
 from ptp_cli.zoo import resolve_model
 
 if TYPE_CHECKING:
@@ -26,45 +26,47 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Everything a run is configured with. Fields that change results are echoed in every row."""
+    """Everything a run is configured with; checked when built (no model needed), trusted after.
 
-    model: str = "OpenGVLab/InternVL2-2B"  # local dir, hub id (from the HF cache), or "tiny"
-    engine: str = "ptp"  # ptp: ptp's own engine (every method); vllm: ptp prunes, vLLM generates (pre-LLM methods)
+    Defaults and allowed values are declared in ``ptp_cli/settings.py``. Fields that change results are echoed
+    in every row.
+    """
+
+    model: str = default("model")  # local dir, hub id (from the HF cache), "mini" or "tiny"
+    engine: str = default("engine")  # ptp: ptp's own engine (every method); vllm: ptp prunes, vLLM generates
     prune: PruneConfig = field(default_factory=PruneConfig)  # pruning method and its settings
-    max_tiles: int | None = None  # tile cap; None: the checkpoint's max_dynamic_patch
-    min_tiles: int | None = None  # fewest tiles; None: the checkpoint's
-    max_new_tokens: int = 64  # generation length cap
-    temperature: float = 0.0  # 0: greedy
-    seed: int = 0  # sampling and random-pruning seed (per-record override possible)
-    system_message: str | None = None  # None: the checkpoint's / template's (a -hf chat template's: none)
-    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    batch_size: int = 8  # most requests per engine batch
-    max_batch_tokens: int | None = None  # most padded prompt tokens (requests x longest) per batch; None: no cap
-    max_prompt_tokens: int | None = None  # longest prompt a record may have (unpruned); None: the model's limit
-    logprobs: bool = False  # add per-token ids and log-probabilities to each row
-    kept: bool = False  # add the kept visual token indices to each row (to draw what PTP kept)
-    max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb guard
-    workers: int = 2  # image loading / tiling threads
-    max_errors: int | None = None  # failed records (any kind) that stop the run (RunAborted); None: no cap
+    max_tiles: int | None = default("max_tiles")  # tile cap; None: the checkpoint's max_dynamic_patch
+    min_tiles: int | None = default("min_tiles")  # fewest tiles; None: the checkpoint's
+    max_new_tokens: int = default("max_new_tokens")
+    temperature: float = default("temperature")  # 0: greedy
+    seed: int = default("seed")  # sampling and random-pruning seed (per-record override possible)
+    system_message: str | None = default("system_message")  # None: the checkpoint's / template's
+    dtype: str = default("dtype")
+    device: str = default("device")
+    batch_size: int = default("batch_size")  # most requests per engine batch
+    max_batch_tokens: int | None = default("max_batch_tokens")  # most padded prompt tokens per batch
+    max_prompt_tokens: int | None = default("max_prompt_tokens")  # longest prompt (unpruned); None: the model's
+    logprobs: bool = default("logprobs")  # add per-token ids and log-probabilities to each row
+    kept: bool = default("kept")  # add the kept visual token indices to each row (to draw what PTP kept)
+    max_pixels: int = default("max_pixels")  # decompression-bomb guard
+    workers: int = default("workers")  # image loading / tiling threads
+    max_errors: int | None = default("max_errors")  # failed records that stop the run (RunAborted); None: no cap
+
+    def __post_init__(self) -> None:
+        """The one check of every run setting (the pruning settings were checked when ``prune`` was built)."""
+        check_fields("run", {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "prune"})
+        if self.min_tiles is not None and self.max_tiles is not None and self.min_tiles > self.max_tiles:
+            raise UsageError(f"--min-tiles ({self.min_tiles}) is larger than --max-tiles ({self.max_tiles})")
 
     def resolved_device(self) -> torch.device:
-        from ptp_cli.devices import resolve_device  # torch: only what runs the model needs it
+        from ptp_cli.run.devices import resolve_device  # torch: only what runs the model needs it
 
         return resolve_device(self.device)
 
     def resolved_dtype(self, device: torch.device) -> torch.dtype:
-        from ptp_cli.devices import resolve_dtype
+        from ptp_cli.run.devices import resolve_dtype
 
         return resolve_dtype(self.dtype, device)
-
-    def validate(self) -> RunConfig:
-        """Every check that needs no model (run and pruning settings); raise UsageError, else return self."""
-        check_values({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
-        if self.min_tiles is not None and self.max_tiles is not None and self.min_tiles > self.max_tiles:
-            raise UsageError(f"--min-tiles ({self.min_tiles}) is larger than --max-tiles ({self.max_tiles})")
-        self.prune.check()
-        return self
 
     def tiling(self, model_cfg: ModelConfig) -> TilingOptions:
         """The checkpoint's tiling with --max-tiles / --min-tiles on top."""
@@ -83,14 +85,20 @@ def read_model_config(config: RunConfig, *, offline: bool | None = None) -> tupl
     """
     model_dir = resolve_model(config.model, offline=offline)
     model_cfg = load_config(model_dir).with_name(config.model)
-    config.validate().prune.check_layers(model_cfg)
+    check_against_model(config, model_cfg)
+    return model_dir, model_cfg
+
+
+def check_against_model(config: RunConfig, model_cfg: ModelConfig) -> None:
+    """The checks that need the model's config: layer indices, tiling, the engine's methods."""
+    config.prune.check_layers(model_cfg)
     config.tiling(model_cfg)
     if config.engine == "vllm" and METHODS[config.prune.method].capabilities.prunes_in_llm:
         raise UsageError(in_llm_with_vllm(config.prune.method))
-    return model_dir, model_cfg
 
 
 def in_llm_with_vllm(method: str) -> str:
     """The one line that refuses an in-LLM method under --engine vllm (vLLM's layers keep every token)."""
+    pre_llm = ", ".join(sorted(n for n, entry in METHODS.items() if not entry.capabilities.prunes_in_llm))
     return (f"--method {method} prunes inside the LLM, which only ptp's own engine runs: use --engine ptp "
-            "(vLLM serves the pre-LLM methods: none, ptp, random, spatial)")
+            f"(vLLM serves the pre-LLM methods: {pre_llm})")

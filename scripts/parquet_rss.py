@@ -39,9 +39,9 @@ def write(rows: int, path: str, row_group: int = 100) -> None:
 
 
 def read(path: str) -> None:
-    from ptp_cli.formats import open_input
-    from ptp_cli.image import load_image
-    from ptp_cli.records import Record
+    from ptp_cli.io.formats import open_input
+    from ptp_cli.io.records import Record
+    from ptp_cli.preprocess.image import load_image
 
     t0 = time.perf_counter()
     n = 0

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from ptp_cli.engine import Engine
-from ptp_cli.pipeline import Pipeline, RunConfig
+from ptp_cli.io.records import iter_records
 from ptp_cli.pruning import PruneConfig
-from ptp_cli.records import iter_records
+from ptp_cli.run.engine import Engine
+from ptp_cli.run.pipeline import Pipeline, RunConfig
 from ptp_cli.synth import write_benchmark
 from ptp_cli.zoo import load_model
 

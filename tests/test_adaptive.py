@@ -15,10 +15,10 @@ from tiny_random import CFG, tiny_model
 
 from ptp_cli.cli import options as opt
 from ptp_cli.errors import UsageError
-from ptp_cli.limits import check_values
 from ptp_cli.models.internvl import InternVLModel
 from ptp_cli.pruning import PRESETS, PruneConfig, make_method
 from ptp_cli.pruning.adaptive import auto_alpha, concentration, signals
+from ptp_cli.settings import parse_text
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 TINY_RUN = ["--model", "tiny", "--max-new-tokens", "2", "--max-tiles", "2"]
@@ -135,7 +135,7 @@ def test_auto_needs_both_scores_and_runs_the_probe():
     assert (m.vit_score_layer(), m.probe_layer()) == (11, 1)
     assert m.settings()["alpha"] == "auto"
     with pytest.raises(UsageError, match="--no-token-score does not go with --alpha auto"):
-        PruneConfig(alpha="auto", use_token_score=False).check()
+        PruneConfig(alpha="auto", use_token_score=False)
 
 
 def test_engine_notes_per_sample_alphas_that_a_fixed_alpha_reproduces(model):
@@ -153,28 +153,24 @@ def test_engine_notes_per_sample_alphas_that_a_fixed_alpha_reproduces(model):
 
 
 def test_every_source_takes_a_number_or_auto(tmp_path: Path):
-    check_values({"alpha": "auto"})
-    check_values({"alpha": 0.0})
+    PruneConfig(alpha="auto")
+    PruneConfig(alpha=0.0)
     for bad in ("foo", 1.5, -0.1):
         with pytest.raises(UsageError, match=r"--alpha must be in \[0, 1\] or auto"):
-            check_values({"alpha": bad})
-    assert opt.from_environment({"PTP_ALPHA": " Auto "}, ["alpha"]) == {"alpha": "auto"}
-    assert opt.from_environment({"PTP_ALPHA": "0.25"}, ["alpha"]) == {"alpha": 0.25}
-    with pytest.raises(UsageError, match="PTP_ALPHA=nan: --alpha must be a number or auto"):
-        opt.from_environment({"PTP_ALPHA": "nan"}, ["alpha"])
+            PruneConfig(alpha=bad)
+    assert parse_text("float_or_auto", " Auto ") == "auto" and parse_text("float_or_auto", "0.25") == 0.25
+    with pytest.raises(ValueError):
+        parse_text("float_or_auto", "nan")
     (tmp_path / "a.yaml").write_text("alpha: auto\n")
     (tmp_path / "b.yaml").write_text("alpha: 1\n")
     (tmp_path / "c.yaml").write_text("alpha: [0.5]\n")
-    assert opt.from_yaml(tmp_path / "a.yaml", ["alpha"]) == {"alpha": "auto"}
-    assert opt.from_yaml(tmp_path / "b.yaml", ["alpha"]) == {"alpha": 1.0}
+    assert opt.read_yaml(tmp_path / "a.yaml") == {"alpha": "auto"}
+    assert opt.read_yaml(tmp_path / "b.yaml") == {"alpha": "1.0"}  # as the option takes it: text
     with pytest.raises(UsageError, match="--alpha must be a number or auto"):
-        opt.from_yaml(tmp_path / "c.yaml", ["alpha"])
-    for given, preset in (({"alpha": "auto"}, "ocr"), ({"alpha": "0.3"}, "scene")):
-        resolved = opt.resolve(given | {"preset": preset}, names=opt.SETTINGS, environ={})
-        cfg = opt.prune_config(resolved)
-        assert cfg == replace(PRESETS[preset], alpha="auto" if given["alpha"] == "auto" else 0.3)
-    with pytest.raises(UsageError, match="--alpha must be a number or auto, got 'foo'"):
-        opt.resolve({"alpha": "foo"}, names=opt.SETTINGS, environ={})
+        opt.read_yaml(tmp_path / "c.yaml")
+    for given, preset in (({"alpha": "auto"}, "ocr"), ({"alpha": 0.3}, "scene")):
+        cfg = opt.prune_config(opt.Resolved(given | {"preset": preset}, {}))
+        assert cfg == replace(PRESETS[preset], alpha=given["alpha"])
 
 
 @pytest.mark.parametrize(

@@ -32,13 +32,13 @@ from transformers.models.internvl.processing_internvl import InternVLProcessor
 
 from ptp_cli.builders.tiny import TINY_VERSION
 from ptp_cli.builders.writers import save_hf_layout
-from ptp_cli.chat_template import read_chat_template
 from ptp_cli.errors import ModelLoadError
+from ptp_cli.io.records import iter_records
 from ptp_cli.loading import load_model, load_state_dict
-from ptp_cli.pipeline import Pipeline, RunConfig
 from ptp_cli.pruning import PruneConfig
-from ptp_cli.records import iter_records
-from ptp_cli.tokenization import load_tokenizer
+from ptp_cli.run.pipeline import Pipeline, RunConfig
+from ptp_cli.text.chat_template import read_chat_template
+from ptp_cli.text.tokenization import load_tokenizer
 
 # Written for this test after InternVL3-hf's template: ChatML turns, an image becomes "<IMG_CONTEXT>\n".
 TEMPLATE = (

@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 from test_cli import error_line, records, write_jsonl
 
-from ptp_cli.resume import scan_output
+from ptp_cli.io.resume import scan_output
 
 PTP = str(Path(sys.executable).with_name("ptp"))  # the console script pip installed next to this python
 TIMEOUT = 180
@@ -336,20 +336,19 @@ def test_scan_output_lists_the_changed_settings(tmp_path: Path) -> None:
 
 def test_checks_split_into_model_free_and_layer_checks() -> None:
     from ptp_cli.config import SHAPES
-    from ptp_cli.devices import DTYPES
     from ptp_cli.errors import UsageError
-    from ptp_cli.limits import DTYPE_NAMES, METHOD_NAMES, PRESET_NAMES
-    from ptp_cli.pipeline import RunConfig
     from ptp_cli.pruning import METHODS, PRESETS, PruneConfig
+    from ptp_cli.run.devices import DTYPES
+    from ptp_cli.run.pipeline import RunConfig
+    from ptp_cli.settings import DTYPE_NAMES, method_names, preset_names
 
     # The torch-free tables name every dtype, method and preset the library takes, and nothing else.
     assert set(DTYPE_NAMES) == {"auto", *DTYPES}
-    assert set(METHOD_NAMES) == set(METHODS) and set(PRESET_NAMES) == set(PRESETS)
-    deep = PruneConfig(vit_layer=30)
-    assert deep.check() is deep  # no model needed, and nothing to object to without one
+    assert set(method_names()) == set(METHODS) and set(preset_names()) == set(PRESETS)
+    deep = PruneConfig(vit_layer=30)  # no model needed, and nothing to object to without one
     with pytest.raises(UsageError, match=r"--vit-layer must be in \[0, 23\] for this model, got 30"):
         deep.check_layers(SHAPES["internvl2-2b"])
     with pytest.raises(UsageError, match="--pdrop-keep must be in"):
-        RunConfig(prune=PruneConfig(pdrop_keep=0.0)).validate()  # the run's check covers its pruning settings
+        RunConfig(prune=PruneConfig(pdrop_keep=0.0))  # building a config checks it
     with pytest.raises(UsageError, match=r"--min-tiles \(4\) is larger than --max-tiles \(2\)"):
-        RunConfig(min_tiles=4, max_tiles=2).validate()
+        RunConfig(min_tiles=4, max_tiles=2)

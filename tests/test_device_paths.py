@@ -7,9 +7,9 @@ import pytest
 import torch
 from tiny_random import IMG, forced_logits, tiny_model
 
-from ptp_cli.engine import Engine, Request
 from ptp_cli.models.llm import attention_mask, grouped_sdpa
 from ptp_cli.pruning import PruneConfig, make_method
+from ptp_cli.run.engine import Engine, Request
 
 
 def request(tiles: int) -> Request:

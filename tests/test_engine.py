@@ -8,8 +8,8 @@ import pytest
 import torch
 from tiny_random import IMG, forced_logits, tiny_model
 
-from ptp_cli.engine import Engine, Request
 from ptp_cli.models.internvl import InternVLModel
+from ptp_cli.run.engine import Engine, Request
 
 STOP = 2
 
@@ -150,7 +150,7 @@ def test_a_shared_vision_cache_changes_no_result_and_runs_the_vit_once_per_image
     """The eval grid's engines share one VisionCache: results equal uncached engines', for a method that reads
     no ViT attention and for PTP (which reads layer 11's); each image runs once per score layer."""
     from ptp_cli.pruning import PruneConfig, make_method
-    from ptp_cli.vision_cache import VisionCache
+    from ptp_cli.run.vision_cache import VisionCache
 
     reqs = [make_request(t, stop_ids=[], max_new_tokens=3) for t in (1, 3, 2)]
     cache = VisionCache()

@@ -17,15 +17,15 @@ from PIL import Image
 from test_cli import FAST, error_line, parse_rows, ptp, write_jsonl
 
 from ptp_cli.builders.tiny import TINY_VERSION
-from ptp_cli.engine import Engine, Request
 from ptp_cli.errors import RunAborted
-from ptp_cli.failures import ALL_FAILED_MINIMUM, MAX_CONSECUTIVE_INFERENCE_ERRORS
+from ptp_cli.io.output import OrderedWriter
+from ptp_cli.io.records import iter_records
+from ptp_cli.io.resume import scan_output
 from ptp_cli.loading import load_model
-from ptp_cli.output import OrderedWriter
-from ptp_cli.pipeline import Pipeline, RunConfig
 from ptp_cli.pruning import PruneConfig, make_method
-from ptp_cli.records import iter_records
-from ptp_cli.resume import scan_output
+from ptp_cli.run.engine import Engine, Request
+from ptp_cli.run.failures import ALL_FAILED_MINIMUM, MAX_CONSECUTIVE_INFERENCE_ERRORS
+from ptp_cli.run.pipeline import Pipeline, RunConfig
 
 OOM = torch.cuda.OutOfMemoryError
 

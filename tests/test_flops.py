@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ptp_cli.config import SHAPES, LLMConfig
-from ptp_cli.flops import (
+from ptp_cli.run.flops import (
     StageFlops,
     decode_flops,
     llm_layer_flops,

@@ -1,4 +1,4 @@
-"""Inputs and outputs beyond JSONL (``ptp_cli.formats``): the same records from Parquet (bytes, struct and path
+"""Inputs and outputs beyond JSONL (``ptp_cli.io.formats``): the same records from Parquet (bytes, struct and path
 images), a ``datasets`` ``save_to_disk`` folder, WebDataset shards and an OpenAI batch file; the same answers
 from each (one tiny model for every format); Parquet and batch outputs; positions for --shard and --resume;
 bad input as error rows; mislabelled files as usage errors."""
@@ -17,11 +17,11 @@ import pytest
 from PIL import Image
 
 from ptp_cli.errors import UsageError
-from ptp_cli.formats import Columns, open_input, output_sink, read_rows, scan
-from ptp_cli.formats.base import expand_braces
-from ptp_cli.formats.openai import read_batch_row
-from ptp_cli.output import OrderedWriter
-from ptp_cli.records import BadRecord, Record
+from ptp_cli.io.formats import Columns, open_input, output_sink, read_rows, scan
+from ptp_cli.io.formats.base import expand_braces
+from ptp_cli.io.formats.openai import read_batch_row
+from ptp_cli.io.output import OrderedWriter
+from ptp_cli.io.records import BadRecord, Record
 from samples.make_formats import write_batch, write_hf_folder, write_parquet, write_shards
 
 pytest.importorskip("pyarrow")
@@ -234,7 +234,7 @@ def test_parquet_output_round_trips_and_resumes(tmp_path: Path) -> None:
 
 
 def test_a_killed_parquet_write_keeps_whole_parts_only(tmp_path: Path) -> None:
-    from ptp_cli.formats.parquet_out import ParquetSink
+    from ptp_cli.io.formats.parquet_out import ParquetSink
 
     out = tmp_path / "out.parquet"
     sink = ParquetSink(out, resume=False, part_rows=3)
@@ -316,7 +316,7 @@ def pipelines(ptp_home: Path) -> dict[str, Any]:
 
 
 def _pipeline(pipelines: dict[str, Any], model: str, ptp_home: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
-    from ptp_cli.pipeline import Pipeline, RunConfig
+    from ptp_cli.run.pipeline import Pipeline, RunConfig
 
     monkeypatch.setenv("PTP_HOME", str(ptp_home))
     if model not in pipelines:

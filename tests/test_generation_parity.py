@@ -13,10 +13,10 @@ from transformers import InternVLForConditionalGeneration
 
 from ptp_cli.builders.tiny import ensure_tiny
 from ptp_cli.builders.writers import save_hf_layout
-from ptp_cli.engine import Engine, Request
-from ptp_cli.image import TilingOptions
 from ptp_cli.loading import load_model, load_state_dict
-from ptp_cli.prompts import encode_prompt, get_template
+from ptp_cli.preprocess.image import TilingOptions
+from ptp_cli.run.engine import Engine, Request
+from ptp_cli.text.prompts import encode_prompt, get_template
 
 NEW = 6
 

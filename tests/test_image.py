@@ -23,7 +23,7 @@ from PIL import Image
 from ptp_cli.builders.tiny import TINY
 from ptp_cli.config import SHAPES
 from ptp_cli.errors import ImageError
-from ptp_cli.image import (
+from ptp_cli.preprocess.image import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     TilingOptions,

@@ -100,12 +100,12 @@ def test_no_import_cycles() -> None:
 
 def test_loading_path_never_imports_builders() -> None:
     graph = _graph(top_level_only=True)
-    for start in ("ptp_cli.loading", "ptp_cli.pipeline"):
+    for start in ("ptp_cli.loading", "ptp_cli.run.pipeline"):
         assert not {m for m in _reachable(graph, start) if m.startswith("ptp_cli.builders")}, start
     assert not any(m.startswith(("ptp_cli.zoo", "ptp_cli.builders")) for m in _reachable(graph, "ptp_cli.loading"))
     # And at run time: importing the library and loading a checkpoint's config leaves the builders unloaded.
     code = (
-        "import sys, ptp_cli.pipeline, ptp_cli.loading, ptp_cli.zoo\n"
+        "import sys, ptp_cli.run.pipeline, ptp_cli.loading, ptp_cli.zoo\n"
         "print(sorted(m for m in sys.modules if m.startswith('ptp_cli.builders')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -116,19 +116,19 @@ def test_only_entry_points_import_the_zoo() -> None:
     importers = {name for name, deps in _graph(top_level_only=False).items() if "ptp_cli.zoo" in deps}
     assert importers, "nothing resolves built-in names"
     # run_config: reading a run's model config (a built-in's too) before anything heavy, for pipeline and --check
-    entry = ("ptp_cli.pipeline", "ptp_cli.run_config")
+    entry = ("ptp_cli.run.pipeline", "ptp_cli.run_config")
     assert all(m in entry or m.startswith(("ptp_cli.bench", "ptp_cli.cli")) for m in importers), importers
 
 
 # (importer, forbidden): no module under the first imports one under the second, lazily or not.
 LAYERS = [
-    *(("ptp_cli.models", above) for above in ("ptp_cli.engine", "ptp_cli.pruning", "ptp_cli.pipeline",
-                                                "ptp_cli.inputs", "ptp_cli.loading", "ptp_cli.cli")),
-    ("ptp_cli.pruning", "ptp_cli.engine"),
-    ("ptp_cli.pruning", "ptp_cli.pipeline"),
-    ("ptp_cli.engine", "ptp_cli.pipeline"),
-    ("ptp_cli.engine", "ptp_cli.tokenization"),  # the engine works on token ids only
-    ("ptp_cli.engine", "ptp_cli.image"),
+    *(("ptp_cli.models", above) for above in ("ptp_cli.run.engine", "ptp_cli.pruning", "ptp_cli.run.pipeline",
+                                                "ptp_cli.preprocess.inputs", "ptp_cli.loading", "ptp_cli.cli")),
+    ("ptp_cli.pruning", "ptp_cli.run.engine"),
+    ("ptp_cli.pruning", "ptp_cli.run.pipeline"),
+    ("ptp_cli.run.engine", "ptp_cli.run.pipeline"),
+    ("ptp_cli.run.engine", "ptp_cli.text.tokenization"),  # the engine works on token ids only
+    ("ptp_cli.run.engine", "ptp_cli.preprocess.image"),
 ]
 
 
@@ -202,7 +202,7 @@ def test_only_ptp_cli_ray_imports_ray() -> None:
                 [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
             if any(n == "ray" or n.startswith("ray.") for n in names):
                 importers.add(name)
-    assert importers == {"ptp_cli.ray"}
+    assert importers == {"ptp_cli.run.ray"}
 
 
 def test_only_the_table_formats_import_pyarrow() -> None:
@@ -215,5 +215,5 @@ def test_only_the_table_formats_import_pyarrow() -> None:
                 [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
             if any(n == "pyarrow" or n.startswith("pyarrow.") for n in names):
                 importers[name] = importers.get(name, False) or node in tree.body  # True: at module level
-    assert set(importers) == {"ptp_cli.formats.arrow", "ptp_cli.formats.parquet_out"}
+    assert set(importers) == {"ptp_cli.io.formats.arrow", "ptp_cli.io.formats.parquet_out"}
     assert not any(importers.values())

@@ -14,10 +14,10 @@ import pytest
 import torch
 from tiny_random import CFG, IMG, synthetic_request, tiny_model
 
-from ptp_cli.engine import Engine, Request, Result
 from ptp_cli.models.internvl import InternVLModel
 from ptp_cli.models.llm import DecoderLayer
 from ptp_cli.pruning import PruneConfig, make_method
+from ptp_cli.run.engine import Engine, Request, Result
 
 STEPS = 5  # generated tokens: the prefill's plus 4 decoding steps
 

@@ -10,15 +10,15 @@ import torch
 from PIL import Image
 
 from ptp_cli.builders.tiny import TINY_VERSION
-from ptp_cli.chat_template import NamedPrompter
-from ptp_cli.devices import is_out_of_memory, resolve_device, resolve_dtype
 from ptp_cli.errors import ImageError, PromptTooLongError, RecordError, UsageError
-from ptp_cli.image import TilingOptions
-from ptp_cli.inputs import InputProcessor, RequestDefaults
+from ptp_cli.io.records import Record
 from ptp_cli.loading import load_config
-from ptp_cli.prompts import PromptIds, get_template
-from ptp_cli.records import Record
-from ptp_cli.tokenization import IMG_CONTEXT_TOKEN, load_tokenizer
+from ptp_cli.preprocess.image import TilingOptions
+from ptp_cli.preprocess.inputs import InputProcessor, RequestDefaults
+from ptp_cli.run.devices import is_out_of_memory, resolve_device, resolve_dtype
+from ptp_cli.text.chat_template import NamedPrompter
+from ptp_cli.text.prompts import PromptIds, get_template
+from ptp_cli.text.tokenization import IMG_CONTEXT_TOKEN, load_tokenizer
 
 QUESTION = "What colour is the sky?"
 

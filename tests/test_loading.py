@@ -18,8 +18,8 @@ from ptp_cli.builders.tiny import random_state_dict
 from ptp_cli.builders.writers import save_hf_layout, save_original_layout
 from ptp_cli.config import SHAPES, LLMConfig, ModelConfig, VisionConfig
 from ptp_cli.errors import ModelLoadError
-from ptp_cli.image import TilingOptions
 from ptp_cli.loading import canonical_shapes, load_config, load_state_dict, resolve_model
+from ptp_cli.preprocess.image import TilingOptions
 
 # ---------------------------------------------------------------------------------------------------------
 # Config files modelled on the published checkpoints (abridged: fields ptp does not read are mostly left out)

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
+from ptp_cli.io.records import iter_records
 from ptp_cli.mini.model import build_mini_tokenizer
-from ptp_cli.pipeline import Pipeline, RunConfig
-from ptp_cli.prompts import get_template
 from ptp_cli.pruning import METHODS, PruneConfig
-from ptp_cli.records import iter_records
+from ptp_cli.run.pipeline import Pipeline, RunConfig
 from ptp_cli.synth import TYPES, example, more_questions, write_benchmark
 from ptp_cli.synth.scene import COLOURS, PLURALS, SHAPES
+from ptp_cli.text.prompts import get_template
 from ptp_cli.zoo import SHIPPED as SHIPPED_MODELS
 from ptp_cli.zoo import load_model
 from training.data import IGNORE, drop_visual, make_sample, token_truth
@@ -66,7 +66,7 @@ def test_the_export_is_an_original_internvl2_checkpoint_that_loads_unchanged(fre
     for name, tensor in model.state_dict().items():
         assert torch.equal(theirs[name], tensor), name
     for method in METHODS:  # ptp's default layers exist at this depth, for every method
-        PruneConfig(method=method).validate(cfg)
+        PruneConfig(method=method).check_layers(cfg)
 
 
 def test_training_sees_exactly_the_inference_prompt_and_tiles(fresh, tmp_path: Path):

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ptp_cli.image import TilingOptions
 from ptp_cli.mini.model import build_mini_tokenizer
+from ptp_cli.preprocess.image import TilingOptions
 from ptp_cli.synth import example, render
 from training.data import TOKEN_GRID, token_truth
 from training.pretrain import (

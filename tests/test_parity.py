@@ -31,7 +31,7 @@ from ptp_cli.builders.tiny import random_state_dict
 from ptp_cli.builders.writers import save_hf_layout, save_original_layout
 from ptp_cli.config import LLMConfig, ModelConfig, VisionConfig
 from ptp_cli.loading import load_model
-from ptp_cli.tokenization import IMG_CONTEXT_TOKEN, load_tokenizer
+from ptp_cli.text.tokenization import IMG_CONTEXT_TOKEN, load_tokenizer
 
 VISION_ATOL = 1e-5
 LOGITS_ATOL = 1e-4

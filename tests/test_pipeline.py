@@ -8,9 +8,9 @@ import orjson
 import pytest
 from tiny_random import image_records
 
-from ptp_cli.pipeline import Pipeline, RunConfig
+from ptp_cli.io.records import iter_records
 from ptp_cli.pruning import PruneConfig
-from ptp_cli.records import iter_records
+from ptp_cli.run.pipeline import Pipeline, RunConfig
 
 SIZES = [(448, 448), (1400, 460), (448, 448), (900, 900), (460, 1400), (448, 448)]
 

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from ptp_cli.builders.bpe import build_tiny_tokenizer
 from ptp_cli.errors import UsageError
-from ptp_cli.prompts import TEMPLATES, PromptIds, Template, build_prompt, encode_prompt, get_template
-from ptp_cli.tokenization import Tokenizer, load_tokenizer
+from ptp_cli.text.prompts import TEMPLATES, PromptIds, Template, build_prompt, encode_prompt, get_template
+from ptp_cli.text.tokenization import Tokenizer, load_tokenizer
 
 SYS_V2 = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
 SYS_V25 = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"

@@ -10,7 +10,6 @@ import torch
 from tiny_random import CFG, IMG, synthetic_request, tiny_model
 from transformers import InternVLVisionConfig, InternVLVisionModel, LlamaConfig, LlamaForCausalLM
 
-from ptp_cli.engine import Engine, Request, Result
 from ptp_cli.errors import UsageError
 from ptp_cli.models.internvl import InternVLModel, pixel_shuffle
 from ptp_cli.pruning import METHODS, PRESETS, Capabilities, PruneConfig, make_method, method_class
@@ -18,6 +17,7 @@ from ptp_cli.pruning.base import PruningMethod, VisualContext
 from ptp_cli.pruning.baselines import grid_indices
 from ptp_cli.pruning.ptp import PTP
 from ptp_cli.pruning.scores import instruction_scores, vit_token_scores
+from ptp_cli.run.engine import Engine, Request, Result
 
 NTOK = 256
 
@@ -326,29 +326,29 @@ def test_random_is_seeded_per_sample():
 
 def test_validate_names_the_option():
     cases = {
-        "--ratio": PruneConfig(ratio=1.0),
-        "--alpha": PruneConfig(alpha=1.5),
-        "--vit-layer": PruneConfig(vit_layer=12),
-        "--llm-layer": PruneConfig(llm_layer=4),
-        "--tau": PruneConfig(tau=0.0),
-        "--head-agg": PruneConfig(head_agg="sum"),
-        "--instr-agg": PruneConfig(instr_agg="min"),
-        "--fastv-layer": PruneConfig(method="fastv", fastv_layer=4),
-        "--vtw-layer": PruneConfig(method="vtw", vtw_layer=0),
-        "--pdrop-layers": PruneConfig(method="pdrop", pdrop_layers=(2, 1)),
-        "--pdrop-keep": PruneConfig(method="pdrop", pdrop_keep=0.0),
-        "--no-token-score": PruneConfig(alpha=0.0, use_token_score=False),
+        "--ratio": dict(ratio=1.0),
+        "--alpha": dict(alpha=1.5),
+        "--vit-layer": dict(vit_layer=12),
+        "--llm-layer": dict(llm_layer=4),
+        "--tau": dict(tau=0.0),
+        "--head-agg": dict(head_agg="sum"),
+        "--instr-agg": dict(instr_agg="min"),
+        "--fastv-layer": dict(method="fastv", fastv_layer=4),
+        "--vtw-layer": dict(method="vtw", vtw_layer=0),
+        "--pdrop-layers": dict(method="pdrop", pdrop_layers=(2, 1)),
+        "--pdrop-keep": dict(method="pdrop", pdrop_keep=0.0),
+        "--no-token-score": dict(alpha=0.0, use_token_score=False),
     }
-    for option, cfg in cases.items():
+    for option, kwargs in cases.items():  # building the config checks the ranges; check_layers the depth
         with pytest.raises(UsageError, match=option):
-            cfg.validate(CFG)
+            PruneConfig(**kwargs).check_layers(CFG)
     with pytest.raises(UsageError, match=r"--method.*fastv, none, pdrop, ptp, random, spatial, vtw"):
-        make_method(PruneConfig(method="bogus"), CFG)
+        PruneConfig(method="bogus")
     # Layer options are checked only for the method that uses them: a 1-layer LLM has no FastV layer.
     one_layer = replace(CFG, llm=replace(CFG.llm, num_layers=1))
-    assert PruneConfig(method="ptp", llm_layer=0).validate(one_layer).method == "ptp"
+    assert PruneConfig(method="ptp", llm_layer=0).check_layers(one_layer).method == "ptp"
     with pytest.raises(UsageError, match="--fastv-layer"):
-        PruneConfig(method="fastv").validate(one_layer)
+        PruneConfig(method="fastv").check_layers(one_layer)
 
 
 def test_presets_and_factory():

@@ -14,10 +14,10 @@ ray = pytest.importorskip("ray")
 
 from tiny_random import image_records  # noqa: E402
 
-from ptp_cli.pipeline import Pipeline, RunConfig  # noqa: E402
+from ptp_cli.io.records import default_root, iter_lines, iter_records  # noqa: E402
 from ptp_cli.pruning import PruneConfig  # noqa: E402
-from ptp_cli.ray import PTPPredictor, block_size, run_ray  # noqa: E402
-from ptp_cli.records import default_root, iter_lines, iter_records  # noqa: E402
+from ptp_cli.run.pipeline import Pipeline, RunConfig  # noqa: E402
+from ptp_cli.run.ray import PTPPredictor, block_size, run_ray  # noqa: E402
 
 CONFIG = RunConfig(model="tiny", max_new_tokens=3, max_tiles=4, batch_size=2, prune=PruneConfig(ratio=0.5))
 SIZES = [(448, 448), (1400, 460), (900, 900), (460, 1400), (448, 448), (700, 500), (448, 900)]

@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ptp_cli.errors import ImageError, InvalidRecordError, UsageError
-from ptp_cli.output import OrderedWriter
-from ptp_cli.records import (
+from ptp_cli.io.output import OrderedWriter
+from ptp_cli.io.records import (
     OUTPUT_FIELDS,
     BadRecord,
     Record,
@@ -26,7 +26,7 @@ from ptp_cli.records import (
     parse_shard,
     result_row,
 )
-from ptp_cli.resume import scan_output
+from ptp_cli.io.resume import scan_output
 
 SETTINGS = {"method": "ptp", "max_tiles": 6, "keep": 0.5}
 

@@ -17,10 +17,10 @@ import torch
 from test_parity import randomize_, write_original
 from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
 
-from ptp_cli.engine import Engine, Request
 from ptp_cli.loading import LoadedModel, load_model
 from ptp_cli.pruning import PruneConfig, make_method
-from ptp_cli.tokenization import load_tokenizer
+from ptp_cli.run.engine import Engine, Request
+from ptp_cli.text.tokenization import load_tokenizer
 
 THRESHOLD = 290  # original_max_position_embeddings (longrope) / max_position_embeddings (dynamic NTK)
 NEW = 24

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ptp_cli.image import TilingOptions, dynamic_tiles
-from ptp_cli.show import LABEL_H, MARGIN, THUMB_GAP, TILE, TILE_GAP, render
+from ptp_cli.io.show import LABEL_H, MARGIN, THUMB_GAP, TILE, TILE_GAP, render
+from ptp_cli.preprocess.image import TilingOptions, dynamic_tiles
 
 CELL_PX = 28  # a token of a 448-px tile: 2 x 2 ViT patches of 14 px
 SHORT = {"title": "t", "question": "q", "answer": "a"}  # a caption of three short lines, whatever the width

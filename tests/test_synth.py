@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ptp_cli.image import find_grid
+from ptp_cli.preprocess.image import find_grid
 from ptp_cli.synth import ANSWERS, GRIDS, TYPES, answer, example, render
 from ptp_cli.synth.render import FONT
 from ptp_cli.synth.scene import COLOURS, GLYPHS, TILE

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from ptp_cli.builders.bpe import build_tiny_tokenizer
 from ptp_cli.errors import ModelLoadError
-from ptp_cli.tokenization import (
+from ptp_cli.text.tokenization import (
     INTERNVL2_SPECIAL_TOKENS,
     FastTokenizer,
     InternLM2Tokenizer,
@@ -384,7 +384,7 @@ def test_loading_a_slow_tokenizer_prints_no_transformers_notice(tmp_path: Path, 
     from tokenizers import Tokenizer as BackendTokenizer
 
     from ptp_cli.builders.tiny import ensure_tiny
-    from ptp_cli.tokenization import _without_config_type_notice
+    from ptp_cli.text.tokenization import _without_config_type_notice
 
     model = tmp_path / "model"
     shutil.copytree(ensure_tiny(cache_dir=ptp_home / "models"), model)

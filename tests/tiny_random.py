@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from ptp_cli.builders.tiny import TINY
-from ptp_cli.engine import Engine, Request
 from ptp_cli.models.internvl import InternVLModel
+from ptp_cli.run.engine import Engine, Request
 
 # The in-process unit tests keep the narrow LLM (D 64, heads 16 wide) their hand counts and std-0.2 init were
 # made for; the built-in tiny checkpoint is wider (heads 32 wide, for vLLM) and is tested through its files.

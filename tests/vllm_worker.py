@@ -14,10 +14,10 @@ import json
 import tempfile
 from pathlib import Path
 
-from ptp_cli.pipeline import Pipeline, RunConfig
+from ptp_cli.io.records import iter_records
 from ptp_cli.pruning import PruneConfig, make_method
-from ptp_cli.records import iter_records
-from ptp_cli.vllm_engine import VLLMEngine, VLLMGenerator
+from ptp_cli.run.pipeline import Pipeline, RunConfig
+from ptp_cli.run.vllm_engine import VLLMEngine, VLLMGenerator
 
 RUNS = [("none", 0.0), ("ptp", 0.0), ("ptp", 0.5), ("ptp", 0.75), ("random", 0.5), ("random", 0.75),
         ("spatial", 0.5), ("spatial", 0.75)]

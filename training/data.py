@@ -15,11 +15,11 @@ import numpy as np
 import torch
 
 from ptp_cli.config import ModelConfig
-from ptp_cli.image import TilingOptions, find_grid
-from ptp_cli.prompts import Template, encode_prompt
+from ptp_cli.preprocess.image import TilingOptions, find_grid
 from ptp_cli.synth import Example, Question, Scene, render
 from ptp_cli.synth.scene import COLOURS, GLYPHS, PLURALS, SHAPES, TILE, Obj
-from ptp_cli.tokenization import Tokenizer
+from ptp_cli.text.prompts import Template, encode_prompt
+from ptp_cli.text.tokenization import Tokenizer
 
 IGNORE = -100  # label of positions without a loss
 TOKEN_GRID = 16  # visual tokens per tile side after pixel shuffle

@@ -10,9 +10,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ptp_cli.pipeline import Pipeline, RunConfig
+from ptp_cli.io.records import iter_records
 from ptp_cli.pruning import PruneConfig
-from ptp_cli.records import iter_records
+from ptp_cli.run.pipeline import Pipeline, RunConfig
 from ptp_cli.synth import write_benchmark
 
 EVAL_SEED = 1000  # the held-out split's seed; training refuses it and every seed above

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ptp_cli.prompts import get_template
 from ptp_cli.synth import example, more_questions
-from ptp_cli.tokenization import load_tokenizer
+from ptp_cli.text.prompts import get_template
+from ptp_cli.text.tokenization import load_tokenizer
 from training.data import TOKEN_GRID, make_sample
 from training.evaluate import EVAL_SEED
 from training.readouts import CarryHeads, attention_loss

@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ptp_cli.image import TilingOptions
 from ptp_cli.mini.model import build_mini_tokenizer
 from ptp_cli.models.internvl import InternVLModel, pixel_shuffle
+from ptp_cli.preprocess.image import TilingOptions
 from ptp_cli.synth import example, render
 from ptp_cli.synth.scene import COLOURS, GLYPHS, SHAPES
 from training.data import CLS_TARGETS, TOKEN_GRID, TOKEN_PX, token_truth

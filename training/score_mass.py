@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ptp_cli.engine import Engine
-from ptp_cli.pipeline import Pipeline, RunConfig
+from ptp_cli.io.records import iter_records
 from ptp_cli.pruning import PruneConfig
 from ptp_cli.pruning.ptp import PTP
-from ptp_cli.records import iter_records
+from ptp_cli.run.engine import Engine
+from ptp_cli.run.pipeline import Pipeline, RunConfig
 from ptp_cli.synth import example, write_benchmark
 from ptp_cli.zoo import load_model
 from training.data import TOKEN_GRID, token_truth

@@ -43,9 +43,9 @@ from torch import nn
 
 from ptp_cli.mini.model import MINI, build_mini_tokenizer
 from ptp_cli.models.internvl import InternVLModel
-from ptp_cli.prompts import get_template
 from ptp_cli.synth import example, more_questions
-from ptp_cli.tokenization import load_tokenizer
+from ptp_cli.text.prompts import get_template
+from ptp_cli.text.tokenization import load_tokenizer
 from training.data import IGNORE, TOKEN_GRID, Sample, drop_visual, make_sample
 from training.evaluate import EVAL_SEED, evaluate
 from training.pretrain import load_vision

@@ -11,7 +11,7 @@ from torch import nn
 from ptp_cli.builders.writers import save_original_layout
 from ptp_cli.mini.model import MINI, mini_config
 from ptp_cli.models.internvl import InternVLModel
-from ptp_cli.tokenization import load_tokenizer
+from ptp_cli.text.tokenization import load_tokenizer
 
 _VIT_WIDTH = MINI.vision.hidden_size
 

@@ -7,7 +7,7 @@ report gives medians with min/max, per-stage times, peak device memory, analytic
 rate against a dense matmul measured in the same run, and speedups as ratios of samples/s medians.
 
 - ``config``: ``BenchConfig`` and option parsers;
-- ``workload``: the model under test and its synthetic requests (through ``ptp_cli.inputs.InputProcessor``);
+- ``workload``: the model under test and its synthetic requests (through ``ptp_cli.preprocess.inputs.InputProcessor``);
 - ``peer``: the transformers model and its runner;
 - ``measurement``: runners, timing, memory, the dense matmul rate;
 - ``targets``: the performance targets, as a table;

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import torch
 
 from ptp_cli.config import MAX_TILES, SHAPES
-from ptp_cli.devices import resolve_device, resolve_dtype
 from ptp_cli.errors import UsageError
 from ptp_cli.pruning import METHODS
+from ptp_cli.run.devices import resolve_device, resolve_dtype
 
 
 @dataclass(frozen=True)

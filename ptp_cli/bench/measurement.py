@@ -23,8 +23,8 @@ from typing import Any, Protocol
 
 import torch
 
-from ptp_cli.devices import sync_device
-from ptp_cli.engine import Engine, Request, Result
+from ptp_cli.run.devices import sync_device
+from ptp_cli.run.engine import Engine, Request, Result
 
 STAGES = ("vit", "probe", "prefill", "decode")  # the engine's per-batch stages, in order
 

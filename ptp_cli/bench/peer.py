@@ -16,7 +16,7 @@ from ptp_cli.bench.measurement import BenchRow, PeakMemory, Stat, timed
 from ptp_cli.bench.workload import BenchModel
 from ptp_cli.builders.writers import save_hf_layout
 from ptp_cli.config import ModelConfig
-from ptp_cli.engine import Request
+from ptp_cli.run.engine import Request
 
 PEER = "transformers"  # the peer row's name
 SHARE_WEIGHTS_MAX_PARAMS = 50_000_000  # below this the peer gets ptp's own weights (via a temporary -hf copy)

@@ -39,14 +39,14 @@ from ptp_cli.bench.workload import (
     model_config,
 )
 from ptp_cli.config import ModelConfig
-from ptp_cli.devices import dtype_name
-from ptp_cli.engine import Engine, Request
 from ptp_cli.errors import UsageError
-from ptp_cli.flops import sample_flops
 from ptp_cli.home import ptp_home
-from ptp_cli.image import TilingOptions
 from ptp_cli.loading import canonical_shapes
-from ptp_cli.pruning import PruneConfig, make_method, method_class
+from ptp_cli.preprocess.image import TilingOptions
+from ptp_cli.pruning import PruneConfig, make_method, method_class, plan_grid
+from ptp_cli.run.devices import dtype_name
+from ptp_cli.run.engine import Engine, Request
+from ptp_cli.run.flops import sample_flops
 from ptp_cli.zoo import RANDOM_WEIGHTS, resolve_model
 
 FULL_SIZE_PARAMS = 100_000_000  # from here on a model is "full-size": hours per batch on a CPU
@@ -54,15 +54,8 @@ FULL_SIZE_PARAMS = 100_000_000  # from here on a model is "full-size": hours per
 
 def row_plan(config: BenchConfig, cfg: ModelConfig) -> list[tuple[str, PruneConfig]]:
     """(row name, settings) of every ptp row: none, then each method at each ratio (once if it ignores it)."""
-    plan = [("none", PruneConfig(method="none"))]
-    for name in config.resolved_methods():
-        per_ratio = [PruneConfig(method=name, ratio=r) for r in config.ratios]
-        per_ratio[0].validate(cfg)  # a bad layer fails before any weight is built
-        if not method_class(name).uses_ratio:
-            plan.append((name, per_ratio[0]))
-        else:
-            plan.extend((f"{name}@{r:g}", p) for r, p in zip(config.ratios, per_ratio, strict=True))
-    return plan
+    return [("none", PruneConfig(method="none")),
+            *plan_grid(PruneConfig(), config.resolved_methods(), config.ratios, cfg)]
 
 
 @dataclass(frozen=True)
@@ -117,7 +110,7 @@ def _vllm_runners(config: BenchConfig, bench_model: BenchModel, requests: list[R
                   dtype: torch.dtype) -> list[Runner]:
     """The pre-LLM rows again, with vLLM generating from ptp's pruned embeddings (one vLLM for all of them;
     prefix caching off, so no row reuses another's prefill)."""
-    from ptp_cli.vllm_engine import VLLMEngine, VLLMGenerator, view_key
+    from ptp_cli.run.vllm_engine import VLLMEngine, VLLMGenerator, view_key
 
     if config.model is not None:
         key = view_key(resolve_model(config.model), dtype)
@@ -163,8 +156,7 @@ def run_bench(config: BenchConfig, *, log: Callable[[str], None] | None = None) 
 
     plan = plan_bench(config)
     say = log or (lambda _msg: None)
-    device, dtype = plan.device, plan.dtype
-    torch.manual_seed(config.seed)
+    device, dtype = plan.device, plan.dtype  # random weights and token ids come from generators seeded here
 
     say(f"building {config.source} ({dtype_name(dtype)} on {device})")
     bench_model = load_bench_model(config, dtype=dtype, device=device)

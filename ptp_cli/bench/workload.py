@@ -22,13 +22,13 @@ from PIL import Image
 from ptp_cli.bench.config import BenchConfig
 from ptp_cli.builders.tiny import random_state_dict
 from ptp_cli.config import SHAPES, ModelConfig
-from ptp_cli.engine import Request
-from ptp_cli.image import TilingOptions
-from ptp_cli.inputs import InputProcessor, RequestDefaults
 from ptp_cli.loading import build_model
 from ptp_cli.models.internvl import InternVLModel
-from ptp_cli.prompts import PromptIds
-from ptp_cli.tokenization import IMG_END_TOKEN, IMG_START_TOKEN, Tokenizer
+from ptp_cli.preprocess.image import TilingOptions
+from ptp_cli.preprocess.inputs import InputProcessor, RequestDefaults
+from ptp_cli.run.engine import Request
+from ptp_cli.text.prompts import PromptIds
+from ptp_cli.text.tokenization import IMG_END_TOKEN, IMG_START_TOKEN, Tokenizer
 from ptp_cli.zoo import load_model
 
 SYSTEM_TOKENS = 40  # synthetic system-message length (InternVL2's Chinese system message is ~40 tokens)

@@ -1,7 +1,7 @@
 """Making checkpoints rather than reading them: the writers of both layouts (``writers``), the built-in tiny
 model and random weights of any shape (``tiny``), and the tiny model's BPE tokenizer (``bpe``).
 
-Nothing on the library's loading path (``ptp_cli.loading``, ``ptp_cli.pipeline``) imports this package;
+Nothing on the library's loading path (``ptp_cli.loading``, ``ptp_cli.run.pipeline``) imports this package;
 ``ptp_cli.zoo`` connects built-in names to it.
 """
 

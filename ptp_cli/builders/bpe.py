@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 from itertools import pairwise
 from pathlib import Path
 
-from ptp_cli.tokenization import BOS_TOKEN, EOS_TOKEN, INTERNVL2_SPECIAL_TOKENS, UNK_TOKEN
+from ptp_cli.text.tokenization import BOS_TOKEN, EOS_TOKEN, INTERNVL2_SPECIAL_TOKENS, UNK_TOKEN
 
 _TINY_CORPUS = """\
 What is in the image? Describe the image in detail. How many people are in the picture?

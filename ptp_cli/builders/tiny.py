@@ -20,7 +20,7 @@ from ptp_cli.builders.writers import save_hf_layout, save_original_layout
 from ptp_cli.config import LLMConfig, ModelConfig, VisionConfig
 from ptp_cli.home import TINY_VERSION, models_dir, ptp_home
 from ptp_cli.loading import Layout, canonical_shapes
-from ptp_cli.tokenization import load_tokenizer
+from ptp_cli.text.tokenization import load_tokenizer
 
 __all__ = ["TINY", "TINY_VERSION", "build_random_checkpoint", "ensure_tiny", "ptp_home", "random_state_dict", "tiny_config"]
 

@@ -19,7 +19,7 @@ from ptp_cli.config import LLMConfig, ModelConfig, VisionConfig
 from ptp_cli.loading.configs import ORIGINAL_BACKBONES
 from ptp_cli.loading.files import Layout, few
 from ptp_cli.loading.weights import canonical_shapes, conversion_rules
-from ptp_cli.tokenization import IMG_CONTEXT_TOKEN, load_tokenizer
+from ptp_cli.text.tokenization import IMG_CONTEXT_TOKEN, load_tokenizer
 
 # Files copied along with the weights when a checkpoint is written.
 _TOKENIZER_FILES = (

@@ -6,8 +6,6 @@ pruning settings other than method and ratio) are ``ptp infer``'s own, taken fro
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -16,30 +14,11 @@ import typer
 from ptp_cli.cli import options as opt
 from ptp_cli.cli.console import EXIT_INTERRUPTED, Log
 from ptp_cli.errors import UsageError
+from ptp_cli.settings import EVAL, SETTINGS, names_for
 
 if TYPE_CHECKING:
     from ptp_cli.eval.gold import Gold
     from ptp_cli.eval.score import RunScore
-
-# ptp infer's options that ptp eval takes as they are (with --config); --methods/--ratios replace method/ratio.
-RUN_OPTIONS = (
-    "model", "engine", "dtype", "device", "preset", "alpha", "vit_layer", "llm_layer", "tau", "head_agg", "instr_agg",
-    "region_budgets", "token_score", "fastv_layer", "vtw_layer", "pdrop_layers", "pdrop_keep", "max_new_tokens",
-    "temperature", "seed", "kept", "max_tiles", "min_tiles", "batch_size", "max_batch_tokens",
-    "max_prompt_tokens", "workers", "max_pixels",
-)
-EVAL_OPTIONS = (*RUN_OPTIONS, "quiet")
-
-
-def _with_options(command: Callable[..., Any], names: tuple[str, ...]) -> Callable[..., Any]:
-    """Give ``command`` (which takes ``**settings``) the Typer options of ``names``, as options.py defines
-    them (``max_new_tokens`` -> ``opt.MaxNewTokens``), so they are declared once for every command."""
-    own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.kind != p.VAR_KEYWORD]
-    shared = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None,
-                                annotation=getattr(opt, n.title().replace("_", ""))) for n in names]
-    command.__signature__ = inspect.Signature([*own, *shared])  # type: ignore[attr-defined]
-    return command
-
 
 def _check_output(path: Path | None, option: str) -> None:
     if path is None:
@@ -105,7 +84,9 @@ def _grid_runs(gold: Path, resolved: opt.Resolved, *, methods: str, ratios: str,
         raise resolved.explain(e) from None
 
 
+@opt.with_settings(names_for(EVAL))
 def eval_command(
+    ctx: typer.Context,
     gold: Annotated[Path, typer.Argument(
         metavar="GOLD", help="Gold records (JSONL, or Parquet, a datasets folder, WebDataset shards): answer or answers, optional choices and metric.")],
     predictions: Annotated[list[Path] | None, typer.Option(
@@ -135,9 +116,9 @@ def eval_command(
     from ptp_cli.eval.gold import read_gold
     from ptp_cli.eval.report import Report, draw_plot, format_markdown
 
-    # The environment and --config may hold any ptp infer setting (one run.yaml serves both commands); the
-    # grid sets method and ratio per run, and the output settings do not apply.
-    resolved = opt.resolve(settings, names=tuple(opt.SETTINGS), config=config)
+    # The environment and --config may hold any ptp infer setting (one run.yaml serves both commands); eval
+    # reads those it takes (names_for(EVAL)): the grid sets method and ratio per run.
+    resolved = opt.gather(ctx, settings)
     log = Log(quiet=bool(resolved.get("quiet", False)))
     golds = read_gold(gold, metric=metric)
     if by is not None and not any(by in g.fields for g in golds):
@@ -147,7 +128,8 @@ def eval_command(
     if predictions:
         grid_given = [flag for flag, v in (("--methods", methods), ("--ratios", ratios), ("--out-dir", out_dir),
                                            ("--alphas", alphas), ("--ablations", ablations or None)) if v is not None]
-        grid_given += [opt.flag(n) for n in RUN_OPTIONS if settings.get(n) is not None]
+        grid_given += [SETTINGS[n].flag for n, source in resolved.sources.items()
+                       if source == opt.COMMAND_LINE and n != "quiet"]
         if grid_given:
             raise UsageError(f"{grid_given[0]} runs a model; it does not go with --predictions")
         runs = [(p.stem, p) for p in predictions]
@@ -184,5 +166,3 @@ def _score(golds: list[Gold], runs: list[tuple[str, Path]], log: Log) -> list[Ru
         scored.append(run)
     return scored
 
-
-_with_options(eval_command, EVAL_OPTIONS)

@@ -1,5 +1,5 @@
 """``ptp infer``: records in (JSONL, Parquet, Arrow, WebDataset, OpenAI batch), one result row per record out
-(JSONL, Parquet or the batch output format; ``ptp_cli.formats``), in input order, resumable.
+(JSONL, Parquet or the batch output format; ``ptp_cli.io.formats``), in input order, resumable.
 
 stdout (or --output) carries rows only; logs, warnings, the progress bar and the summary go to stderr.
 Exit codes: 0 every record ok, 3 some records failed (each still has an error row), 2 usage error,
@@ -24,60 +24,33 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 import typer
 from tqdm import tqdm
 
-from ptp_cli import formats
-from ptp_cli.cli import format_options as fo
 from ptp_cli.cli import options as opt
-from ptp_cli.cli.console import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_OK, EXIT_RECORDS_FAILED, Log
+from ptp_cli.cli.console import (
+    EXIT_BROKEN_PIPE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_RECORDS_FAILED,
+    Log,
+    plural,
+    silence_stdout,
+)
+from ptp_cli.cli.tally import Stats, image_root_hint, noting_relative
 from ptp_cli.errors import ModelLoadError, RunAborted, UsageError
-from ptp_cli.output import OrderedWriter
-from ptp_cli.records import BadRecord, Record, default_root, is_missing_image, iter_lines, parse_shard
+from ptp_cli.io import formats
+from ptp_cli.io.output import OrderedWriter
+from ptp_cli.io.records import BadRecord, Record, default_root, iter_lines, parse_shard
+from ptp_cli.settings import INFER, names_for
 
 if TYPE_CHECKING:
-    from ptp_cli.pipeline import RunConfig
+    from ptp_cli.run.pipeline import RunConfig
 
 T = TypeVar("T")
 
 MAX_WARNINGS = 5  # failed records named on stderr; the rest are only counted
 
-# The settings `ptp infer` reads from the environment and --config.
-INFER_SETTINGS = tuple(opt.SETTINGS)
-
 
 # ---------------------------------------------------------------------------------------------------------
 # Helpers
-
-
-@dataclass
-class Stats:
-    """Counts for the final summary."""
-
-    ok: int = 0
-    failed: int = 0
-    generated_tokens: int = 0
-    visual_before: int = 0
-    visual_after: int = 0
-    missing_relative: int = 0  # failed with "image not found" on a relative image path
-
-    def add(self, row: dict[str, Any], *, relative: bool = False) -> None:
-        if (err := row.get("error")) is not None:
-            self.failed += 1
-            self.missing_relative += relative and is_missing_image(err["type"], err["message"])
-            return
-        self.ok += 1
-        tokens = row.get("tokens") or {}
-        self.generated_tokens += tokens.get("generated") or 0
-        self.visual_before += tokens.get("visual_before") or 0
-        self.visual_after += tokens.get("visual_after") or 0
-
-    def summary(self, elapsed: float) -> str:
-        total = self.ok + self.failed
-        rate = f"{self.ok / elapsed:.2f} samples/s, {self.generated_tokens / elapsed:.1f} tokens/s" if elapsed else ""
-        text = f"{plural(total, 'record')} in {elapsed:.1f} s: {self.ok} ok, {self.failed} failed"
-        if self.ok:
-            before, after = self.visual_before / self.ok, self.visual_after / self.ok
-            kept = f" ({100 * after / before:.0f}%)" if before else ""
-            text += f" | {rate} | visual tokens kept {after:.1f} / {before:.1f} per sample{kept}"
-        return text
 
 
 def _open_io(source: str, output: str | None, resolved: opt.Resolved) -> tuple[formats.Reader, str]:
@@ -109,10 +82,6 @@ def _check_paths(source: str, output: str | None, *, folder: bool = False) -> No
         raise UsageError(f"--output {output} is the input file; choose another file")
 
 
-def plural(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
-
-
 def _explained(resolved: opt.Resolved, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """``call(...)``, with the source of the option a usage error names (PTP_X=..., a YAML file) added."""
     try:
@@ -127,37 +96,27 @@ def _image_root(value: str | None) -> str | None:
     return value
 
 
-def _noting_relative(items: Iterator[Record | BadRecord], lines: set[int]) -> Iterator[Record | BadRecord]:
-    """``items`` unchanged; the lines of records whose image path was relative are added to ``lines``."""
-    for item in items:
-        if isinstance(item, Record) and item.image_relative:
-            lines.add(item.line)
-        yield item
-
-
-def _image_root_hint(missing: int, total: int, source: str, image_root: str | None) -> str | None:
-    """When most records named a relative image that is not there: where such paths resolve, and the fix."""
-    if not total or 2 * missing <= total:
-        return None
-    if image_root is not None:
-        where = f"--image-root {image_root}"
-    else:
-        where = "the current folder (stdin)" if source == "-" else f"the folder of {source}"
-    return (
-        f"hint: {missing} of {plural(total, 'record')} name a relative image path that does not exist under "
-        f"{where}; pass --image-root DIR, the folder those paths are relative to"
-    )
-
-
-def _silence_stdout() -> None:
-    """After a closed pipe: point stdout at /dev/null so the interpreter's final flush stays quiet."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # The run
+
+
+@dataclass
+class Job:
+    """One ``ptp infer`` call with its options read: where records come from and rows go, and what to skip."""
+
+    source: str  # what INPUT named: a file, a folder, a shard pattern, or - for stdin
+    config: RunConfig
+    resolved: opt.Resolved
+    output: str | None  # None: stdout
+    shard: tuple[int, int] | None
+    image_root: str | None
+    reader: formats.Reader  # the input, opened and checked
+    out_format: str  # jsonl, parquet or openai
+    resume: bool = False
+    force: bool = False
+    retry: bool = False
+    skip: frozenset[int] = frozenset()  # lines that already have a row in --output
+    kept_errors: int = 0  # error rows an earlier run left in --output that this run does not redo
 
 
 def run_infer(source: str, resolved: opt.Resolved) -> int:
@@ -165,6 +124,33 @@ def run_infer(source: str, resolved: opt.Resolved) -> int:
     log = Log(quiet=bool(resolved.get("quiet", False)))
     if log.quiet:
         warnings.simplefilter("ignore")  # library warnings too: --quiet leaves stderr to errors
+    job = _read_options(source, resolved)
+    if resolved.get("check"):
+        return run_check(job, log=log)
+    settings = _model_settings(job)
+    if job.resume:
+        _resume(job, settings, log)
+    if resolved.get("ray") and job.reader.format != "jsonl":
+        raise UsageError(f"--ray reads JSONL input; run {job.reader.format} input without --ray")
+    lines = _peeked(iter_lines(source, shard=job.shard, skip_lines=job.skip) if resolved.get("ray")
+                    else job.reader.records(shard=job.shard, skip=job.skip))  # Ray's actors parse lines themselves
+    if lines is None:  # nothing to run: say so, and load no model
+        return _nothing_to_do(job, log)
+    relative: set[int] = set()  # lines of records with a relative image path whose row has not come yet
+    if resolved.get("ray"):
+        rows, window = _ray_rows(lines, job, log=log)
+    else:
+        rows, window = _local_rows(lines, job, settings, relative, log=log)
+    stats = Stats()
+    if (code := _write_rows(rows, window, job, stats, relative, log=log)) is not None:
+        return code
+    if hint := image_root_hint(stats.missing_relative, stats.ok + stats.failed, source, job.image_root):
+        log.info(hint)
+    return max(EXIT_RECORDS_FAILED if stats.failed else EXIT_OK, _resumed_errors(job.kept_errors, job.output, log))
+
+
+def _read_options(source: str, resolved: opt.Resolved) -> Job:
+    """The options that say where records come from and rows go, checked with the paths; the RunConfig."""
     output: str | None = resolved.get("output")
     output = None if output == "-" else output
     resume, force, retry = (bool(resolved.get(k, False)) for k in ("resume", "force_resume", "retry_errors"))
@@ -172,65 +158,72 @@ def run_infer(source: str, resolved: opt.Resolved) -> int:
         raise UsageError("--force-resume and --retry-errors only apply with --resume")
     if resume and output is None:
         raise UsageError("--resume needs --output FILE: it continues the results already in that file")
-    try:
-        shard = parse_shard(resolved.get("shard")) if resolved.get("shard") is not None else None
-    except UsageError as e:
-        raise resolved.explain(e) from None
+    shard = _explained(resolved, parse_shard, resolved.get("shard")) if resolved.get("shard") is not None else None
     reader, out_format = _open_io(source, output, resolved)
     config = opt.run_config(resolved)  # every check that needs no model, the value ranges before torch
-    image_root = _image_root(resolved.get("image_root"))
-    if resolved.get("check"):
-        return run_check(reader, config, resolved, shard=shard, image_root=image_root, log=log)
-    from ptp_cli.chat_template import template_name
-    from ptp_cli.pipeline import Pipeline, read_model_config, run_settings
+    return Job(source, config, resolved, output, shard, _image_root(resolved.get("image_root")), reader, out_format,
+               resume=resume, force=force, retry=retry)
+
+
+def _model_settings(job: Job) -> dict[str, Any]:
+    """The checkpoint's config (no weights) checks the settings against the model and gives the settings every
+    row echoes and --resume compares."""
+    from ptp_cli.run.pipeline import read_model_config, run_settings
+    from ptp_cli.text.chat_template import template_name
+
+    config = job.config
+    model_dir, model_cfg = _explained(job.resolved, read_model_config, config)
+    return run_settings(config, model_cfg, dtype=config.resolved_dtype(config.resolved_device()),
+                        template=template_name(model_dir, model_cfg))
+
+
+def _resume(job: Job, settings: dict[str, Any], log: Log) -> None:
+    state = _explained(job.resolved, formats.scan, job.output, format=job.out_format, settings=settings,
+                       force=job.force, retry_errors=job.retry)
+    job.skip = state.done
+    job.kept_errors = 0 if job.retry else state.error_rows
+    repaired = f", cut a torn last line ({state.torn_bytes} bytes)" if state.torn_bytes else ""
+    retried = f", retrying {state.error_rows} failed" if job.retry and state.error_rows else ""
+    log.info(f"resuming {job.output}: {len(job.skip)} records already done{retried}{repaired}")
+
+
+def _nothing_to_do(job: Job, log: Log) -> int:
+    what = "stdin" if job.source == "-" else job.source
+    shard_note = f" (shard {job.shard[0]}/{job.shard[1]})" if job.shard is not None else ""
+    log.info(f"nothing left to do: every record of {what}{shard_note} already has a row in {job.output}" if job.skip
+             else f"no records in {what}{shard_note}")
+    return _resumed_errors(job.kept_errors, job.output, log)
+
+
+def _local_rows(
+    records: Iterator[Record | BadRecord], job: Job, settings: dict[str, Any], relative: set[int], *, log: Log,
+) -> tuple[Iterator[tuple[int, dict[str, Any]]], int]:
+    """The rows of a pipeline in this process, in completion order, and the writer's reorder window."""
+    from ptp_cli.run.pipeline import Pipeline
     from ptp_cli.zoo import RANDOM_WEIGHTS
 
-    # The checkpoint's config (no weights) decides the layer checks and the settings --resume compares.
-    model_dir, model_cfg = _explained(resolved, read_model_config, config)
-    settings = run_settings(config, model_cfg, dtype=config.resolved_dtype(config.resolved_device()),
-                            template=template_name(model_dir, model_cfg))
-    skip: frozenset[int] = frozenset()
-    kept_errors = 0  # error rows an earlier run left in --output that this run does not redo
-    if resume:
-        state = _explained(resolved, formats.scan, output, format=out_format, settings=settings, force=force,
-                           retry_errors=retry)
-        skip = state.done
-        kept_errors = 0 if retry else state.error_rows
-        repaired = f", cut a torn last line ({state.torn_bytes} bytes)" if state.torn_bytes else ""
-        retried = f", retrying {state.error_rows} failed" if retry and state.error_rows else ""
-        log.info(f"resuming {output}: {len(skip)} records already done{retried}{repaired}")
+    t0, config = time.perf_counter(), job.config
+    if config.engine == "vllm":  # vLLM logs at info level (and warns with tracebacks) unless told: -v shows it
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO" if job.resolved.get("verbose") else "ERROR")
+    pipeline = _explained(job.resolved, Pipeline.load, config, checked=True)  # _model_settings checked it
+    noise = "; random weights: its answers are noise" if pipeline.loaded.cfg.name in RANDOM_WEIGHTS else ""
+    log.info(
+        f"loaded {settings['model']} in {time.perf_counter() - t0:.1f} s ({pipeline.loaded.model.device}, "
+        f"{settings['dtype']}); method {settings['method']}"
+        f"{'; engine vllm' if config.engine == 'vllm' else ''}{noise}"
+    )
+    return pipeline.run(noting_relative(records, relative)), pipeline.reorder_window
 
-    if resolved.get("ray") and reader.format != "jsonl":
-        raise UsageError(f"--ray reads JSONL input; run {reader.format} input without --ray")
-    lines = _peeked(iter_lines(source, shard=shard, skip_lines=skip) if resolved.get("ray")
-                    else reader.records(shard=shard, skip=skip))
-    if lines is None:  # nothing to run: say so, and load no model
-        what = "stdin" if source == "-" else source
-        shard_note = f" (shard {shard[0]}/{shard[1]})" if shard is not None else ""
-        log.info(f"nothing left to do: every record of {what}{shard_note} already has a row in {output}" if skip
-                 else f"no records in {what}{shard_note}")
-        return _resumed_errors(kept_errors, output, log)
-    relative: set[int] = set()  # lines of records with a relative image path whose row has not come yet
-    if resolved.get("ray"):
-        rows, window = _ray_rows(lines, source, config, resolved, image_root=image_root, log=log)
-    else:
-        t0 = time.perf_counter()
-        if config.engine == "vllm":  # vLLM logs at info level (and warns with tracebacks) unless told: -v shows it
-            os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO" if resolved.get("verbose") else "ERROR")
-        pipeline = _explained(resolved, Pipeline.load, config)
-        noise = "; random weights: its answers are noise" if pipeline.loaded.cfg.name in RANDOM_WEIGHTS else ""
-        log.info(
-            f"loaded {settings['model']} in {time.perf_counter() - t0:.1f} s ({pipeline.loaded.model.device}, "
-            f"{settings['dtype']}); method {settings['method']}"
-            f"{'; engine vllm' if config.engine == 'vllm' else ''}{noise}"
-        )
-        rows, window = pipeline.run(_noting_relative(lines, relative)), pipeline.reorder_window  # type: ignore[arg-type]
+
+def _write_rows(
+    rows: Iterator[tuple[int, dict[str, Any]]], window: int, job: Job, stats: Stats, relative: set[int], *, log: Log,
+) -> int | None:
+    """Write the rows in input order, counting them; None when every row is written, else the exit code."""
     show_bar = not log.quiet and sys.stderr.isatty()
-    total = reader.count(shard=shard, skip=skip) if show_bar else None
-    stats = Stats()
+    total = job.reader.count(shard=job.shard, skip=job.skip) if show_bar else None
     with ExitStack() as stack:
-        stream = formats.output_sink(output, format=out_format, resume=resume, stdout=sys.stdout)
-        if output is not None:  # whatever happens, the rows handed to a file's sink are made durable
+        stream = formats.output_sink(job.output, format=job.out_format, resume=job.resume, stdout=sys.stdout)
+        if job.output is not None:  # whatever happens, the rows handed to a file's sink are made durable
             stack.callback(_close_quietly, stream)
         bar = stack.enter_context(
             tqdm(total=total, disable=not show_bar, file=sys.stderr, unit="rec", dynamic_ncols=True)
@@ -260,22 +253,20 @@ def run_infer(source: str, resolved: opt.Resolved) -> int:
             with contextlib.suppress(OSError):
                 stream.flush()
             bar.close()
-            hint = "; run again with --resume to finish" if output is not None else ""
+            hint = "; run again with --resume to finish" if job.output is not None else ""
             log.info(f"interrupted: {writer.written} row{'' if writer.written == 1 else 's'} written{hint}")
             return EXIT_INTERRUPTED
         except BrokenPipeError:
-            _silence_stdout()
+            silence_stdout()
             return EXIT_BROKEN_PIPE
         except RunAborted as e:
             # As for Ctrl-C: whole rows in order are on disk; --resume redoes the records without one.
             bar.close()
-            hint = "; fix the cause and run again with --resume" if output is not None else ""
+            hint = "; fix the cause and run again with --resume" if job.output is not None else ""
             raise RunAborted(f"{e} ({writer.written} rows written{hint})") from None
         elapsed = time.perf_counter() - start
     log.info(stats.summary(elapsed))
-    if hint := _image_root_hint(stats.missing_relative, stats.ok + stats.failed, source, image_root):
-        log.info(hint)
-    return max(EXIT_RECORDS_FAILED if stats.failed else EXIT_OK, _resumed_errors(kept_errors, output, log))
+    return None
 
 
 def _close_quietly(sink: Any) -> None:
@@ -300,41 +291,36 @@ def _resumed_errors(kept: int, output: str | None, log: Log) -> int:
 
 
 def _ray_rows(
-    lines: Iterator[tuple[int, bytes]], source: str, config: RunConfig, resolved: opt.Resolved, *,
-    image_root: str | None, log: Log,
+    lines: Iterator[tuple[int, bytes]], job: Job, *, log: Log,
 ) -> tuple[Iterator[tuple[int, dict[str, Any]]], int]:
     """``--ray``: the rows of a Ray Data job over the input's lines, in input order, and the writer's window."""
-    if resolved.get("ray_workers") is not None and resolved.get("ray_workers") < 1:
-        raise UsageError("--ray-workers must be at least 1")
     try:
-        from ptp_cli.ray import run_ray  # imports Ray: only a run that asks for it pays for it
+        from ptp_cli.run.ray import run_ray  # imports Ray: only a run that asks for it pays for it
     except ImportError as e:
         raise UsageError(f"--ray needs Ray Data ({e}): pip install 'ptp-cli[ray]'") from None
-    actors = resolved.get("ray_workers") or 1
-    address = resolved.get("ray_address")
+    actors = job.resolved.get("ray_workers") or 1
+    address = job.resolved.get("ray_address")
     log.info(f"running on Ray ({address or 'local'}): {actors} actor{'' if actors == 1 else 's'}")
-    root = Path(image_root) if image_root is not None else default_root(source)
-    rows = run_ray(lines, config, image_root=root, address=address, actors=actors,
-                   verbose=bool(resolved.get("verbose", False)))
+    root = Path(job.image_root) if job.image_root is not None else default_root(job.source)
+    rows = run_ray(lines, job.config, image_root=root, address=address, actors=actors,
+                   verbose=bool(job.resolved.get("verbose", False)))
     return rows, 1 << 30  # rows come in input order; the window never fills
 
 
-def run_check(
-    reader: formats.Reader, config: RunConfig, resolved: opt.Resolved, *, shard: tuple[int, int] | None,
-    image_root: str | None, log: Log,
-) -> int:
+def run_check(job: Job, *, log: Log) -> int:
     """``--check``: every record checked as a run would, without weights; the exit code a run would give."""
     from ptp_cli.config import ModelConfig
-    from ptp_cli.dryrun import check_records
+    from ptp_cli.io.dryrun import check_records
     from ptp_cli.run_config import read_model_config
 
+    source, config, resolved = job.source, job.config, job.resolved
     model_cfg = ModelConfig()  # InternVL2's tiling, when no model is given or found
     if "model" in resolved.values:
         try:  # offline: a dry run downloads nothing
             _, model_cfg = _explained(resolved, read_model_config, config, offline=True)
         except ModelLoadError as e:
             log.warning(f"{e}; checking with InternVL2's tiling (1..12 tiles of 448 px) instead")
-    records = reader.records(shard=shard)
+    records = job.reader.records(shard=job.shard)
     report = check_records(records, tiling=config.tiling(model_cfg), max_pixels=config.max_pixels)
     for line, rid, err in report.errors:
         log.info(f"line {line} (id {rid!r}): {err.kind}: {err}")
@@ -345,8 +331,9 @@ def run_check(
         f"checked {plural(report.records, 'record')}: {report.ok} ok, {report.failed} would fail; "
         f"{plural(report.tiles, 'tile')} ({tokens} visual tokens before pruning); no weights loaded"
     )
-    if hint := _image_root_hint(report.missing_relative, report.records, getattr(reader, "source", "-"), image_root):
+    if hint := image_root_hint(report.missing_relative, report.records, source, job.image_root):
         log.info(hint)
+    log.info(f"settings given: {opt.describe(resolved)}")
     return EXIT_RECORDS_FAILED if report.failed else EXIT_OK
 
 
@@ -354,61 +341,14 @@ def run_check(
 # The command
 
 
+@opt.with_settings(names_for(INFER))
 def infer_command(
+    ctx: typer.Context,
     input: Annotated[str, typer.Argument(
         metavar="INPUT", help="JSONL file of records (id, image, question), or - for stdin; or a Parquet "
         "file or folder, a datasets save_to_disk folder, WebDataset .tar shards, an OpenAI batch file (see --input-format).")],
-    output: opt.Output = None,
-    resume: opt.Resume = None,
-    force_resume: opt.ForceResume = None,
-    retry_errors: opt.RetryErrors = None,
-    shard: opt.Shard = None,
-    image_root: opt.ImageRoot = None,
-    check: opt.Check = None,
-    input_format: fo.InputFormat = None,
-    output_format: fo.OutputFormat = None,
-    image_column: fo.ImageColumn = None,
-    question_column: fo.QuestionColumn = None,
-    id_column: fo.IdColumn = None,
-    ray: opt.Ray = None,
-    ray_address: opt.RayAddress = None,
-    ray_workers: opt.RayWorkers = None,
-    model: opt.Model = None,
-    engine: opt.Engine = None,
-    dtype: opt.Dtype = None,
-    device: opt.Device = None,
-    preset: opt.Preset = None,
-    method: opt.Method = None,
-    ratio: opt.Ratio = None,
-    alpha: opt.Alpha = None,
-    vit_layer: opt.VitLayer = None,
-    llm_layer: opt.LlmLayer = None,
-    tau: opt.Tau = None,
-    head_agg: opt.HeadAgg = None,
-    instr_agg: opt.InstrAgg = None,
-    region_budgets: opt.RegionBudgets = None,
-    token_score: opt.TokenScore = None,
-    fastv_layer: opt.FastvLayer = None,
-    vtw_layer: opt.VtwLayer = None,
-    pdrop_layers: opt.PdropLayers = None,
-    pdrop_keep: opt.PdropKeep = None,
-    max_new_tokens: opt.MaxNewTokens = None,
-    temperature: opt.Temperature = None,
-    seed: opt.Seed = None,
-    logprobs: opt.Logprobs = None,
-    kept: opt.Kept = None,
-    system_message: opt.SystemMessage = None,
-    max_tiles: opt.MaxTiles = None,
-    min_tiles: opt.MinTiles = None,
-    batch_size: opt.BatchSize = None,
-    max_batch_tokens: opt.MaxBatchTokens = None,
-    max_prompt_tokens: opt.MaxPromptTokens = None,
-    workers: opt.Workers = None,
-    max_errors: opt.MaxErrors = None,
-    max_pixels: opt.MaxPixels = None,
     config: opt.Config = None,
-    quiet: opt.Quiet = None,
-    verbose: opt.Verbose = None,
+    **settings: Any,
 ) -> None:
     """Answer the question of every record of INPUT; write one row per record, in input order.
 
@@ -418,7 +358,6 @@ def infer_command(
     Exit codes: 0 all ok, 3 some records failed (see their 'error' rows), 2 usage error, 1 fatal error,
     130 interrupted (rerun with --resume), 141 the reader of stdout went away.
     """
-    given = {name: value for name, value in locals().items() if name not in ("input", "config")}
-    resolved = opt.resolve(given, names=INFER_SETTINGS, config=config)
+    resolved = opt.gather(ctx, settings)
     with warnings.catch_warnings():  # --quiet silences warnings for this run only
         raise typer.Exit(run_infer(input, resolved))

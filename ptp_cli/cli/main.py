@@ -26,11 +26,6 @@ from ptp_cli.cli.show import show_command
 from ptp_cli.cli.synth import synth_command
 from ptp_cli.errors import PtpError, UsageError
 
-# Click's UsageError (bad option, bad value, missing argument), reached through Typer's public BadParameter:
-# Typer >= 0.29 raises the exceptions of its own copy of Click, not those of an installed `click`.
-ClickUsageError: type[Exception] = typer.BadParameter.__bases__[0]
-
-
 # What an option's value is called in help when it names none itself (Typer would write <int>, <str>, ...).
 READABLE_METAVARS = {"int": "N", "float": "NUMBER", "str": "TEXT", "path": "PATH", "list[Path]": "PATH"}
 _TYPE_IN_HELP = re.compile(r" <([^<>]*)>(\.\.\.)?$")
@@ -64,7 +59,7 @@ class Command(TyperCommand):
 app = typer.Typer(
     name="ptp",
     help="Batch inference for InternVL2 with Pyramid Token Pruning.",
-    no_args_is_help=True,
+    invoke_without_command=True,  # bare `ptp` prints the help (the root callback), as gh does
     rich_markup_mode=None,  # plain help: flags without a <bool> placeholder, [default: X] shown as written
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
     pretty_exceptions_enable=False,  # errors are formatted once, in main()
@@ -85,10 +80,14 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     version: Annotated[bool, typer.Option(
         "--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
 ) -> None:
     """Batch inference for InternVL2 with Pyramid Token Pruning."""
+    if ctx.invoked_subcommand is None:
+        typer.echo(ctx.get_help())
+        raise typer.Exit()
 
 
 def _debug() -> bool:
@@ -100,10 +99,22 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+def _bad_variable(param: Any) -> str | None:
+    """The PTP_<NAME> variable a bad value came from: the option's variable is set and the option is not on the
+    command line."""
+    var = getattr(param, "envvar", None)
+    if not isinstance(var, str) or var not in os.environ:
+        return None
+    given = any(arg == o or arg.startswith(o + "=") for o in (*param.opts, *param.secondary_opts) for arg in sys.argv[1:])
+    return None if given else var
+
+
 def _usage_message(e: Any) -> str:
     """Click's message (with its "did you mean" hint), the command it concerns, and where help is."""
     command = e.ctx.command_path if e.ctx is not None else "ptp"
     message = e.format_message().rstrip(".")
+    if (var := _bad_variable(getattr(e, "param", None))) is not None:
+        message += f" (from {var}={os.environ[var]})"
     hint = f" (see '{command} -h')" if e.ctx is not None else ""
     where = command.removeprefix("ptp").strip()
     return f"{where + ': ' if where else ''}{message[:1].lower()}{message[1:]}{hint}"
@@ -113,11 +124,8 @@ def main() -> None:
     """Console-script entry point."""
     try:
         code: Any = app(prog_name="ptp", standalone_mode=False)
-    except ClickUsageError as e:
-        if type(e).__name__ == "NoArgsIsHelpError" and e.ctx is not None:  # type: ignore[attr-defined]
-            typer.echo(e.ctx.get_help())  # type: ignore[attr-defined]  # bare `ptp`: the help, as gh does
-            sys.exit(0)
-        _fail(_usage_message(e), EXIT_USAGE)
+    except typer.TyperException as e:  # Click's errors (Typer carries its own Click): bad options and values
+        _fail(_usage_message(e), getattr(e, "exit_code", EXIT_USAGE))
     except typer.Abort:  # Ctrl-C outside the run loop (e.g. while the model loads)
         _fail("interrupted", EXIT_INTERRUPTED)
     except UsageError as e:

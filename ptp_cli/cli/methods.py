@@ -8,8 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
-from ptp_cli.cli.options import SETTINGS
 from ptp_cli.pruning import METHODS, PRESETS  # the registry by name and the settings: no torch
+from ptp_cli.settings import SETTINGS
 
 
 def _show(value: Any) -> str:
@@ -22,7 +22,7 @@ def methods_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")] = False,
 ) -> None:
     """List the pruning methods (--method) and the presets (--preset) with their settings."""
-    option = {s.field_name(n): n for n, s in SETTINGS.items() if s.target == "prune"}  # field -> option name
+    option = {s.field_name: n for n, s in SETTINGS.items() if s.target == "prune"}  # field -> option name
     methods = {name: entry.summary for name, entry in sorted(METHODS.items())}
     presets = {name: {option.get(k, k): v for k, v in dataclasses.asdict(cfg).items()} for name, cfg in PRESETS.items()}
     if as_json:

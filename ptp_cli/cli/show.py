@@ -21,7 +21,7 @@ def _file_name(row: dict, taken: set[str]) -> str:
 
 def _from_rows(rows: list[dict]) -> list[tuple[Any, dict]]:
     """(record, row) pairs rebuilt from what ``--kept`` rows carry (``row["record"]``); error rows have none."""
-    from ptp_cli.records import Record
+    from ptp_cli.io.records import Record
 
     pairs = []
     for row in rows:
@@ -45,7 +45,7 @@ def _select(predictions: Path, input: Path | None, *, id: str | None, line: int 
     """(input record, row) pairs, filtered by id and line: the records of ``input`` matched to the rows, or,
     without ``input``, the records the rows carry."""
     from ptp_cli.eval.score import match_rows, read_predictions
-    from ptp_cli.formats import open_input
+    from ptp_cli.io.formats import open_input
 
     rows = read_predictions(predictions)
     if input is None:
@@ -68,8 +68,8 @@ def _select(predictions: Path, input: Path | None, *, id: str | None, line: int 
 
 
 def _draw_one(rec: Any, row: dict, output: Path) -> None:
-    from ptp_cli.records import Record
-    from ptp_cli.show import render_row  # imports torch (the tiling): the checks before stay fast
+    from ptp_cli.io.records import Record
+    from ptp_cli.io.show import render_row  # imports torch (the tiling): the checks before stay fast
 
     if not isinstance(rec, Record):
         raise UsageError(f"input line {rec.line} is not a usable record: {rec.error}")
@@ -81,8 +81,8 @@ def _draw_one(rec: Any, row: dict, output: Path) -> None:
 
 def _draw_all(pairs: list[tuple[Any, dict]], out_dir: Path) -> int:
     """Every pair's picture into ``out_dir``; the exit code (3 when some could not be drawn)."""
-    from ptp_cli.records import Record
-    from ptp_cli.show import render_row
+    from ptp_cli.io.records import Record
+    from ptp_cli.io.show import render_row
 
     out_dir.mkdir(parents=True, exist_ok=True)
     taken: set[str] = set()

@@ -1,7 +1,7 @@
 """Gold records: what each question's right answer is, and which metric scores it.
 
 A gold file is JSONL, usually the very file given to ``ptp infer`` (its ``image`` and ``question`` are ignored
-here), or that input as Parquet, a ``datasets`` folder or WebDataset shards (``ptp_cli.formats``: the same fields
+here), or that input as Parquet, a ``datasets`` folder or WebDataset shards (``ptp_cli.io.formats``: the same fields
 as columns, or in each sample's ``.json``; ``line`` is then the row or sample number). Per record:
 
 - ``answer`` (a string, or a number) or ``answers`` (a list of strings, or of ``{"answer": ...}`` objects as in
@@ -150,7 +150,7 @@ def read_gold(path: str | os.PathLike[str], *, metric: str | None = None) -> lis
     """Every gold record of a JSONL file. ``metric``: the file's metric for records that name none."""
     if metric is not None and metric not in METRICS:
         raise UsageError(f"--metric: unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
-    from ptp_cli.formats import iter_rows
+    from ptp_cli.io.formats import iter_rows
 
     golds = []
     rows = iter_rows(str(path))  # Parquet, Arrow, WebDataset: their rows (the answer column); else JSONL

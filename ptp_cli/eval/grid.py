@@ -17,15 +17,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ptp_cli.engine import Engine
 from ptp_cli.errors import UsageError
-from ptp_cli.formats import open_input
-from ptp_cli.output import OrderedWriter
-from ptp_cli.pipeline import Pipeline, RunConfig, start_vllm
-from ptp_cli.pruning import PruneConfig, make_method, method_class
-from ptp_cli.resume import scan_output
-from ptp_cli.vision_cache import VisionCache
-from ptp_cli.vllm_engine import VLLMEngine
+from ptp_cli.io.formats import open_input
+from ptp_cli.io.output import OrderedWriter
+from ptp_cli.io.resume import scan_output
+from ptp_cli.pruning import PruneConfig, make_method, plan_grid
+from ptp_cli.run.engine import Engine
+from ptp_cli.run.pipeline import Pipeline, RunConfig, start_vllm
+from ptp_cli.run.vision_cache import VisionCache
+from ptp_cli.run.vllm_engine import VLLMEngine
 
 
 @dataclass(frozen=True)
@@ -39,15 +39,7 @@ class RunSpec:
 def plan_runs(base: PruneConfig, pipeline: Pipeline, methods: tuple[str, ...],
               ratios: tuple[float, ...]) -> list[RunSpec]:
     """The grid's runs, with ``base`` (preset, alpha, layers, ...) under each method and ratio."""
-    specs = []
-    for method in methods:
-        per_ratio = [dataclasses.replace(base, method=method, ratio=r) for r in ratios]
-        per_ratio[0].validate(pipeline.cfg)  # a bad layer fails before any run starts
-        if method_class(method).uses_ratio:
-            specs += [RunSpec(f"{method}@{r:g}", p) for r, p in zip(ratios, per_ratio, strict=True)]
-        else:  # none, vtw, pdrop: the ratio changes nothing
-            specs.append(RunSpec(method, per_ratio[0]))
-    return specs
+    return [RunSpec(name, prune) for name, prune in plan_grid(base, methods, ratios, pipeline.cfg)]
 
 
 def ptp_variants(base: PruneConfig, ratios: tuple[float, ...], *, alphas: tuple[float | str, ...] = (),
@@ -134,7 +126,7 @@ def run_grid(
     first = Pipeline.load(dataclasses.replace(config, engine="ptp", prune=dataclasses.replace(config.prune, method="none")))
     specs = plan_runs(config.prune, first, methods, ratios) + list(extra)
     for spec in extra:  # the grid's own runs are valid by construction; these are checked before any runs
-        spec.prune.validate(first.cfg)
+        spec.prune.check_layers(first.cfg)
     cache = VisionCache()  # every run reads the same images: the ViT runs once per image and score layer
     generator = start_vllm(first.loaded, config) if config.engine == "vllm" else None
 
@@ -146,7 +138,7 @@ def run_grid(
         return Engine(first.loaded.model, image_token_id=first.loaded.image_token_id, method=method,
                       vision_cache=cache)
 
-    pipelines = [Pipeline(first.loaded, dataclasses.replace(config, prune=s.prune), engine=engine(s.prune))
+    pipelines = [Pipeline(first.loaded, dataclasses.replace(config, prune=s.prune), engine=engine(s.prune), checked=True)
                  for s in specs]
     log(f"loaded {first.settings()['model']}; {len(specs)} runs: {', '.join(s.name for s in specs)}")
     for spec, pipeline in zip(specs, pipelines, strict=True):

@@ -198,7 +198,7 @@ def score_run(
 
 def read_predictions(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """The rows of a ``ptp infer`` output file. Rows that are not JSON objects are a UsageError."""
-    from ptp_cli.formats import read_rows
+    from ptp_cli.io.formats import read_rows
 
     if (converted := read_rows(path)) is not None:  # a Parquet output, or OpenAI batch output lines
         return list(converted)

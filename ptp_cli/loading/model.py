@@ -14,7 +14,7 @@ from ptp_cli.loading.files import few
 from ptp_cli.loading.resolve import resolve_model
 from ptp_cli.loading.weights import load_state_dict
 from ptp_cli.models.internvl import InternVLModel
-from ptp_cli.tokenization import IMG_CONTEXT_TOKEN, Tokenizer, load_tokenizer
+from ptp_cli.text.tokenization import IMG_CONTEXT_TOKEN, Tokenizer, load_tokenizer
 
 
 @dataclass(frozen=True)

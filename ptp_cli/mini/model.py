@@ -15,8 +15,8 @@ from pathlib import Path
 
 from ptp_cli.builders.bpe import build_tiny_tokenizer
 from ptp_cli.config import LLMConfig, ModelConfig, VisionConfig
-from ptp_cli.prompts import INTERNVL2_SYSTEM_MESSAGE, TEMPLATES
 from ptp_cli.synth.scene import ANSWERS, COLOURS, PLURALS, SHAPES, SUFFIX, question_text
+from ptp_cli.text.prompts import INTERNVL2_SYSTEM_MESSAGE, TEMPLATES
 
 __all__ = ["MINI", "MINI_MERGES", "build_mini_tokenizer", "mini_config", "mini_corpus"]
 

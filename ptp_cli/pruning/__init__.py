@@ -5,6 +5,6 @@ The method interface (``base``) and the methods (``ptp``, ``baselines``, ``inllm
 """
 
 from ptp_cli.pruning.catalog import METHODS, Capabilities, method_class
-from ptp_cli.pruning.settings import PRESETS, PruneConfig, make_method
+from ptp_cli.pruning.settings import PRESETS, PruneConfig, make_method, plan_grid
 
-__all__ = ["METHODS", "PRESETS", "Capabilities", "PruneConfig", "make_method", "method_class"]
+__all__ = ["METHODS", "PRESETS", "Capabilities", "PruneConfig", "make_method", "method_class", "plan_grid"]

@@ -6,10 +6,10 @@ from typing import Any
 
 import torch
 
-from ptp_cli.limits import AUTO
 from ptp_cli.pruning.adaptive import auto_alpha, signals
 from ptp_cli.pruning.base import ConfiguredMethod, VisualContext
 from ptp_cli.pruning.budgets import tile_budgets
+from ptp_cli.settings import AUTO
 
 
 def minmax(x: torch.Tensor) -> torch.Tensor:

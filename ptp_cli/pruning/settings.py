@@ -13,10 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING
 
-from ptp_cli import limits  # the module, read at call time: limits imports the catalog, in this package
 from ptp_cli.config import ModelConfig
 from ptp_cli.errors import UsageError
 from ptp_cli.pruning import catalog
+from ptp_cli.settings import AUTO, check_fields, default
 
 if TYPE_CHECKING:
     from ptp_cli.pruning.base import PruningMethod
@@ -24,22 +24,31 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class PruneConfig:
-    method: str = "ptp"  # a name in catalog.METHODS: none, ptp, random, spatial, fastv, vtw, pdrop
-    ratio: float = 0.5  # fraction of visual tokens pruned, in [0, 1) (ignored by none, vtw and pdrop)
-    # PTP fusion weight of the instruction score c against the token score s, in [0, 1], or "auto": chosen per
-    # sample from how concentrated s and c are (``adaptive.auto_alpha``)
-    alpha: float | str = 0.5
-    vit_layer: int = 11  # PTP's L: 0-based ViT layer whose CLS attention gives s
-    llm_layer: int = 1  # PTP's M: 0-based LLM layer whose instruction attention gives c
-    tau: float = 1.0  # softmax temperature of the region importance (> 0)
-    head_agg: str = "mean"  # how attention is reduced over heads (ViT, probe, FastV, PDrop): mean | max
-    instr_agg: str = "max"  # how the probe reduces over instruction tokens: max | mean
-    region_budgets: bool = True  # PTP/spatial per-region budgets from CLS similarity; False: uniform budgets
-    use_token_score: bool = True  # PTP's s; False is the "without s" ablation (needs alpha > 0)
-    fastv_layer: int = 2  # FastV's K_f: drop after layer K_f, ranked by attention received at layer K_f - 1
-    vtw_layer: int | None = None  # VTW's K_w: no visual token after layer K_w; None: num_layers // 2
-    pdrop_layers: tuple[int, ...] | None = None  # PyramidDrop stage ends; None: 1/4, 2/4, 3/4 of the layers
-    pdrop_keep: float = 0.5  # fraction of the remaining visual tokens each PyramidDrop stage keeps, in (0, 1]
+    # Defaults and allowed values: ptp_cli/settings.py.
+    method: str = default("method")  # a name in catalog.METHODS
+    ratio: float = default("ratio")  # fraction of visual tokens pruned (ignored by none, vtw and pdrop)
+    # PTP fusion weight of the instruction score c against the token score s, or "auto": chosen per sample from
+    # how concentrated s and c are (``adaptive.auto_alpha``)
+    alpha: float | str = default("alpha")
+    vit_layer: int = default("vit_layer")  # PTP's L: 0-based ViT layer whose CLS attention gives s
+    llm_layer: int = default("llm_layer")  # PTP's M: 0-based LLM layer whose instruction attention gives c
+    tau: float = default("tau")  # softmax temperature of the region importance
+    head_agg: str = default("head_agg")  # attention reduced over heads (ViT, probe, FastV, PDrop): mean | max
+    instr_agg: str = default("instr_agg")  # how the probe reduces over instruction tokens: max | mean
+    region_budgets: bool = default("region_budgets")  # per-region budgets from CLS similarity; False: uniform
+    use_token_score: bool = default("token_score")  # PTP's s; False is the "without s" ablation (needs alpha > 0)
+    fastv_layer: int = default("fastv_layer")  # FastV's K_f: drop after layer K_f, ranked at layer K_f - 1
+    vtw_layer: int | None = default("vtw_layer")  # VTW's K_w: no visual token after layer K_w; None: half
+    pdrop_layers: tuple[int, ...] | None = default("pdrop_layers")  # PyramidDrop stage ends; None: 1/4, 2/4, 3/4
+    pdrop_keep: float = default("pdrop_keep")  # fraction of the remaining visual tokens each stage keeps
+
+    def __post_init__(self) -> None:
+        """The one check of the settings that need no model: ranges, names, combinations."""
+        check_fields("prune", {f.name: getattr(self, f.name) for f in fields(self)})
+        if self.method == "ptp" and not self.use_token_score and self.alpha == 0:
+            raise UsageError("--no-token-score needs --alpha > 0 (nothing would rank the tokens)")
+        if self.method == "ptp" and not self.use_token_score and self.alpha == AUTO:
+            raise UsageError(f"--no-token-score does not go with --alpha {AUTO} (the rule weighs s against c)")
 
     def resolved_vtw_layer(self, model_cfg: ModelConfig) -> int:
         return model_cfg.llm.num_layers // 2 if self.vtw_layer is None else self.vtw_layer
@@ -47,21 +56,6 @@ class PruneConfig:
     def resolved_pdrop_layers(self, model_cfg: ModelConfig) -> tuple[int, ...]:
         n = model_cfg.llm.num_layers
         return tuple(n * k // 4 for k in (1, 2, 3)) if self.pdrop_layers is None else tuple(self.pdrop_layers)
-
-    def validate(self, model_cfg: ModelConfig) -> PruneConfig:
-        """Raise UsageError naming the offending option; return self when everything is usable."""
-        return self.check().check_layers(model_cfg)
-
-    def check(self) -> PruneConfig:
-        """The checks that need no model: ranges, names, combinations. Return self."""
-        limits.check_values({f.name: getattr(self, f.name) for f in fields(self)})
-        if self.method not in catalog.METHODS:
-            raise UsageError(f"--method: unknown method {self.method!r}; choose one of {', '.join(sorted(catalog.METHODS))}")
-        if self.method == "ptp" and not self.use_token_score and self.alpha == 0:
-            raise UsageError("--no-token-score needs --alpha > 0 (nothing would rank the tokens)")
-        if self.method == "ptp" and not self.use_token_score and self.alpha == limits.AUTO:
-            raise UsageError(f"--no-token-score does not go with --alpha {limits.AUTO} (the rule weighs s against c)")
-        return self
 
     def check_layers(self, model_cfg: ModelConfig) -> PruneConfig:
         """The layer indices against the model's depth (only its config is needed). Return self."""
@@ -91,7 +85,23 @@ class PruneConfig:
 PRESETS: dict[str, PruneConfig] = {name: replace(PruneConfig(), **changes) for name, changes in catalog.PRESETS.items()}
 
 
+def plan_grid(base: PruneConfig, methods: tuple[str, ...], ratios: tuple[float, ...],
+              model_cfg: ModelConfig) -> list[tuple[str, PruneConfig]]:
+    """The runs of a (method x ratio) grid over ``base``, as ``ptp eval`` and ``ptp bench`` both plan them:
+    ("ptp@0.5", settings) per ratio for a method that uses one, ("none", settings) once for one that does not.
+    Each method's settings are checked against the model before any run starts."""
+    runs: list[tuple[str, PruneConfig]] = []
+    for method in methods:
+        per_ratio = [replace(base, method=method, ratio=r) for r in ratios]
+        per_ratio[0].check_layers(model_cfg)  # a bad layer fails before anything runs or is built
+        if catalog.method_class(method).uses_ratio:
+            runs += [(f"{method}@{r:g}", p) for r, p in zip(ratios, per_ratio, strict=True)]
+        else:  # none, vtw, pdrop: the ratio changes nothing
+            runs.append((method, per_ratio[0]))
+    return runs
+
+
 def make_method(cfg: PruneConfig, model_cfg: ModelConfig) -> PruningMethod:
-    """Validate the settings against the model and build the method they name."""
-    cfg.validate(model_cfg)
+    """The method ``cfg`` names, for this model. ``cfg`` was checked when built; its layer indices against this
+    model by ``check_layers`` (``read_model_config`` and ``Pipeline`` call it once per run)."""
     return catalog.method_class(cfg.method).build(cfg, model_cfg)

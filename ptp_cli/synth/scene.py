@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ptp_cli.image import find_grid
+from ptp_cli.preprocess.image import find_grid
 
 TILE = 448  # InternVL2's tile side, in pixels
 

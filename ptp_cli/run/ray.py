@@ -1,9 +1,9 @@
 """ptp on Ray Data: a callable class that loads the model once per actor and maps records to result rows.
 
     import ray
-    from ptp_cli.pipeline import RunConfig
+    from ptp_cli.run.pipeline import RunConfig
     from ptp_cli.pruning import PruneConfig
-    from ptp_cli.ray import PTPPredictor
+    from ptp_cli.run.ray import PTPPredictor
 
     ds = ray.data.read_json("questions.jsonl")  # or any dataset with the columns `ptp infer` reads
     rows = ds.map_batches(
@@ -36,9 +36,9 @@ import orjson
 import ray
 
 from ptp_cli.errors import RunAborted
-from ptp_cli.failures import FailureGuard
-from ptp_cli.pipeline import Pipeline, RunConfig
-from ptp_cli.records import BadRecord, Record, parse_line
+from ptp_cli.io.records import BadRecord, Record, parse_line
+from ptp_cli.run.failures import FailureGuard
+from ptp_cli.run.pipeline import Pipeline, RunConfig
 
 # Output columns: scalar columns for filtering in Ray, plus the whole row as ptp infer writes it.
 COLUMNS = ("line", "id", "answer", "error", "row")

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from ptp_cli.errors import InvalidRecordError, UsageError
-from ptp_cli.formats.base import Columns, json_safe
-from ptp_cli.records import INPUT_FIELDS, BadRecord, Record, _overrides
+from ptp_cli.io.formats.base import Columns, json_safe
+from ptp_cli.io.records import INPUT_FIELDS, BadRecord, Record, _overrides
 
 # Guesses, in order, when a column is not named by a flag.
 IMAGE_GUESSES = ("image", "img", "image_bytes", "image_path")

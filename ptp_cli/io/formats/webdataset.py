@@ -19,8 +19,8 @@ from typing import Any
 import orjson
 
 from ptp_cli.errors import InvalidRecordError, UsageError
-from ptp_cli.formats.base import Columns, Item, expand_braces, json_safe, selected
-from ptp_cli.records import INPUT_FIELDS, BadRecord, Record, _overrides
+from ptp_cli.io.formats.base import Columns, Item, expand_braces, json_safe, selected
+from ptp_cli.io.records import INPUT_FIELDS, BadRecord, Record, _overrides
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
 _MAX_TEXT = 1 << 20  # a .json/.txt member larger than this is not a question

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
-from ptp_cli.chat_template import Prompter
-from ptp_cli.engine import Request
 from ptp_cli.errors import PromptTooLongError, RecordError
-from ptp_cli.image import DEFAULT_MAX_PIXELS, TilingOptions, load_image, record_tiling
-from ptp_cli.prompts import PromptIds
-from ptp_cli.records import Record
+from ptp_cli.io.records import Record
+from ptp_cli.preprocess.image import DEFAULT_MAX_PIXELS, TilingOptions, load_image, record_tiling
+from ptp_cli.run.engine import Request
+from ptp_cli.text.chat_template import Prompter
+from ptp_cli.text.prompts import PromptIds
 
 Overrides = Mapping[str, int | float]
 

@@ -1,7 +1,7 @@
 """Where records come from and rows go: JSONL, Parquet, Arrow (Hugging Face ``save_to_disk``), WebDataset shards
 and OpenAI batch files.
 
-    from ptp_cli.formats import Columns, open_input
+    from ptp_cli.io.formats import Columns, open_input
     reader = open_input("data.parquet", columns=Columns(image="img"))
     rows = Pipeline.load(RunConfig(model="tiny")).infer(reader.records())
 
@@ -21,10 +21,10 @@ from typing import IO, Any
 import orjson
 
 from ptp_cli.errors import UsageError
-from ptp_cli.formats.base import INPUT_FORMATS, OUTPUT_FORMATS, Columns, Item, Reader, selected
-from ptp_cli.output import JsonlSink, RowSink
-from ptp_cli.records import iter_records
-from ptp_cli.resume import ResumeState, scan_output
+from ptp_cli.io.formats.base import INPUT_FORMATS, OUTPUT_FORMATS, Columns, Item, Reader, selected
+from ptp_cli.io.output import JsonlSink, RowSink
+from ptp_cli.io.records import iter_records
+from ptp_cli.io.resume import ResumeState, scan_output
 
 __all__ = [
     "INPUT_FORMATS",
@@ -110,15 +110,15 @@ def open_input(source: str, *, format: str | None = None, columns: Columns | Non
     if source == "-" and fmt != "jsonl" and fmt != "openai":
         raise UsageError(f"--input-format {fmt} reads files, not stdin")
     if fmt in ("parquet", "arrow"):
-        from ptp_cli.formats.arrow import TableReader
+        from ptp_cli.io.formats.arrow import TableReader
 
         return TableReader(source, format=fmt, columns=columns, base_dir=base_dir)
     if fmt == "webdataset":
-        from ptp_cli.formats.webdataset import ShardReader
+        from ptp_cli.io.formats.webdataset import ShardReader
 
         return ShardReader(source, columns=columns)
     if fmt == "openai":
-        from ptp_cli.formats.openai import BatchReader
+        from ptp_cli.io.formats.openai import BatchReader
 
         return BatchReader(source, base_dir=base_dir)
     if source != "-":
@@ -135,11 +135,11 @@ def iter_rows(source: str, *, format: str | None = None) -> Iterator[tuple[int, 
     image bytes (``ptp eval`` reads gold answers from them); None for a JSONL source (read it as JSONL)."""
     fmt = format or detect_input_format(source)
     if fmt in ("parquet", "arrow"):
-        from ptp_cli.formats.arrow import TableReader
+        from ptp_cli.io.formats.arrow import TableReader
 
         return TableReader(source, format=fmt, columns=None, base_dir=None).rows()
     if fmt == "webdataset":
-        from ptp_cli.formats.webdataset import ShardReader
+        from ptp_cli.io.formats.webdataset import ShardReader
 
         return ShardReader(source, columns=Columns()).rows()
     if fmt == "openai":
@@ -167,13 +167,13 @@ def output_sink(output: str | None, *, format: str, resume: bool, stdout: IO[Any
     """Where rows go. A JSONL or batch file is opened here (append with ``resume``); the caller closes the
     sink (and, for a file, the sink closes it)."""
     if format == "parquet":
-        from ptp_cli.formats.parquet_out import ParquetSink
+        from ptp_cli.io.formats.parquet_out import ParquetSink
 
         assert output is not None
         return ParquetSink(output, resume=resume)
     convert = None
     if format == "openai":
-        from ptp_cli.formats.openai import batch_row
+        from ptp_cli.io.formats.openai import batch_row
 
         convert = batch_row
     if output is None:
@@ -200,11 +200,11 @@ class _OwnedJsonl(JsonlSink):
 def scan(output: str, *, format: str, settings: Mapping[str, Any], force: bool, retry_errors: bool) -> ResumeState:
     """``--resume``: what an earlier run left in ``output`` (repaired), for any output format."""
     if format == "parquet":
-        from ptp_cli.formats.parquet_out import scan_parquet
+        from ptp_cli.io.formats.parquet_out import scan_parquet
 
         return scan_parquet(output, settings=settings, force=force, retry_errors=retry_errors)
     if format == "openai":
-        from ptp_cli.formats.openai import read_batch_row
+        from ptp_cli.io.formats.openai import read_batch_row
 
         return scan_output(output, settings=settings, force=force, retry_errors=retry_errors, read_row=read_batch_row)
     return scan_output(output, settings=settings, force=force, retry_errors=retry_errors)
@@ -216,11 +216,11 @@ def read_rows(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]] | None:
     p = Path(path)
     name = p.name.lower()
     if name.endswith((".parquet", ".pq")) or (p.is_dir() and any(p.glob("part-*.parquet"))):
-        from ptp_cli.formats.parquet_out import read_rows as read_parquet_rows
+        from ptp_cli.io.formats.parquet_out import read_rows as read_parquet_rows
 
         return read_parquet_rows(p)
     if p.is_file() and _first_is_batch_output(p):
-        from ptp_cli.formats.openai import answer_row
+        from ptp_cli.io.formats.openai import answer_row
 
         return (answer_row(orjson.loads(raw)) for raw in p.open("rb") if raw.strip())
     return None

@@ -20,8 +20,8 @@ from typing import Any, Protocol
 
 from ptp_cli.config import ModelConfig
 from ptp_cli.errors import ModelLoadError, PromptError
-from ptp_cli.prompts import PromptIds, Template, encode_prompt, get_template, locate
-from ptp_cli.tokenization import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN, Tokenizer
+from ptp_cli.text.prompts import PromptIds, Template, encode_prompt, get_template, locate
+from ptp_cli.text.tokenization import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN, Tokenizer
 
 CHECKPOINT = "checkpoint"  # the template name echoed in row settings when the checkpoint's own is used
 _SENTINEL = "\x00ptp-answer\x00"  # an assistant message whose end shows the template's end-of-turn token

@@ -1,5 +1,5 @@
 """Writing result rows: rows that finish out of order go out in input order, one orjson line each (or through
-another format's ``RowSink``: ``ptp_cli.formats``)."""
+another format's ``RowSink``: ``ptp_cli.io.formats``)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import IO, Any, Protocol
 import orjson
 
 from ptp_cli.errors import RecordError
-from ptp_cli.records import error_row
+from ptp_cli.io.records import error_row
 
 
 class RowSink(Protocol):

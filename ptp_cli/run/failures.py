@@ -17,8 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ptp_cli.devices import is_out_of_memory
 from ptp_cli.errors import OutOfMemoryError, RecordError, RunAborted
+from ptp_cli.run.devices import is_out_of_memory
 
 INFERENCE_ERROR = "inference_error"  # error.type of a record the engine failed on, alone in its batch
 ENGINE_FAILURES = frozenset({INFERENCE_ERROR, OutOfMemoryError.kind})  # error types that count as the engine's

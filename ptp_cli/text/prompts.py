@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ptp_cli.errors import PromptError, UsageError
-from ptp_cli.tokenization import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN, Tokenizer
+from ptp_cli.text.tokenization import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN, Tokenizer
 
 # InternVL2's system message: the one InternVL's conversation.py gives internlm2-chat, Hermes-2 and phi3-chat
 # (InternVL2 checkpoints' chat() copies it from the template into ``model.system_message``).

@@ -19,13 +19,13 @@ from typing import Any
 
 import torch
 
-from ptp_cli import flops as F
-from ptp_cli.devices import StageClock, out_of_memory_stage
 from ptp_cli.models.internvl import InternVLModel
 from ptp_cli.models.llm import LayerCache, sequence_lengths
 from ptp_cli.pruning.base import LayerState, NoPruning, PruningMethod, VisualContext
 from ptp_cli.pruning.scores import instruction_scores, vit_token_scores
-from ptp_cli.vision_cache import VisionCache, VisionEntry
+from ptp_cli.run import flops as F
+from ptp_cli.run.devices import StageClock, out_of_memory_stage
+from ptp_cli.run.vision_cache import VisionCache, VisionEntry
 
 
 @dataclass

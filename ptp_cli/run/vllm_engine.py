@@ -21,13 +21,13 @@ from typing import Any
 
 import torch
 
-from ptp_cli.devices import StageClock, out_of_memory_stage
-from ptp_cli.engine import Engine, Request, Result
 from ptp_cli.errors import ModelLoadError, UsageError
 from ptp_cli.models.internvl import InternVLModel
 from ptp_cli.pruning.base import PruningMethod
+from ptp_cli.run.devices import StageClock, out_of_memory_stage
+from ptp_cli.run.engine import Engine, Request, Result
+from ptp_cli.run.vision_cache import VisionCache
 from ptp_cli.run_config import in_llm_with_vllm
-from ptp_cli.vision_cache import VisionCache
 
 VIEW_FORMAT = 1  # bump when the LLM view's files change
 INSTALL_HINT = (

@@ -24,9 +24,9 @@ from typing import Any
 import orjson
 
 from ptp_cli.errors import UsageError
-from ptp_cli.formats.arrow import pyarrow
-from ptp_cli.records import OUTPUT_FIELDS, fingerprint
-from ptp_cli.resume import ResumeState, settings_diff
+from ptp_cli.io.formats.arrow import pyarrow
+from ptp_cli.io.records import OUTPUT_FIELDS, fingerprint
+from ptp_cli.io.resume import ResumeState, settings_diff
 
 PART_ROWS = 1000
 FIRST_FLUSH_S, LAST_FLUSH_S = 2.0, 60.0

@@ -25,8 +25,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ptp_cli.errors import UsageError
-from ptp_cli.image import TilingOptions, dynamic_tiles, find_grid, load_image
-from ptp_cli.records import Record
+from ptp_cli.io.records import Record
+from ptp_cli.preprocess.image import TilingOptions, dynamic_tiles, find_grid, load_image
 
 TILE = 448  # tile side (InternVL2's ViT input)
 SIDE = 16  # tokens per tile side after pixel shuffle: 256 per tile

@@ -1,5 +1,5 @@
 """A checkpoint's tokenizer configuration (tokenizer_config.json, special_tokens_map.json, added_tokens.json),
-read the way transformers reads it, for the tokenizers in ``ptp_cli.tokenization``."""
+read the way transformers reads it, for the tokenizers in ``ptp_cli.text.tokenization``."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ Input record fields:
   the output reserves (``OUTPUT_FIELDS``: ``answer``, ``tokens``, ...) is kept under ``"input"`` instead, so
   ``row["input"]["answer"]`` holds a VQA file's gold answer. No input field is lost.
 
-Writing (``ptp_cli.output.OrderedWriter``) takes rows that finish out of order and writes them in input
+Writing (``ptp_cli.io.output.OrderedWriter``) takes rows that finish out of order and writes them in input
 order through a bounded reorder buffer, one orjson line per row, flushed after every burst.
 
 Resuming (``scan_output``, in ``resume.py``) reads what an earlier run wrote.

@@ -26,8 +26,8 @@ from urllib.parse import unquote, urlparse
 import orjson
 
 from ptp_cli.errors import InvalidRecordError, UsageError
-from ptp_cli.formats.base import Item, data_url_bytes, selected
-from ptp_cli.records import BadRecord, Record, _json_type, _overrides, fingerprint, iter_lines
+from ptp_cli.io.formats.base import Item, data_url_bytes, selected
+from ptp_cli.io.records import BadRecord, Record, _json_type, _overrides, fingerprint, iter_lines
 
 _ROW_ID = re.compile(r"ptp-(\d+)")
 _REQUEST_ID = re.compile(r"ptp-([0-9a-f]{12})-(\d+)")

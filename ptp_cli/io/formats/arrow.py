@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from ptp_cli.errors import InvalidRecordError, UsageError
-from ptp_cli.formats.base import Columns, Item, json_safe, selected
-from ptp_cli.formats.table import choose_columns, row_record
-from ptp_cli.records import BadRecord
+from ptp_cli.io.formats.base import Columns, Item, json_safe, selected
+from ptp_cli.io.formats.table import choose_columns, row_record
+from ptp_cli.io.records import BadRecord
 
 BATCH_ROWS = 32  # rows decoded at once: bounds memory by a few dozen images
 _PARQUET_MAGIC = b"PAR1"

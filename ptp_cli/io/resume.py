@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 
 from ptp_cli.errors import UsageError
-from ptp_cli.records import fingerprint
+from ptp_cli.io.records import fingerprint
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,18 +18,18 @@ from typing import Any
 
 import torch
 
-from ptp_cli.chat_template import prompter_for
 from ptp_cli.config import ModelConfig
-from ptp_cli.devices import free_cached_memory
-from ptp_cli.engine import Engine, Request, Result
 from ptp_cli.errors import ModelLoadError, PromptError, RecordError
-from ptp_cli.failures import FailureGuard, batch_failure
-from ptp_cli.inputs import InputProcessor, RequestDefaults
+from ptp_cli.io.records import BadRecord, Record, error_row, result_row, shown_record
 from ptp_cli.loading import LoadedModel
+from ptp_cli.preprocess.inputs import InputProcessor, RequestDefaults
 from ptp_cli.pruning import make_method
-from ptp_cli.records import BadRecord, Record, error_row, result_row, shown_record
-from ptp_cli.run_config import RunConfig, read_model_config
-from ptp_cli.vllm_engine import VLLMEngine, VLLMGenerator, refuse_in_llm, view_key
+from ptp_cli.run.devices import free_cached_memory
+from ptp_cli.run.engine import Engine, Request, Result
+from ptp_cli.run.failures import FailureGuard, batch_failure
+from ptp_cli.run.vllm_engine import VLLMEngine, VLLMGenerator, view_key
+from ptp_cli.run_config import RunConfig, check_against_model, read_model_config
+from ptp_cli.text.chat_template import prompter_for
 from ptp_cli.zoo import load_model
 
 __all__ = ["Pipeline", "Prepared", "RunConfig", "read_model_config", "run_settings", "start_vllm"]
@@ -76,12 +76,14 @@ class Prepared:
 
 class Pipeline:
     def __init__(
-        self, loaded: LoadedModel, config: RunConfig, *, engine: Engine | VLLMEngine | None = None
+        self, loaded: LoadedModel, config: RunConfig, *, engine: Engine | VLLMEngine | None = None,
+        checked: bool = False,
     ) -> None:
         """``engine``: run requests on this one instead of building one from ``loaded`` and ``config.prune`` (it
-        must prune as ``config.prune`` says: rows echo those settings)."""
-        config.validate()
-        config.prune.validate(loaded.cfg)
+        must prune as ``config.prune`` says: rows echo those settings). ``checked``: ``config`` was already
+        checked against this model (``read_model_config``), so it is not checked again."""
+        if not checked:
+            check_against_model(config, loaded.cfg)
         self.loaded = loaded
         self.config = config
         self.cfg = loaded.cfg
@@ -107,18 +109,20 @@ class Pipeline:
 
     def _make_engine(self) -> Engine | VLLMEngine:
         method = make_method(self.config.prune, self.cfg)
-        if self.config.engine == "vllm":
-            refuse_in_llm(method)  # before vLLM starts (tens of seconds)
+        if self.config.engine == "vllm":  # an in-LLM method was refused by check_against_model
             return VLLMEngine(self.loaded.model, image_token_id=self.loaded.image_token_id, method=method,
                               generator=start_vllm(self.loaded, self.config))
         return Engine(self.loaded.model, image_token_id=self.loaded.image_token_id, method=method)
 
     @classmethod
-    def load(cls, config: RunConfig) -> Pipeline:
-        config.validate()
+    def load(cls, config: RunConfig, *, checked: bool = False) -> Pipeline:
+        """Load the model ``config`` names and build the pipeline. ``checked``: the caller already ran
+        ``read_model_config(config)`` (a CLI does, before anything heavy); otherwise it runs here."""
+        if not checked:
+            read_model_config(config)  # a bad layer index fails before the weights load
         device = config.resolved_device()
         loaded = load_model(config.model, dtype=config.resolved_dtype(device), device=device)
-        return cls(loaded, config)
+        return cls(loaded, config, checked=True)
 
     # ------------------------------------------------------------------------------------------ settings
 

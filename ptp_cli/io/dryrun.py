@@ -11,8 +11,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from ptp_cli.errors import RecordError
-from ptp_cli.image import TilingOptions, load_image, record_tiling
-from ptp_cli.records import BadRecord, JsonScalar, Record, is_missing_image
+from ptp_cli.io.records import BadRecord, JsonScalar, Record, is_missing_image
+from ptp_cli.preprocess.image import TilingOptions, load_image, record_tiling
 
 
 def check_record(record: Record, *, tiling: TilingOptions, max_pixels: int) -> int:

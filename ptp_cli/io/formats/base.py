@@ -20,10 +20,12 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ptp_cli.records import BadRecord, Record
+from ptp_cli.io.records import BadRecord, Record
+from ptp_cli.settings import INPUT_FORMATS, OUTPUT_FORMATS
 
-INPUT_FORMATS = ("jsonl", "parquet", "arrow", "webdataset", "openai")
-OUTPUT_FORMATS = ("jsonl", "parquet", "openai")
+__all__ = ["INPUT_FORMATS", "OUTPUT_FORMATS", "Columns", "Item", "Reader", "data_url_bytes", "expand_braces",
+           "json_safe", "selected"]
+
 
 Item = Record | BadRecord
 

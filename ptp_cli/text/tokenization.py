@@ -7,7 +7,7 @@ Three loaders, tried in order by ``load_tokenizer``:
     it on top of ``sentencepiece`` (``InternLM2Tokenizer`` below);
 (c) anything else: transformers' ``AutoTokenizer`` with ``trust_remote_code=False``.
 
-The tokenizer config files are read by ``ptp_cli.tokenizer_files``; the built-in tiny model's tokenizer is
+The tokenizer config files are read by ``ptp_cli.text.tokenizer_files``; the built-in tiny model's tokenizer is
 written by ``ptp_cli.builders.bpe``.
 """
 
@@ -22,7 +22,12 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from ptp_cli.errors import ModelLoadError
-from ptp_cli.tokenizer_files import AddedToken, TokenizerFiles, clean_up_tokenization, read_tokenizer_files
+from ptp_cli.text.tokenizer_files import (
+    AddedToken,
+    TokenizerFiles,
+    clean_up_tokenization,
+    read_tokenizer_files,
+)
 
 BOS_TOKEN = "<s>"
 EOS_TOKEN = "</s>"

@@ -1,0 +1,1 @@
+"""From a record to an engine request: images loaded and tiled (``image``), prompts and spans (``inputs``)."""
