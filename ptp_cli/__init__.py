@@ -1,6 +1,7 @@
 """ptp: batch inference for InternVL2 with Pyramid Token Pruning.
 
-The library API: ``from ptp_cli import Pipeline, RunConfig, PruneConfig, iter_records`` (see docs/api.md).
+The library API: ``from ptp_cli import Pipeline, RunConfig, PruneConfig, iter_records, open_input`` (see
+docs/api.md; ``open_input`` reads Parquet, ``datasets`` folders, WebDataset shards and OpenAI batch files too).
 The names load on first use, so ``import ptp_cli`` (and ``ptp --help``) stays free of torch.
 """
 
@@ -14,8 +15,9 @@ _EXPORTS = {
     "RunConfig": "ptp_cli.run_config",
     "PruneConfig": "ptp_cli.pruning",
     "iter_records": "ptp_cli.io.records",
+    "open_input": "ptp_cli.io.formats",
 }
-__all__ = ["Pipeline", "PruneConfig", "RunConfig", "__version__", "iter_records"]
+__all__ = ["Pipeline", "PruneConfig", "RunConfig", "__version__", "iter_records", "open_input"]
 
 
 def __getattr__(name: str) -> Any:
