@@ -17,7 +17,7 @@ from pathlib import Path
 from ptp_cli.io.records import iter_records
 from ptp_cli.pruning import PruneConfig, make_method
 from ptp_cli.run.pipeline import Pipeline, RunConfig
-from ptp_cli.run.vllm_engine import VLLMEngine, VLLMGenerator
+from ptp_cli.run.vllm_engine import VLLMEngine, VLLMGenerator, free_unused_layers
 
 RUNS = [("none", 0.0), ("ptp", 0.0), ("ptp", 0.5), ("ptp", 0.75), ("random", 0.5), ("random", 0.75),
         ("spatial", 0.5), ("spatial", 0.75)]
@@ -55,6 +55,17 @@ def main() -> None:
                 "ptp": [essence(r) for r in ours.infer(iter_records(a.records))],
                 "vllm": [essence(r) for r in theirs.infer(iter_records(a.records))],
             })
+        # Last, as a run does: ptp keeps only the layers PTP's probe reads; vLLM must answer as before.
+        config = dataclasses.replace(base, engine="vllm", prune=PruneConfig(method="ptp", ratio=0.5))
+        method = make_method(config.prune, loaded.cfg)
+        out["layers_kept"] = free_unused_layers(loaded.model, [method])
+        trimmed = Pipeline(loaded, config, engine=VLLMEngine(
+            loaded.model, image_token_id=loaded.image_token_id, method=method, generator=generator))
+        out["trimmed"] = [essence(r) for r in trimmed.infer(iter_records(a.records))]
+        try:
+            out["ptp_after_trim"] = [essence(r) for r in Pipeline(loaded, base).infer(iter_records(a.records))]
+        except RuntimeError as e:  # a programming error, not a record's failure: it propagates
+            out["ptp_after_trim"] = str(e)
     print(json.dumps(out))
 
 

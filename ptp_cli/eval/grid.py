@@ -22,10 +22,11 @@ from ptp_cli.io.formats import open_input
 from ptp_cli.io.output import OrderedWriter
 from ptp_cli.io.resume import scan_output
 from ptp_cli.pruning import PruneConfig, make_method, plan_grid
+from ptp_cli.pruning.base import PruningMethod
 from ptp_cli.run.engine import Engine
 from ptp_cli.run.pipeline import Pipeline, RunConfig, start_vllm
 from ptp_cli.run.vision_cache import VisionCache
-from ptp_cli.run.vllm_engine import VLLMEngine
+from ptp_cli.run.vllm_engine import VLLMEngine, free_unused_layers
 
 
 @dataclass(frozen=True)
@@ -129,16 +130,19 @@ def run_grid(
         spec.prune.check_layers(first.cfg)
     cache = VisionCache()  # every run reads the same images: the ViT runs once per image and score layer
     generator = start_vllm(first.loaded, config) if config.engine == "vllm" else None
+    methods = {s.name: make_method(s.prune, first.cfg) for s in specs}
+    if generator is not None:  # vLLM generates: ptp keeps only the layers the grid's probes read
+        free_unused_layers(first.loaded.model, list(methods.values()))
 
-    def engine(prune: PruneConfig) -> Engine | VLLMEngine:
-        method = make_method(prune, first.cfg)
+    def engine(method: PruningMethod) -> Engine | VLLMEngine:
         if generator is not None:
             return VLLMEngine(first.loaded.model, image_token_id=first.loaded.image_token_id, method=method,
                               generator=generator, vision_cache=cache)
         return Engine(first.loaded.model, image_token_id=first.loaded.image_token_id, method=method,
                       vision_cache=cache)
 
-    pipelines = [Pipeline(first.loaded, dataclasses.replace(config, prune=s.prune), engine=engine(s.prune), checked=True)
+    pipelines = [Pipeline(first.loaded, dataclasses.replace(config, prune=s.prune), engine=engine(methods[s.name]),
+                          checked=True)
                  for s in specs]
     log(f"loaded {first.settings()['model']}; {len(specs)} runs: {', '.join(s.name for s in specs)}")
     for spec, pipeline in zip(specs, pipelines, strict=True):

@@ -347,8 +347,20 @@ class LLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.rotary = Rotary(cfg)
+        self.generates = True  # False once keep_layers dropped layers: only the first ones can run
+
+    def keep_layers(self, n: int) -> None:
+        """Free the decoder layers from ``n`` on, for a caller that runs only the first ``n`` (under
+        ``--engine vllm`` ptp runs at most the instruction probe; vLLM holds the whole LLM). Generation is then
+        refused rather than run through a truncated model."""
+        if n < len(self.layers):
+            self.layers = self.layers[:n]
+            self.generates = False
 
     def new_cache(self, batch: int, capacity: int, *, dtype=None, device=None) -> LayerCache:
+        if not self.generates:  # every generation path starts with a cache
+            raise RuntimeError(f"this LLM keeps only its first {len(self.layers)} layers (keep_layers): it "
+                               "cannot generate")
         p = self.output.weight
         return LayerCache(
             batch, self.cfg.num_kv_heads, capacity, self.cfg.head_dim,

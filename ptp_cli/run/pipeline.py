@@ -27,7 +27,7 @@ from ptp_cli.pruning import make_method
 from ptp_cli.run.devices import free_cached_memory
 from ptp_cli.run.engine import Engine, Request, Result
 from ptp_cli.run.failures import FailureGuard, batch_failure
-from ptp_cli.run.vllm_engine import VLLMEngine, VLLMGenerator, view_key
+from ptp_cli.run.vllm_engine import VLLMEngine, VLLMGenerator, free_unused_layers, view_key
 from ptp_cli.run_config import RunConfig, check_against_model, read_model_config
 from ptp_cli.text.chat_template import prompter_for
 from ptp_cli.zoo import load_model
@@ -110,8 +110,10 @@ class Pipeline:
     def _make_engine(self) -> Engine | VLLMEngine:
         method = make_method(self.config.prune, self.cfg)
         if self.config.engine == "vllm":  # an in-LLM method was refused by check_against_model
+            generator = start_vllm(self.loaded, self.config)  # writes vLLM's view of the LLM first
+            free_unused_layers(self.loaded.model, [method])
             return VLLMEngine(self.loaded.model, image_token_id=self.loaded.image_token_id, method=method,
-                              generator=start_vllm(self.loaded, self.config))
+                              generator=generator)
         return Engine(self.loaded.model, image_token_id=self.loaded.image_token_id, method=method)
 
     @classmethod

@@ -126,6 +126,15 @@ class VLLMGenerator:
                                  use_tqdm=False)
 
 
+def free_unused_layers(model: InternVLModel, methods: Sequence[PruningMethod]) -> int:
+    """Free the LLM layers that no ``methods`` probe needs: vLLM generates from its own copy, so ptp's keeps
+    the embeddings and the layers up to the deepest probe (none for none, random, spatial). Returns how many
+    layers remain."""
+    keep = max((m.probe_layer() + 1 for m in methods if m.probe_layer() is not None), default=0)
+    model.language_model.keep_layers(keep)
+    return len(model.language_model.layers)
+
+
 class VLLMEngine:
     """Same interface as ``Engine`` (``generate(requests) -> list[Result]``): ptp's engine encodes and prunes,
     the ``VLLMGenerator`` prefills and decodes."""
