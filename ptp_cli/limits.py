@@ -54,6 +54,7 @@ LIMITS: dict[str, Limit] = {
     "instr_agg": Limit(lambda v: v in AGGREGATIONS, f"must be one of {', '.join(AGGREGATIONS)}"),
     "pdrop_keep": Limit(lambda v: 0.0 < v <= 1.0, "must be in (0, 1]"),
     "vit_layer": Limit(lambda v: v >= 0, "must be >= 0"),
+    "vit_prune": Limit(lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
     "llm_layer": Limit(lambda v: v >= 0, "must be >= 0"),
     # run (RunConfig fields)
     "dtype": Limit(lambda v: v in DTYPE_NAMES, f"must be one of {', '.join(DTYPE_NAMES)}"),

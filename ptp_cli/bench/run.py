@@ -62,6 +62,9 @@ def row_plan(config: BenchConfig, cfg: ModelConfig) -> list[tuple[str, PruneConf
             plan.append((name, per_ratio[0]))
         else:
             plan.extend((f"{name}@{r:g}", p) for r, p in zip(config.ratios, per_ratio, strict=True))
+        if method_class(name).prunes_in_vit:  # --vit-prunes: the same method, pruning inside the ViT too
+            plan.extend((f"{name}@{r:g},vit={v:g}", PruneConfig(method=name, ratio=r, vit_prune=v))
+                        for r in config.ratios for v in config.vit_prunes if 0 < v <= r)
     return plan
 
 

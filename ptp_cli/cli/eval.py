@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 # ptp infer's options that ptp eval takes as they are (with --config); --methods/--ratios replace method/ratio.
 RUN_OPTIONS = (
     "model", "engine", "dtype", "device", "preset", "alpha", "vit_layer", "llm_layer", "tau", "head_agg", "instr_agg",
-    "region_budgets", "token_score", "fastv_layer", "vtw_layer", "pdrop_layers", "pdrop_keep", "max_new_tokens",
+    "region_budgets", "token_score", "fastv_layer", "vtw_layer", "pdrop_layers", "pdrop_keep", "vit_prune",
+    "vit_prune_thumbnail", "max_new_tokens",
     "temperature", "seed", "kept", "max_tiles", "min_tiles", "batch_size", "max_batch_tokens",
     "max_prompt_tokens", "workers", "max_pixels",
 )
@@ -85,19 +86,35 @@ def parse_alphas(text: str | None) -> tuple[float | str, ...]:
     return tuple(dict.fromkeys(values))
 
 
+def parse_vit_prunes(text: str | None) -> tuple[float, ...]:
+    """``"0.25,0.5"`` -> (0.25, 0.5); UsageError unless every value is a number in [0, 1)."""
+    if text is None:
+        return ()
+    try:
+        values = tuple(dict.fromkeys(float(v) for v in text.split(",") if v.strip()))
+    except ValueError:
+        values = ()
+    if not values or not all(0.0 <= v < 1.0 for v in values):
+        raise UsageError(f"--vit-prunes must be comma-separated numbers in [0, 1), got {text!r}")
+    return values
+
+
 def _grid_runs(gold: Path, resolved: opt.Resolved, *, methods: str, ratios: str, out_dir: Path | None,
-               log: Log, alphas: str | None = None, ablations: bool = False) -> list[tuple[str, Path]]:
+               log: Log, alphas: str | None = None, ablations: bool = False,
+               vit_prunes: str | None = None) -> list[tuple[str, Path]]:
     if out_dir is None:
         raise UsageError("running models needs --out-dir DIR: each run's predictions are kept there "
                          "(one JSONL per run), so an interrupted grid continues where it stopped")
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--out-dir {out_dir} is a file")
     names, values = parse_grid(methods, ratios)
+    stage1 = parse_vit_prunes(vit_prunes)
     alpha_values = parse_alphas(alphas)
     config = opt.run_config(resolved)
-    from ptp_cli.eval.grid import ptp_variants, run_grid
+    from ptp_cli.eval.grid import ptp_variants, run_grid, vit_prune_variants
 
-    extra = tuple(ptp_variants(config.prune, values, alphas=alpha_values, ablations=ablations))
+    extra = tuple(ptp_variants(config.prune, values, alphas=alpha_values, ablations=ablations)
+                  + vit_prune_variants(config.prune, names, values, stage1))
     try:
         return [(spec.name, path) for spec, path in
                 run_grid(gold, config, methods=names, ratios=values, out_dir=out_dir, extra=extra, log=log)]
@@ -120,6 +137,9 @@ def eval_command(
         metavar="A1,A2,...", help="Also PTP at each ratio with each of these alphas, comma-separated (0: s only, 1: c only, auto).")] = None,
     ablations: Annotated[bool, typer.Option(
         "--ablations", help="Also PTP at each ratio with uniform region budgets.")] = False,
+    vit_prunes: Annotated[str | None, typer.Option(
+        metavar="R1,R2,...", help="Also each of ptp, random and spatial in --methods at each ratio with each of "
+        "these --vit-prune values (those above the ratio skipped), comma-separated.")] = None,
     metric: Annotated[str | None, typer.Option(
         metavar="NAME", help="Metric of records that name none: exact, vqa, anls, relaxed, mc or yesno. [default: inferred]")] = None,
     by: Annotated[str | None, typer.Option(metavar="FIELD", help="Also score per value of this gold field (e.g. type).")] = None,
@@ -146,7 +166,8 @@ def eval_command(
         _check_output(path, option)
     if predictions:
         grid_given = [flag for flag, v in (("--methods", methods), ("--ratios", ratios), ("--out-dir", out_dir),
-                                           ("--alphas", alphas), ("--ablations", ablations or None)) if v is not None]
+                                           ("--alphas", alphas), ("--ablations", ablations or None),
+                                           ("--vit-prunes", vit_prunes)) if v is not None]
         grid_given += [opt.flag(n) for n in RUN_OPTIONS if settings.get(n) is not None]
         if grid_given:
             raise UsageError(f"{grid_given[0]} runs a model; it does not go with --predictions")
@@ -154,7 +175,7 @@ def eval_command(
     else:
         try:
             runs = _grid_runs(gold, resolved, methods=methods or "none,ptp", ratios=ratios or "0.5",
-                              out_dir=out_dir, log=log, alphas=alphas, ablations=ablations)
+                              out_dir=out_dir, log=log, alphas=alphas, ablations=ablations, vit_prunes=vit_prunes)
         except KeyboardInterrupt:
             log("interrupted; run the same command again to continue where it stopped")
             raise typer.Exit(EXIT_INTERRUPTED) from None

@@ -397,6 +397,8 @@ def infer_command(
     vtw_layer: opt.VtwLayer = None,
     pdrop_layers: opt.PdropLayers = None,
     pdrop_keep: opt.PdropKeep = None,
+    vit_prune: opt.VitPrune = None,
+    vit_prune_thumbnail: opt.VitPruneThumbnail = None,
     max_new_tokens: opt.MaxNewTokens = None,
     temperature: opt.Temperature = None,
     seed: opt.Seed = None,

@@ -87,6 +87,8 @@ SETTINGS: dict[str, Setting] = {
     "vtw_layer": Setting("int", "prune"),
     "pdrop_layers": Setting("ints", "prune"),
     "pdrop_keep": Setting("float", "prune"),
+    "vit_prune": Setting("float", "prune"),
+    "vit_prune_thumbnail": Setting("bool", "prune"),
     # input/output (ptp infer)
     "output": Setting("str", "cli"),
     "resume": Setting("bool", "cli"),
@@ -201,6 +203,13 @@ PdropLayers = Annotated[str | None, typer.Option(
     metavar="K1,K2,...", help="PyramidDrop stage ends, e.g. 6,12,18. [default: 1/4, 2/4, 3/4 of the layers]", rich_help_panel=_PRUNE)]
 PdropKeep = Annotated[float | None, typer.Option(
     help="Fraction each PyramidDrop stage keeps, in (0, 1]. [default: 0.5]", rich_help_panel=_PRUNE)]
+VitPrune = Annotated[float | None, typer.Option(
+    metavar="R", help="ptp, random, spatial: also prune inside the ViT: after --vit-layer drop this fraction of each "
+    "tile's 2x2 patch blocks and run the later ViT layers on the rest; in [0, --ratio], 0 = off. [default: 0]",
+    rich_help_panel=_PRUNE)]
+VitPruneThumbnail = Annotated[bool | None, typer.Option(
+    "--vit-prune-thumbnail/--no-vit-prune-thumbnail", help="With --vit-prune: prune the thumbnail inside the ViT "
+    "too (off: it runs every ViT layer whole). [default: on]", rich_help_panel=_PRUNE)]
 Output = Annotated[str | None, typer.Option(
     "--output", "-o", metavar="FILE", help="Write rows to this file (truncated unless --resume) instead of stdout.",
     rich_help_panel=_IO)]

@@ -41,7 +41,8 @@ def plan_runs(base: PruneConfig, pipeline: Pipeline, methods: tuple[str, ...],
     """The grid's runs, with ``base`` (preset, alpha, layers, ...) under each method and ratio."""
     specs = []
     for method in methods:
-        per_ratio = [dataclasses.replace(base, method=method, ratio=r) for r in ratios]
+        vit_prune = base.vit_prune if method_class(method).prunes_in_vit else 0.0  # --vit-prune: where it applies
+        per_ratio = [dataclasses.replace(base, method=method, ratio=r, vit_prune=vit_prune) for r in ratios]
         per_ratio[0].validate(pipeline.cfg)  # a bad layer fails before any run starts
         if method_class(method).uses_ratio:
             specs += [RunSpec(f"{method}@{r:g}", p) for r, p in zip(ratios, per_ratio, strict=True)]
@@ -61,6 +62,14 @@ def ptp_variants(base: PruneConfig, ratios: tuple[float, ...], *, alphas: tuple[
         specs += [RunSpec(f"ptp@{r:g},uniform", dataclasses.replace(ptp, ratio=r, region_budgets=False))
                   for r in ratios]
     return specs
+
+
+def vit_prune_variants(base: PruneConfig, methods: tuple[str, ...], ratios: tuple[float, ...],
+                       vit_prunes: tuple[float, ...]) -> list[RunSpec]:
+    """Each method of the grid that can prune inside the ViT, at each ratio, once per ``--vit-prunes`` value
+    (those above the ratio are skipped; 0 is the grid's own run): ``ptp@0.5,vit=0.25``."""
+    return [RunSpec(f"{m}@{r:g},vit={v:g}", dataclasses.replace(base, method=m, ratio=r, vit_prune=v))
+            for m in methods if method_class(m).prunes_in_vit for r in ratios for v in vit_prunes if 0 < v <= r]
 
 
 def _count_records(path: Path) -> int:

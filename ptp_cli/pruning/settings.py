@@ -40,6 +40,10 @@ class PruneConfig:
     vtw_layer: int | None = None  # VTW's K_w: no visual token after layer K_w; None: num_layers // 2
     pdrop_layers: tuple[int, ...] | None = None  # PyramidDrop stage ends; None: 1/4, 2/4, 3/4 of the layers
     pdrop_keep: float = 0.5  # fraction of the remaining visual tokens each PyramidDrop stage keeps, in (0, 1]
+    # Stage 1 inside the ViT (ptp, random, spatial): after ViT layer vit_layer, drop this fraction of the 2x2 patch
+    # blocks (one block = one LLM token) and run the later ViT layers on the rest; in [0, ratio], 0: off
+    vit_prune: float = 0.0
+    vit_prune_thumbnail: bool = True  # stage 1 prunes the thumbnail too (False: it runs every ViT layer whole)
 
     def resolved_vtw_layer(self, model_cfg: ModelConfig) -> int:
         return model_cfg.llm.num_layers // 2 if self.vtw_layer is None else self.vtw_layer
@@ -61,16 +65,21 @@ class PruneConfig:
             raise UsageError("--no-token-score needs --alpha > 0 (nothing would rank the tokens)")
         if self.method == "ptp" and not self.use_token_score and self.alpha == limits.AUTO:
             raise UsageError(f"--no-token-score does not go with --alpha {limits.AUTO} (the rule weighs s against c)")
+        if self.vit_prune > 0 and not catalog.METHODS[self.method].capabilities.prunes_in_vit:
+            able = ", ".join(n for n, e in catalog.METHODS.items() if e.capabilities.prunes_in_vit)
+            raise UsageError(f"--vit-prune goes with --method {able}, not {self.method}")
+        if self.vit_prune > self.ratio:
+            raise UsageError(f"--vit-prune must be at most --ratio ({self.ratio:g}), got {self.vit_prune:g}")
         return self
 
     def check_layers(self, model_cfg: ModelConfig) -> PruneConfig:
         """The layer indices against the model's depth (only its config is needed). Return self."""
         # Layer indices depend on the model; each is checked for the method that uses it.
         vit_layers, llm_layers = model_cfg.vision.num_layers, model_cfg.llm.num_layers
-        if self.method == "ptp":
+        if self.method == "ptp" or self.vit_prune > 0:
             if not 0 <= self.vit_layer < vit_layers:
                 raise UsageError(f"--vit-layer must be in [0, {vit_layers - 1}] for this model, got {self.vit_layer}")
-            if not 0 <= self.llm_layer < llm_layers:
+            if self.method == "ptp" and not 0 <= self.llm_layer < llm_layers:
                 raise UsageError(f"--llm-layer must be in [0, {llm_layers - 1}] for this model, got {self.llm_layer}")
         # A drop "after layer K" needs a layer on either side: 1 <= K <= num_layers - 1.
         last = llm_layers - 1
