@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from PIL import Image
 
 from ptp_cli import flops as F
 from ptp_cli.engine import Engine
-from ptp_cli.models.internvl import pixel_shuffle
+from ptp_cli.models.internvl import InternVLModel, pixel_shuffle
 from ptp_cli.pruning import PruneConfig, make_method
 from ptp_cli.pruning.base import VisualContext
 from ptp_cli.pruning.budgets import keep_count
@@ -63,7 +64,7 @@ def _reference_vit(model, pix: torch.Tensor, *, layer: int, kept: list[torch.Ten
     allowed[:, 0] = True
     for u, k in enumerate(kept):
         for tok in k.tolist():
-            i, j = divmod(tok, 16)
+            i, j = divmod(tok, 16) if model.cfg.ps_version == "v2" else divmod(tok, 16)[::-1]  # v1: column-major
             for a in (0, 1):
                 for b in (0, 1):
                     allowed[u, 1 + 32 * (2 * i + a) + 2 * j + b] = True
@@ -73,6 +74,8 @@ def _reference_vit(model, pix: torch.Tensor, *, layer: int, kept: list[torch.Ten
         att = blk.attn
         h = blk.norm1(x)
         q, k, v = att.qkv(h).split(c, dim=-1)
+        if att.qk_norm:
+            q, k = att.q_norm(q), att.k_norm(k)
         q, k, v = (z.view(t, 1025, att.num_heads, att.head_dim).transpose(1, 2) for z in (q, k, v))
         logits = (q @ k.transpose(-1, -2)) * att.head_dim**-0.5  # [T, H, 1025, 1025]
         if n > layer:
@@ -80,7 +83,7 @@ def _reference_vit(model, pix: torch.Tensor, *, layer: int, kept: list[torch.Ten
         a = (logits.softmax(-1) @ v).transpose(1, 2).reshape(t, 1025, c)
         x = x + att.proj(a) * blk.ls1
         x = x + blk.mlp(blk.norm2(x)) * blk.ls2
-    merged = pixel_shuffle(x[:, 1:].reshape(t, 32, 32, c))
+    merged = pixel_shuffle(x[:, 1:].reshape(t, 32, 32, c), version=model.cfg.ps_version)
     return model.mlp1(merged.flatten(1, 2)), x[:, 0]
 
 
@@ -94,13 +97,27 @@ def _requests(tiles: tuple[int, ...], *, max_new_tokens: int = 3):
             for n, t in enumerate(tiles)]
 
 
+def _variant_model() -> InternVLModel:
+    """InternViT-6B's options on the tiny model: qk-norm, RMSNorm, and the early (v1, transposed) pixel shuffle."""
+    cfg = replace(CFG, vision=replace(CFG.vision, qk_norm=True, norm_type="rms_norm"), ps_version="v1")
+    model = InternVLModel(cfg)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            torch.nn.init.normal_(p, std=0.2, generator=gen)
+    return model.eval()
+
+
 @pytest.mark.parametrize("method", ["ptp", pytest.param("random", marks=pytest.mark.slow),
-                                    pytest.param("spatial", marks=pytest.mark.slow)])
+                                    pytest.param("spatial", marks=pytest.mark.slow),
+                                    pytest.param("variant", marks=pytest.mark.slow)])
 @torch.inference_mode()
 def test_pruned_vit_equals_a_masked_full_reference(model, method: str) -> None:
     layer = 4
+    if method == "variant":
+        model, method = _variant_model(), "ptp"
     cfg = PruneConfig(method=method, ratio=0.6, vit_prune=0.4, vit_layer=layer, vit_prune_thumbnail=False)
-    engine = Engine(model, image_token_id=IMG, method=make_method(cfg, CFG))
+    engine = Engine(model, image_token_id=IMG, method=make_method(cfg, model.cfg))
     reqs = _requests((2,))
     visual = engine.encode_images(reqs)
     assert visual.available is not None
