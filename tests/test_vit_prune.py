@@ -324,3 +324,27 @@ def test_methods_lists_vit_prune() -> None:
     assert data["presets"]["default"]["vit_prune"] == 0.0
 
 
+
+
+# ------------------------------------------------------------------------------------------------ grids
+
+
+def test_bench_and_eval_grids_add_vit_prune_rows() -> None:
+    from ptp_cli.bench.config import BenchConfig
+    from ptp_cli.bench.run import row_plan
+    from ptp_cli.eval.grid import vit_prune_variants
+
+    bench = BenchConfig(model="tiny", methods=("ptp", "fastv", "random"), ratios=(0.5,), vit_prunes=(0.25, 0.75))
+    plan = dict(row_plan(bench, CFG))
+    assert list(plan) == ["none", "ptp@0.5", "ptp@0.5,vit=0.25", "fastv@0.5", "random@0.5", "random@0.5,vit=0.25"]
+    assert plan["ptp@0.5,vit=0.25"].vit_prune == 0.25 and plan["ptp@0.5"].vit_prune == 0.0
+    specs = vit_prune_variants(PruneConfig(alpha=0.2), ("none", "ptp", "spatial"), (0.5, 0.75), (0.5,))
+    assert [s.name for s in specs] == ["ptp@0.5,vit=0.5", "ptp@0.75,vit=0.5", "spatial@0.5,vit=0.5",
+                                       "spatial@0.75,vit=0.5"]
+    assert all(s.prune.alpha == 0.2 and s.prune.vit_prune == 0.5 for s in specs)
+
+
+def test_eval_vit_prunes_usage_error(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "gold.jsonl", [{"id": "a", "image": "x.png", "question": "q", "answer": "a"}])
+    done = ptp("eval", "gold.jsonl", "--model", "tiny", "--out-dir", "o", "--vit-prunes", "0.5,2", cwd=tmp_path)
+    assert done.returncode == 2 and "--vit-prunes" in error_line(done.stderr)
