@@ -195,6 +195,11 @@ _TABLE: tuple[Setting, ...] = (
        default_text="1/4, 2/4, 3/4 of the layers"),
     _s("pdrop_keep", "float", 0.5, "Fraction each PyramidDrop stage keeps, in (0, 1].", PRUNING, "prune",
        rule=Rule(lambda v: 0.0 < v <= 1.0, "must be in (0, 1]")),
+    _s("vit_prune", "float", 0.0, "ptp, random, spatial: also prune inside the ViT: after --vit-layer drop this "
+       "fraction of each tile's 2x2 patch blocks and run the later ViT layers on the rest; in [0, --ratio], 0 = off.",
+       PRUNING, "prune", rule=Rule(lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"), metavar="R", default_text="0"),
+    _s("vit_prune_thumbnail", "bool", True, "With --vit-prune: prune the thumbnail inside the ViT too (off: it runs "
+       "every ViT layer whole).", PRUNING, "prune"),
     # --- input and output (ptp infer)
     _s("output", "str", None, "Write rows to this file (truncated unless --resume) instead of stdout.", IO, "cli",
        metavar="FILE", short="-o", default_text="stdout", commands=(INFER,)),

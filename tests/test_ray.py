@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import sys
@@ -142,3 +143,12 @@ def test_cli_ray_resumes_a_partial_output_to_the_one_process_file(ptp_home, reco
     assert [r["line"] for r in got] == [r["line"] for r in expected]  # each line once, in order
     assert [essentials(r) for r in got] == [essentials(r) for r in expected]
     assert all(r["settings"] == expected[0]["settings"] for r in got)
+
+
+@pytest.mark.slow  # a second model load per actor
+def test_ray_with_vit_prune_equals_one_process(local_ray, records_file):
+    config = dataclasses.replace(CONFIG, prune=PruneConfig(ratio=0.5, vit_prune=0.25))
+    expected = list(Pipeline.load(config).infer(iter_records(records_file)))
+    got = list(run_ray(iter_lines(records_file), config, image_root=default_root(records_file), actors=2))
+    assert [essentials(r) for _, r in got] == [essentials(r) for r in expected]
+    assert all(r["pruning"]["vit_kept_per_tile"] for _, r in got if not r.get("error"))

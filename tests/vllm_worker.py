@@ -19,8 +19,8 @@ from ptp_cli.pruning import PruneConfig, make_method
 from ptp_cli.run.pipeline import Pipeline, RunConfig
 from ptp_cli.run.vllm_engine import VLLMEngine, VLLMGenerator, free_unused_layers
 
-RUNS = [("none", 0.0), ("ptp", 0.0), ("ptp", 0.5), ("ptp", 0.75), ("random", 0.5), ("random", 0.75),
-        ("spatial", 0.5), ("spatial", 0.75)]
+RUNS = [("none", 0.0, 0.0), ("ptp", 0.0, 0.0), ("ptp", 0.5, 0.0), ("ptp", 0.75, 0.0), ("random", 0.5, 0.0),
+        ("random", 0.75, 0.0), ("spatial", 0.5, 0.0), ("spatial", 0.75, 0.0), ("ptp", 0.5, 0.25)]  # last: --vit-prune
 
 
 def essence(row: dict) -> dict:
@@ -44,8 +44,8 @@ def main() -> None:
         generator = VLLMGenerator(loaded.model, view_dir=Path(cache) / "view", enforce_eager=True,
                                   kv_cache_bytes=a.kv_cache_bytes)
         out = {"max_model_len": generator.max_model_len, "runs": []}
-        for method, ratio in RUNS:
-            config = dataclasses.replace(base, prune=PruneConfig(method=method, ratio=ratio))
+        for method, ratio, vit_prune in RUNS:
+            config = dataclasses.replace(base, prune=PruneConfig(method=method, ratio=ratio, vit_prune=vit_prune))
             ours = Pipeline(loaded, config)
             theirs = Pipeline(loaded, dataclasses.replace(config, engine="vllm"), engine=VLLMEngine(
                 loaded.model, image_token_id=loaded.image_token_id, method=make_method(config.prune, loaded.cfg),

@@ -25,6 +25,7 @@ class BenchConfig:
     question_tokens: int = 32  # synthetic question length (the instruction span)
     methods: tuple[str, ...] | None = None  # pruning methods; None: every registered one but "none"
     ratios: tuple[float, ...] = (0.5, 0.75)  # pruned fractions (one row only for methods that ignore it)
+    vit_prunes: tuple[float, ...] = ()  # also each method that can, at each ratio, with these --vit-prune values
     warmup: int = 1  # untimed runs per row
     repeats: int = 5  # timed runs per row
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
@@ -97,12 +98,12 @@ def parse_methods(text: str) -> tuple[str, ...]:
     return names
 
 
-def parse_ratios(text: str) -> tuple[float, ...]:
+def parse_ratios(text: str, *, option: str = "--ratios") -> tuple[float, ...]:
     """'0.5,0.75' -> (0.5, 0.75)."""
     try:
         ratios = tuple(float(r) for r in text.split(",") if r.strip())
     except ValueError:
-        raise UsageError(f"--ratios must be comma-separated numbers in [0, 1), got {text!r}") from None
+        raise UsageError(f"{option} must be comma-separated numbers in [0, 1), got {text!r}") from None
     if not ratios or not all(0.0 <= r < 1.0 for r in ratios):
-        raise UsageError(f"--ratios must be comma-separated numbers in [0, 1), got {text!r}")
+        raise UsageError(f"{option} must be comma-separated numbers in [0, 1), got {text!r}")
     return tuple(dict.fromkeys(ratios))

@@ -55,7 +55,7 @@ FULL_SIZE_PARAMS = 100_000_000  # from here on a model is "full-size": hours per
 def row_plan(config: BenchConfig, cfg: ModelConfig) -> list[tuple[str, PruneConfig]]:
     """(row name, settings) of every ptp row: none, then each method at each ratio (once if it ignores it)."""
     return [("none", PruneConfig(method="none")),
-            *plan_grid(PruneConfig(), config.resolved_methods(), config.ratios, cfg)]
+            *plan_grid(PruneConfig(), config.resolved_methods(), config.ratios, cfg, vit_prunes=config.vit_prunes)]
 
 
 @dataclass(frozen=True)

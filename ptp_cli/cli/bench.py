@@ -27,6 +27,9 @@ def bench_command(
     methods: Annotated[str | None, typer.Option(
         metavar="A,B,C", help="Comma-separated pruning methods, e.g. ptp,fastv. [default: all registered]")] = None,
     ratios: Annotated[str, typer.Option(metavar="R1,R2,...", help="Comma-separated pruned fractions.")] = "0.5,0.75",
+    vit_prunes: Annotated[str | None, typer.Option(
+        metavar="R1,R2,...", help="Also ptp, random and spatial (those in --methods) at each ratio with each of these "
+        "--vit-prune values (pruning inside the ViT; values above the ratio skipped): rows 'ptp@0.5,vit=0.25'.")] = None,
     warmup: Annotated[int, typer.Option(help="Untimed runs per row.")] = 1,
     repeats: Annotated[int, typer.Option(help="Timed runs per row (median and min/max reported).")] = 5,
     dtype: Annotated[str, typer.Option(metavar="NAME", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16.")] = "auto",
@@ -50,6 +53,7 @@ def bench_command(
         model=model, shape=shape, image_size=bench.parse_image_size(image_size), max_tiles=max_tiles,
         batch_size=batch_size, new_tokens=new_tokens, question_tokens=question_tokens,
         methods=bench.parse_methods(methods) if methods is not None else None, ratios=bench.parse_ratios(ratios),
+        vit_prunes=bench.parse_ratios(vit_prunes, option="--vit-prunes") if vit_prunes is not None else (),
         warmup=warmup, repeats=repeats, dtype=dtype, device=device, peer=peer, seed=seed, engine=engine,
     ).validate()
     if json_out is not None and json_out.is_dir():

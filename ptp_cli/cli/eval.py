@@ -64,22 +64,37 @@ def parse_alphas(text: str | None) -> tuple[float | str, ...]:
     return tuple(dict.fromkeys(values))
 
 
+def parse_vit_prunes(text: str | None) -> tuple[float, ...]:
+    """``"0.25,0.5"`` -> (0.25, 0.5); UsageError unless every value is a number in [0, 1)."""
+    if text is None:
+        return ()
+    try:
+        values = tuple(dict.fromkeys(float(v) for v in text.split(",") if v.strip()))
+    except ValueError:
+        values = ()
+    if not values or not all(0.0 <= v < 1.0 for v in values):
+        raise UsageError(f"--vit-prunes must be comma-separated numbers in [0, 1), got {text!r}")
+    return values
+
+
 def _grid_runs(gold: Path, resolved: opt.Resolved, *, methods: str, ratios: str, out_dir: Path | None,
-               log: Log, alphas: str | None = None, ablations: bool = False) -> list[tuple[str, Path]]:
+               log: Log, alphas: str | None = None, ablations: bool = False,
+               vit_prunes: str | None = None) -> list[tuple[str, Path]]:
     if out_dir is None:
         raise UsageError("running models needs --out-dir DIR: each run's predictions are kept there "
                          "(one JSONL per run), so an interrupted grid continues where it stopped")
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--out-dir {out_dir} is a file")
     names, values = parse_grid(methods, ratios)
+    stage1 = parse_vit_prunes(vit_prunes)
     alpha_values = parse_alphas(alphas)
     config = opt.run_config(resolved)
     from ptp_cli.eval.grid import ptp_variants, run_grid
 
     extra = tuple(ptp_variants(config.prune, values, alphas=alpha_values, ablations=ablations))
     try:
-        return [(spec.name, path) for spec, path in
-                run_grid(gold, config, methods=names, ratios=values, out_dir=out_dir, extra=extra, log=log)]
+        return [(spec.name, path) for spec, path in run_grid(gold, config, methods=names, ratios=values,
+                                                             out_dir=out_dir, extra=extra, vit_prunes=stage1, log=log)]
     except UsageError as e:
         raise resolved.explain(e) from None
 
@@ -101,6 +116,9 @@ def eval_command(
         metavar="A1,A2,...", help="Also PTP at each ratio with each of these alphas, comma-separated (0: s only, 1: c only, auto).")] = None,
     ablations: Annotated[bool, typer.Option(
         "--ablations", help="Also PTP at each ratio with uniform region budgets.")] = False,
+    vit_prunes: Annotated[str | None, typer.Option(
+        metavar="R1,R2,...", help="Also each of ptp, random and spatial in --methods at each ratio with each of "
+        "these --vit-prune values (those above the ratio skipped), comma-separated.")] = None,
     metric: Annotated[str | None, typer.Option(
         metavar="NAME", help="Metric of records that name none: exact, vqa, anls, relaxed, mc or yesno. [default: inferred]")] = None,
     by: Annotated[str | None, typer.Option(metavar="FIELD", help="Also score per value of this gold field (e.g. type).")] = None,
@@ -127,7 +145,8 @@ def eval_command(
         _check_output(path, option)
     if predictions:
         grid_given = [flag for flag, v in (("--methods", methods), ("--ratios", ratios), ("--out-dir", out_dir),
-                                           ("--alphas", alphas), ("--ablations", ablations or None)) if v is not None]
+                                           ("--alphas", alphas), ("--ablations", ablations or None),
+                                           ("--vit-prunes", vit_prunes)) if v is not None]
         grid_given += [SETTINGS[n].flag for n, source in resolved.sources.items()
                        if source == opt.COMMAND_LINE and n != "quiet"]
         if grid_given:
@@ -136,7 +155,7 @@ def eval_command(
     else:
         try:
             runs = _grid_runs(gold, resolved, methods=methods or "none,ptp", ratios=ratios or "0.5",
-                              out_dir=out_dir, log=log, alphas=alphas, ablations=ablations)
+                              out_dir=out_dir, log=log, alphas=alphas, ablations=ablations, vit_prunes=vit_prunes)
         except KeyboardInterrupt:
             log("interrupted; run the same command again to continue where it stopped")
             raise typer.Exit(EXIT_INTERRUPTED) from None

@@ -25,12 +25,15 @@ def methods_command(
     option = {s.field_name: n for n, s in SETTINGS.items() if s.target == "prune"}  # field -> option name
     methods = {name: entry.summary for name, entry in sorted(METHODS.items())}
     presets = {name: {option.get(k, k): v for k, v in dataclasses.asdict(cfg).items()} for name, cfg in PRESETS.items()}
+    in_vit = [name for name, entry in sorted(METHODS.items()) if entry.capabilities.prunes_in_vit]
     if as_json:
-        typer.echo(json.dumps({"methods": methods, "presets": presets}, indent=2))
+        typer.echo(json.dumps({"methods": methods, "vit_prune": in_vit, "presets": presets}, indent=2))
         return
     width = max(map(len, [*methods, *presets]))
     lines = ["Pruning methods (--method NAME):"]
     lines += [f"  {name:<{width}}  {text}" for name, text in methods.items()]
+    lines += ["", f"Also inside the ViT (--vit-prune R: after --vit-layer, drop a fraction R of each tile's 2x2 patch "
+              f"blocks, then prune the survivors to --ratio): {', '.join(in_vit)}"]
     lines += ["", "Presets (--preset NAME; options given explicitly win; 'auto': set from the model's depth):"]
     default = presets.get("default", {})
     for name, settings in presets.items():

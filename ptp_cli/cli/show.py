@@ -117,7 +117,8 @@ def show_command(
     """Draw which visual tokens a ptp infer --kept row kept, over its image (no model is needed).
 
     The image as the model saw it: its tiles and thumbnail, every visual token a 28 px cell, kept tokens clear
-    and dropped ones dimmed, each tile labelled with its budget, the question and answer below.
+    and dropped ones dimmed, each tile labelled with its budget, the question and answer below. A --vit-prune row
+    shows both stages: dark, dropped inside the ViT; blue, dropped after it.
     """
     if (output is None) == (out_dir is None):
         raise UsageError("give -o FILE.png (one record) or --out-dir DIR (every record)")

@@ -37,10 +37,12 @@ class RunSpec:
     prune: PruneConfig  # the run's pruning settings
 
 
-def plan_runs(base: PruneConfig, pipeline: Pipeline, methods: tuple[str, ...],
-              ratios: tuple[float, ...]) -> list[RunSpec]:
-    """The grid's runs, with ``base`` (preset, alpha, layers, ...) under each method and ratio."""
-    return [RunSpec(name, prune) for name, prune in plan_grid(base, methods, ratios, pipeline.cfg)]
+def plan_runs(base: PruneConfig, pipeline: Pipeline, methods: tuple[str, ...], ratios: tuple[float, ...], *,
+              vit_prunes: tuple[float, ...] = ()) -> list[RunSpec]:
+    """The grid's runs, with ``base`` (preset, alpha, layers, ...) under each method and ratio, and each
+    ``--vit-prunes`` value for the methods that prune inside the ViT (``ptp@0.5,vit=0.25``)."""
+    return [RunSpec(name, prune) for name, prune in plan_grid(base, methods, ratios, pipeline.cfg,
+                                                              vit_prunes=vit_prunes)]
 
 
 def ptp_variants(base: PruneConfig, ratios: tuple[float, ...], *, alphas: tuple[float | str, ...] = (),
@@ -115,6 +117,7 @@ def run_grid(
     ratios: tuple[float, ...],
     out_dir: str | Path,
     extra: tuple[RunSpec, ...] = (),
+    vit_prunes: tuple[float, ...] = (),
     log: Callable[[str], None] = lambda _msg: None,
 ) -> Iterator[tuple[RunSpec, Path]]:
     """Run the grid (loading the model once) and yield each run with its predictions file as it finishes.
@@ -125,7 +128,7 @@ def run_grid(
     out_dir.mkdir(parents=True, exist_ok=True)
     # The first pipeline only loads the model and plans: vLLM, if asked for, starts once below for every run.
     first = Pipeline.load(dataclasses.replace(config, engine="ptp", prune=dataclasses.replace(config.prune, method="none")))
-    specs = plan_runs(config.prune, first, methods, ratios) + list(extra)
+    specs = plan_runs(config.prune, first, methods, ratios, vit_prunes=vit_prunes) + list(extra)
     for spec in extra:  # the grid's own runs are valid by construction; these are checked before any runs
         spec.prune.check_layers(first.cfg)
     cache = VisionCache()  # every run reads the same images: the ViT runs once per image and score layer

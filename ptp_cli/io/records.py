@@ -51,6 +51,7 @@ OUTPUT_FIELDS: frozenset[str] = frozenset(
         "answer",
         "finish_reason",
         "kept",
+        "vit_kept",
         "record",
         "error",
         "tokens",

@@ -11,7 +11,9 @@ own overrides), so no model is needed; the row's tile count must agree. Layout, 
 - below, a caption: the record's id and method, then the question and the answer, wrapped.
 
 Kept cells are the tile's own pixels; dropped cells are blended towards ``DIM_COLOUR`` (``DIM_KEEP`` of the
-pixel stays).
+pixel stays). A row of two-stage pruning (``--vit-prune``, its ``vit_kept``) tells the stages apart: cells the ViT
+dropped are dimmed as above, cells that survived the ViT but not the final choice are tinted ``STAGE2_COLOUR``
+(``STAGE2_KEEP`` of the pixel stays), and each label gives both counts.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ LABEL_H = 26
 CAPTION_LINE_H = 24
 DIM_KEEP = 0.25
 DIM_COLOUR = (24, 24, 24)
+STAGE2_KEEP = 0.45
+STAGE2_COLOUR = (30, 80, 200)
 _FONT_SIZE = 18
 
 
@@ -109,37 +113,54 @@ def render(
     title: str = "",
     question: str = "",
     answer: str = "",
+    vit_kept: Sequence[int] | None = None,
 ) -> Image.Image:
-    """The picture of one record: tiles in place, kept tokens clear, dropped ones dimmed, a caption below."""
+    """The picture of one record: tiles in place, kept tokens clear, dropped ones dimmed, a caption below.
+    ``vit_kept``: the tokens the ViT kept (stage 1 of ``--vit-prune``); those dropped after it are tinted."""
     layout = layout_for(image, tiling, tiles=tiles)
     per_tile = SIDE * SIDE
     n_visual = layout.num_tiles * per_tile
-    keep = np.zeros(n_visual, dtype=bool)
-    idx = np.asarray(list(kept), dtype=np.int64)
-    if idx.size and (idx.min() < 0 or idx.max() >= n_visual):
-        raise ValueError(f"kept indices must be in [0, {n_visual}) for {layout.num_tiles} tiles")
-    keep[idx] = True
+    keep, survived = _mask(kept, n_visual, "kept"), _mask(vit_kept, n_visual, "vit_kept")
+    if vit_kept is not None and (keep & ~survived).any():
+        raise ValueError("kept indices must be a subset of vit_kept (the final choice is among the ViT's survivors)")
     width, grid_h = layout.grid_size
-    caption = _caption([title, f"Q: {question}", f"A: {answer}"], width)
+    legend = ["dark: dropped inside the ViT; blue: dropped before the LLM"] if vit_kept is not None else []
+    caption = _caption([title, *legend, f"Q: {question}", f"A: {answer}"], width)
     canvas = Image.new("RGB", (width, grid_h + len(caption) * CAPTION_LINE_H + MARGIN), "white")
     draw = ImageDraw.Draw(canvas)
     font = _font(_FONT_SIZE)
     sources = dynamic_tiles(image, min_tiles=tiling.min_tiles, max_tiles=tiling.max_tiles, image_size=TILE,
                             use_thumbnail=layout.thumbnail)
-    dim = np.asarray(DIM_COLOUR, dtype=np.float32)
+    dim, tint = np.asarray(DIM_COLOUR, dtype=np.float32), np.asarray(STAGE2_COLOUR, dtype=np.float32)
     for t, tile in enumerate(sources):
         pixels = np.asarray(tile, dtype=np.float32)  # [448, 448, 3]
         mask = keep[t * per_tile:(t + 1) * per_tile].reshape(SIDE, SIDE)
-        cells = np.kron(~mask, np.ones((CELL, CELL), dtype=bool))[..., None]  # [448, 448, 1]: dropped pixels
+        alive = survived[t * per_tile:(t + 1) * per_tile].reshape(SIDE, SIDE)
+        cells = np.kron(~alive, np.ones((CELL, CELL), dtype=bool))[..., None]  # [448, 448, 1]: dropped in the ViT
+        later = np.kron(alive & ~mask, np.ones((CELL, CELL), dtype=bool))[..., None]  # dropped after the ViT
         shown = np.where(cells, DIM_KEEP * pixels + (1 - DIM_KEEP) * dim, pixels)
+        shown = np.where(later, STAGE2_KEEP * pixels + (1 - STAGE2_KEEP) * tint, shown)
         x, y = layout.origin(t)
         canvas.paste(Image.fromarray(np.rint(shown).astype(np.uint8)), (x, y))
         name = "thumbnail" if layout.thumbnail and t == layout.num_tiles - 1 else f"tile {t + 1}"
-        draw.text((x, y - LABEL_H // 2), f"{name}: {int(mask.sum())}/{per_tile} kept", fill="black", font=font,
-                  anchor="lm")
+        stage1 = f" (ViT kept {int(alive.sum())})" if vit_kept is not None else ""
+        draw.text((x, y - LABEL_H // 2), f"{name}: {int(mask.sum())}/{per_tile} kept{stage1}", fill="black",
+                  font=font, anchor="lm")
     for i, line in enumerate(caption):
         draw.text((MARGIN, grid_h + i * CAPTION_LINE_H), line, fill="black", font=font)
     return canvas
+
+
+def _mask(indices: Sequence[int] | None, n_visual: int, name: str) -> np.ndarray:
+    """[n_visual] True at ``indices`` (None: every token)."""
+    if indices is None:
+        return np.ones(n_visual, dtype=bool)
+    out = np.zeros(n_visual, dtype=bool)
+    idx = np.asarray(list(indices), dtype=np.int64)
+    if idx.size and (idx.min() < 0 or idx.max() >= n_visual):
+        raise ValueError(f"{name} indices must be in [0, {n_visual}) for {n_visual // (SIDE * SIDE)} tiles")
+    out[idx] = True
+    return out
 
 
 def kept_of(row: Mapping[str, Any]) -> list[int]:
@@ -159,6 +180,8 @@ def title_of(row: Mapping[str, Any], kept: Sequence[int]) -> str:
     settings = row.get("settings") or {}
     method = settings.get("method") or row.get("method") or "?"
     ratio = f" ratio {settings['ratio']:g}" if isinstance(settings.get("ratio"), int | float) else ""
+    if isinstance(settings.get("vit_prune"), int | float):
+        ratio += f", ViT {settings['vit_prune']:g}"
     total = (row.get("tokens") or {}).get("visual_before")
     of = f" of {total}" if total else ""
     return f"{row.get('id')} | {method}{ratio} | {len(kept)}{of} visual tokens kept"
@@ -170,5 +193,7 @@ def render_row(row: Mapping[str, Any], record: Record) -> Image.Image:
     tiling = tiling_for(row, record.overrides)
     image = load_image(record.image)
     tiles = (row.get("tokens") or {}).get("tiles")
+    vit_kept = row.get("vit_kept")
     return render(image, kept, tiling=tiling, tiles=tiles if isinstance(tiles, int) else None,
-                  title=title_of(row, kept), question=record.question, answer=str(row.get("answer", "")))
+                  title=title_of(row, kept), question=record.question, answer=str(row.get("answer", "")),
+                  vit_kept=[int(k) for k in vit_kept] if isinstance(vit_kept, list) else None)

@@ -66,18 +66,24 @@ class VisionAttention(nn.Module):
             self.q_norm = RMSNorm(c, cfg.norm_eps)
             self.k_norm = RMSNorm(c, cfg.norm_eps)
 
-    def forward(self, x: torch.Tensor, *, cls_row: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, x: torch.Tensor, *, cls_row: bool = False, key_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x: [T, N, C]. With ``cls_row``, also the CLS query's attention probabilities per head, [T, H, N] in
-        fp32 -- computed from q of CLS alone, never the full matrix."""
+        fp32 -- computed from q of CLS alone, never the full matrix. ``key_mask`` [T, N]: the keys each tile's
+        queries may see (False: padding, or patches pruned away); None: every key."""
         t, n, c = x.shape
         q, k, v = self.qkv(x).split(c, dim=-1)  # each [T, N, C]
         if self.qk_norm:  # over the full width, before the head split (InternViT-6B)
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (z.view(t, n, self.num_heads, self.head_dim).transpose(1, 2) for z in (q, k, v))  # [T, H, N, hd]
-        out = F.scaled_dot_product_attention(q, k, v)  # [T, H, N, hd]
+        mask = None if key_mask is None else key_mask[:, None, None, :]  # [T, 1, 1, N], broadcast over heads, queries
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [T, H, N, hd]
         row = None
         if cls_row:
             logits = (q[:, :, :1].float() @ k.float().transpose(-1, -2)) * self.head_dim**-0.5  # [T, H, 1, N]
+            if mask is not None:
+                logits = logits.masked_fill(~mask, float("-inf"))
             row = logits.softmax(-1)[:, :, 0]  # [T, H, N]
         return self.proj(out.transpose(1, 2).reshape(t, n, c)), row
 
@@ -105,8 +111,10 @@ class VisionLayer(nn.Module):
         self.mlp = VisionMLP(cfg)
         self.ls2 = nn.Parameter(torch.ones(c))
 
-    def forward(self, x: torch.Tensor, *, cls_row: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        a, row = self.attn(self.norm1(x), cls_row=cls_row)
+    def forward(
+        self, x: torch.Tensor, *, cls_row: bool = False, key_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        a, row = self.attn(self.norm1(x), cls_row=cls_row, key_mask=key_mask)
         x = x + a * self.ls1
         x = x + self.mlp(self.norm2(x)) * self.ls2
         return x, row
@@ -140,14 +148,30 @@ class InternViT(nn.Module):
         cls_attn_layer: int | None = None,
     ) -> ViTOutput:
         """pixel_values [T, 3, 448, 448]. ``cls_attn_layer`` (0-based) asks for the CLS attention row there."""
-        n_layers = len(self.encoder.layers)
-        select = select_layer % n_layers
         x = self.embeddings(pixel_values)
-        selected, row = x, None
-        for i, layer in enumerate(self.encoder.layers):
-            x, r = layer(x, cls_row=i == cls_attn_layer)
+        x, selected, row = self.run_layers(x, select_layer=select_layer, cls_attn_layer=cls_attn_layer)
+        return ViTOutput(hidden=x if selected is None else selected, cls=x[:, 0], cls_attn=row)
+
+    def run_layers(
+        self,
+        x: torch.Tensor,
+        *,
+        start: int = 0,
+        end: int | None = None,
+        select_layer: int = -1,
+        cls_attn_layer: int | None = None,
+        key_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Encoder layers start..end-1 on x [T, N, C] (CLS first). Returns the output, the output of layer
+        ``select_layer`` when it ran (else None) and the CLS -> patch row [T, H, N - 1] at ``cls_attn_layer`` when
+        it ran (else None). ``key_mask`` [T, N] hides keys from every query (see ``VisionAttention``)."""
+        n_layers = len(self.encoder.layers)
+        select, end = select_layer % n_layers, n_layers if end is None else end
+        selected, row = None, None
+        for i in range(start, end):
+            x, r = self.encoder.layers[i](x, cls_row=i == cls_attn_layer, key_mask=key_mask)
             if r is not None:
-                row = r[:, :, 1:]  # keys: drop CLS itself, keep the 1024 patches
+                row = r[:, :, 1:]  # keys: drop CLS itself, keep the patches
             if i == select:
                 selected = x
-        return ViTOutput(hidden=selected, cls=x[:, 0], cls_attn=row)
+        return x, selected, row

@@ -39,6 +39,9 @@ class VisualContext:
     token_scores: list[torch.Tensor] | None  # [T_i, 256] CLS->patch attention at the ViT score layer, pooled
     instruction_scores: list[torch.Tensor] | None  # [T_i * 256] probe scores of the visual tokens
     seeds: list[int]  # per-sample seed (random baseline)
+    # Per sample, the tokens that survived pruning inside the ViT (sorted indices in [0, T_i * 256); None: all);
+    # ``select`` keeps a subset of them. With stage 1, cls and token_scores come from the pruned ViT's layers.
+    available: list[torch.Tensor | None] | None = None
     # Per sample, what the method reports about its choice (PTP: the alpha used and its signals): ``select``
     # may fill these dicts; the engine returns them in ``Result.pruning`` and the pipeline writes them to the
     # row under "pruning". Empty dicts (one per sample) unless given.
@@ -72,6 +75,7 @@ class PruningMethod:
     needs_vit_scores: ClassVar[bool] = False  # may ask for the ViT's CLS attention (``vit_score_layer``)
     needs_probe: ClassVar[bool] = False  # may ask for the instruction probe (``probe_layer``)
     prunes_in_llm: ClassVar[bool] = False  # drops tokens between LLM layers (``drop_layers``, ``after_layer``)
+    prunes_in_vit: ClassVar[bool] = False  # can drop patch blocks inside the ViT (``vit_prune_layer``, ``vit_select``)
 
     @classmethod
     def build(cls, cfg: PruneConfig, model_cfg: ModelConfig) -> PruningMethod:
@@ -99,6 +103,15 @@ class PruningMethod:
 
         May also record what it decided per sample in ``ctx.notes[i]`` (JSON-ready values)."""
         return [None] * len(ctx.tiles)
+
+    def vit_prune_layer(self) -> int | None:
+        """ViT layer after which ``vit_select`` drops patch blocks (later layers run on the rest), or None."""
+        return None
+
+    def vit_select(self, ctx: VisualContext) -> list[torch.Tensor]:
+        """Stage 1, per sample: the tokens (2x2 patch blocks) whose patches go on through the ViT, sorted indices
+        in [0, T_i*256). ``ctx`` holds the CLS embeddings and token scores of layer ``vit_prune_layer``."""
+        raise NotImplementedError(f"{self.name} does not prune inside the ViT")
 
     def drop_layers(self) -> frozenset[int]:
         """Layers j after which ``after_layer`` is called during prefill."""

@@ -23,6 +23,8 @@ class Capabilities:
     needs_probe: bool = False  # may run the instruction probe through the first LLM layers (``probe_layer``)
     prunes_in_llm: bool = False  # drops tokens between LLM layers during prefill (``drop_layers``, ``after_layer``),
     # so the engine runs the LLM layer by layer; False: it prunes before the LLM (``select``) or not at all
+    prunes_in_vit: bool = False  # can also drop patch blocks inside the ViT (--vit-prune: ``vit_prune_layer``,
+    # ``vit_select``), then choose its final tokens among the survivors
 
     @classmethod
     def of(cls, method: type) -> Capabilities:
@@ -45,11 +47,12 @@ METHODS: dict[str, MethodEntry] = {
     "none": MethodEntry("Every visual token reaches every layer.", "ptp_cli.pruning.base:NoPruning",
                         Capabilities(uses_ratio=False)),
     "ptp": MethodEntry("Score = (1 - alpha) * minmax(s) + alpha * minmax(c) per tile; keep the top b_i tokens of "
-                       "tile i.", "ptp_cli.pruning.ptp:PTP", Capabilities(needs_vit_scores=True, needs_probe=True)),
+                       "tile i.", "ptp_cli.pruning.ptp:PTP",
+                       Capabilities(needs_vit_scores=True, needs_probe=True, prunes_in_vit=True)),
     "random": MethodEntry("K = round((1 - ratio) * N) tokens uniformly at random over all tiles of the sample.",
-                          f"{_PRE_LLM}:RandomPruning", Capabilities()),
+                          f"{_PRE_LLM}:RandomPruning", Capabilities(prunes_in_vit=True)),
     "spatial": MethodEntry("Per tile, a regular grid of b_i tokens; b_i are PTP's budgets (CLS-similarity regions, "
-                           "or uniform).", f"{_PRE_LLM}:SpatialPruning", Capabilities()),
+                           "or uniform).", f"{_PRE_LLM}:SpatialPruning", Capabilities(prunes_in_vit=True)),
     "fastv": MethodEntry("After layer K_f, keep the (1 - ratio) visual tokens with the most mean attention received "
                          "at layer K_f - 1.", f"{_IN_LLM}:FastV", Capabilities(prunes_in_llm=True)),
     "vtw": MethodEntry("Visual Token Withdrawal: no visual token after layer K_w (default half the layers).",

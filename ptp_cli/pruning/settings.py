@@ -41,6 +41,10 @@ class PruneConfig:
     vtw_layer: int | None = default("vtw_layer")  # VTW's K_w: no visual token after layer K_w; None: half
     pdrop_layers: tuple[int, ...] | None = default("pdrop_layers")  # PyramidDrop stage ends; None: 1/4, 2/4, 3/4
     pdrop_keep: float = default("pdrop_keep")  # fraction of the remaining visual tokens each stage keeps
+    # Stage 1 inside the ViT (ptp, random, spatial): after ViT layer vit_layer, drop this fraction of the 2x2 patch
+    # blocks (one block = one LLM token) and run the later ViT layers on the rest; in [0, ratio], 0: off
+    vit_prune: float = default("vit_prune")
+    vit_prune_thumbnail: bool = default("vit_prune_thumbnail")  # stage 1 prunes the thumbnail too (False: whole)
 
     def __post_init__(self) -> None:
         """The one check of the settings that need no model: ranges, names, combinations."""
@@ -49,6 +53,11 @@ class PruneConfig:
             raise UsageError("--no-token-score needs --alpha > 0 (nothing would rank the tokens)")
         if self.method == "ptp" and not self.use_token_score and self.alpha == AUTO:
             raise UsageError(f"--no-token-score does not go with --alpha {AUTO} (the rule weighs s against c)")
+        if self.vit_prune > 0 and not catalog.METHODS[self.method].capabilities.prunes_in_vit:
+            able = ", ".join(n for n, e in catalog.METHODS.items() if e.capabilities.prunes_in_vit)
+            raise UsageError(f"--vit-prune goes with --method {able}, not {self.method}")
+        if self.vit_prune > self.ratio:
+            raise UsageError(f"--vit-prune must be at most --ratio ({self.ratio:g}), got {self.vit_prune:g}")
 
     def resolved_vtw_layer(self, model_cfg: ModelConfig) -> int:
         return model_cfg.llm.num_layers // 2 if self.vtw_layer is None else self.vtw_layer
@@ -61,10 +70,10 @@ class PruneConfig:
         """The layer indices against the model's depth (only its config is needed). Return self."""
         # Layer indices depend on the model; each is checked for the method that uses it.
         vit_layers, llm_layers = model_cfg.vision.num_layers, model_cfg.llm.num_layers
-        if self.method == "ptp":
+        if self.method == "ptp" or self.vit_prune > 0:
             if not 0 <= self.vit_layer < vit_layers:
                 raise UsageError(f"--vit-layer must be in [0, {vit_layers - 1}] for this model, got {self.vit_layer}")
-            if not 0 <= self.llm_layer < llm_layers:
+            if self.method == "ptp" and not 0 <= self.llm_layer < llm_layers:
                 raise UsageError(f"--llm-layer must be in [0, {llm_layers - 1}] for this model, got {self.llm_layer}")
         # A drop "after layer K" needs a layer on either side: 1 <= K <= num_layers - 1.
         last = llm_layers - 1
@@ -85,19 +94,25 @@ class PruneConfig:
 PRESETS: dict[str, PruneConfig] = {name: replace(PruneConfig(), **changes) for name, changes in catalog.PRESETS.items()}
 
 
-def plan_grid(base: PruneConfig, methods: tuple[str, ...], ratios: tuple[float, ...],
-              model_cfg: ModelConfig) -> list[tuple[str, PruneConfig]]:
+def plan_grid(base: PruneConfig, methods: tuple[str, ...], ratios: tuple[float, ...], model_cfg: ModelConfig, *,
+              vit_prunes: tuple[float, ...] = ()) -> list[tuple[str, PruneConfig]]:
     """The runs of a (method x ratio) grid over ``base``, as ``ptp eval`` and ``ptp bench`` both plan them:
-    ("ptp@0.5", settings) per ratio for a method that uses one, ("none", settings) once for one that does not.
-    Each method's settings are checked against the model before any run starts."""
+    ("ptp@0.5", settings) per ratio for a method that uses one, ("none", settings) once for one that does not,
+    and for a method that prunes inside the ViT, ("ptp@0.5,vit=0.25", settings) per value of ``vit_prunes`` up
+    to the ratio. Each method's settings are checked against the model before any run starts."""
     runs: list[tuple[str, PruneConfig]] = []
     for method in methods:
-        per_ratio = [replace(base, method=method, ratio=r) for r in ratios]
+        cls = catalog.method_class(method)
+        vit = base.vit_prune if cls.prunes_in_vit else 0.0  # --vit-prune applies where the method can
+        per_ratio = [replace(base, method=method, ratio=r, vit_prune=vit) for r in ratios]
         per_ratio[0].check_layers(model_cfg)  # a bad layer fails before anything runs or is built
-        if catalog.method_class(method).uses_ratio:
+        if cls.uses_ratio:
             runs += [(f"{method}@{r:g}", p) for r, p in zip(ratios, per_ratio, strict=True)]
         else:  # none, vtw, pdrop: the ratio changes nothing
             runs.append((method, per_ratio[0]))
+        if cls.prunes_in_vit:
+            runs += [(f"{method}@{r:g},vit={v:g}", replace(base, method=method, ratio=r, vit_prune=v))
+                     for r in ratios for v in vit_prunes if 0 < v <= r]
     return runs
 
 

@@ -26,6 +26,7 @@ from ptp_cli.pruning.scores import instruction_scores, vit_token_scores
 from ptp_cli.run import flops as F
 from ptp_cli.run.devices import StageClock, out_of_memory_stage
 from ptp_cli.run.vision_cache import VisionCache, VisionEntry
+from ptp_cli.run.vision_prune import encode_pruned
 
 
 @dataclass
@@ -84,6 +85,7 @@ class VisualFeatures:
     features: list[torch.Tensor]  # [T_i * 256, D] projected visual tokens, in tile order
     cls: list[torch.Tensor]  # [T_i, Cv] last-layer CLS embedding of each tile
     token_scores: list[torch.Tensor] | None  # [T_i, 256] CLS->patch attention at the method's ViT layer
+    available: list[torch.Tensor | None] | None = None  # [K1_i] tokens the ViT kept (stage 1); None: all
 
 
 @dataclass
@@ -179,12 +181,14 @@ class Engine:
     def encode_images(self, requests: Sequence[Request]) -> VisualFeatures:
         """ViT + projector over every tile of the batch, in chunks of ``vit_batch`` tiles (images already in
         the vision cache, if there is one, are not run again)."""
-        m, cache = self.method, self.vision_cache
+        m, available = self.method, None
+        cache = self.vision_cache if m.vit_prune_layer() is None else None  # stage 1's output depends on the method
         layer = m.vit_score_layer()
         keys = [cache.key(r.pixel_values) for r in requests] if cache is not None else [None] * len(requests)
         entries = [cache.get(k, layer) if cache is not None and k is not None else None for k in keys]
-        todo = [r for r, e in zip(requests, entries, strict=True) if e is None]
-        if todo:
+        if m.vit_prune_layer() is not None:
+            entries, available = encode_pruned(self.model, requests, m, vit_batch=self.vit_batch)
+        elif todo := [r for r, e in zip(requests, entries, strict=True) if e is None]:
             fresh = iter(self._run_vit(todo, layer))
             entries = [e if e is not None else next(fresh) for e in entries]
             if cache is not None:
@@ -196,6 +200,7 @@ class Engine:
             token_scores=[
                 vit_token_scores(e.cls_attn, head_agg=m.head_aggregation(), model_cfg=self.cfg) for e in entries
             ] if layer is not None else None,
+            available=available,
         )
 
     def _run_vit(self, requests: Sequence[Request], layer: int | None) -> list[VisionEntry]:
@@ -214,14 +219,16 @@ class Engine:
         ]
 
     @torch.inference_mode()
-    def probe(self, requests: Sequence[Request], features: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Instruction scores of every visual token [T_i * 256], from LLM layer M on the unpruned prompts."""
-        m = self.method
+    def probe(self, requests: Sequence[Request], features: list[torch.Tensor],
+              available: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
+        """Instruction scores of every visual token [T_i * 256], from LLM layer M on the unpruned prompts (with
+        stage 1, on the tokens the ViT kept: the others score 0)."""
+        m, available = self.method, available or [None] * len(requests)
         layer = m.probe_layer()
         assert layer is not None
-        p = self.build_prompts(requests, features, [None] * len(requests))
+        p = self.build_prompts(requests, features, available)
         dev = p.x.device
-        counts = [f.shape[0] for f in features]
+        counts = [k.numel() for k in p.kept]
         # Each row's visual slots; a row with fewer tiles repeats its last one (those columns are cut below).
         offsets = torch.arange(max(counts), device=dev)[None, :].minimum(torch.tensor(counts, device=dev)[:, None] - 1)
         columns = torch.tensor([r.image_start for r in requests], device=dev)[:, None] + offsets  # [B, V]
@@ -229,7 +236,8 @@ class Engine:
             self.model.language_model, p.x, p.positions, p.valid, p.instruction, columns=columns,
             layer=layer, head_agg=m.head_aggregation(), instr_agg=m.instruction_aggregation(),
         )  # [B, V]
-        return [scores[i, :n] for i, n in enumerate(counts)]
+        return [scores.new_zeros(f.shape[0]).index_put_((k,), scores[i, : k.numel()])
+                for i, (f, k) in enumerate(zip(features, p.kept, strict=True))]
 
     @torch.inference_mode()
     def select(self, requests: Sequence[Request], visual: VisualFeatures) -> Selection:
@@ -241,8 +249,8 @@ class Engine:
             tokens_per_tile=self.cfg.tokens_per_tile,
             cls=visual.cls,
             token_scores=visual.token_scores,
-            instruction_scores=self.probe(requests, visual.features) if m.probe_layer() is not None else None,
-            seeds=[r.seed for r in requests],
+            instruction_scores=self.probe(requests, visual.features, visual.available)
+            if m.probe_layer() is not None else None, seeds=[r.seed for r in requests], available=visual.available,
         )
         return Selection(keep=m.select(ctx), notes=ctx.notes)
 
@@ -431,6 +439,7 @@ class Engine:
             probe=(probe, r.instruction[1] - r.instruction[0]) if probe is not None else None,
             layer_lengths=layer_lengths,
             vit_score=self.method.vit_score_layer() is not None,
+            vit_kept=(self.method.vit_prune_layer(), notes["vit_kept_per_tile"]) if "vit_kept_per_tile" in notes else None,
         )
         return Result(
             tokens=tokens, logprobs=logprobs, finish_reason=finish_reason, prompt_tokens=prompt_tokens,

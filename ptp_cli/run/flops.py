@@ -55,11 +55,26 @@ def vit_flops(v: VisionConfig, *, num_tiles: int, layers: int | None = None) -> 
     _check_nonneg(num_tiles=num_tiles, layers=layers)
     if layers > v.num_layers:
         raise ValueError(f"layers must be <= {v.num_layers}, got {layers}")
-    c, n = v.hidden_size, v.num_patches + 1
-    patch_embed = 2 * v.num_patches * (3 * v.patch_size * v.patch_size) * c
-    linears = 2 * n * (c * 3 * c + c * c + 2 * c * v.intermediate_size)
-    attention = 4 * v.num_heads * v.head_dim * n * n
-    return num_tiles * (patch_embed + layers * (linears + attention))
+    patch_embed = 2 * v.num_patches * (3 * v.patch_size * v.patch_size) * v.hidden_size
+    return num_tiles * (patch_embed + layers * _vit_layer_flops(v, v.num_patches + 1))
+
+
+def _vit_layer_flops(v: VisionConfig, n: int) -> int:
+    """One encoder block on one tile's n tokens: fused qkv, out proj, MLP, and non-causal attention (n x n)."""
+    c = v.hidden_size
+    return 2 * n * (c * 3 * c + c * c + 2 * c * v.intermediate_size) + 4 * v.num_heads * v.head_dim * n * n
+
+
+def vit_pruned_flops(v: VisionConfig, *, layer: int, kept_per_tile: list[int], patches_per_token: int = 4) -> int:
+    """The ViT with stage-1 pruning (``--vit-prune``): every tile whole through layers 0..``layer``, then layers
+    ``layer``+1.. on its CLS and the ``patches_per_token`` patches of each of its ``kept_per_tile`` tokens.
+    Padding in a batch is not counted (as everywhere here: it is per sample)."""
+    if not 0 <= layer < v.num_layers:
+        raise ValueError(f"layer must be in [0, {v.num_layers - 1}], got {layer}")
+    _check_nonneg(**{f"kept_per_tile[{t}]": k for t, k in enumerate(kept_per_tile)})
+    rest = v.num_layers - layer - 1
+    full = vit_flops(v, num_tiles=len(kept_per_tile), layers=layer + 1)
+    return full + rest * sum(_vit_layer_flops(v, 1 + patches_per_token * k) for k in kept_per_tile)
 
 
 def vit_score_flops(v: VisionConfig, *, num_tiles: int) -> int:
@@ -72,12 +87,13 @@ def vit_score_flops(v: VisionConfig, *, num_tiles: int) -> int:
     return num_tiles * 2 * (v.num_patches + 1) * v.num_heads * v.head_dim
 
 
-def projector_flops(cfg: ModelConfig, *, num_tiles: int) -> int:
-    """mlp1 on every tile's post-shuffle tokens (256 a tile): Linear 4C -> D, then Linear D -> D."""
+def projector_flops(cfg: ModelConfig, *, num_tiles: int, tokens: int | None = None) -> int:
+    """mlp1 on every tile's post-shuffle tokens (256 a tile; ``tokens`` in all when the ViT pruned some):
+    Linear 4C -> D, then Linear D -> D."""
     _check_nonneg(num_tiles=num_tiles)
     d_in = cfg.vision.hidden_size * cfg.shuffle_factor**2
     d = cfg.llm.hidden_size
-    return num_tiles * 2 * cfg.tokens_per_tile * (d_in * d + d * d)
+    return 2 * (num_tiles * cfg.tokens_per_tile if tokens is None else tokens) * (d_in * d + d * d)
 
 
 # LLM
@@ -196,6 +212,7 @@ def sample_flops(
     probe: tuple[int, int] | None = None,
     layer_lengths: list[int] | None = None,
     vit_score: bool = False,
+    vit_kept: tuple[int, list[int]] | None = None,
 ) -> StageFlops:
     """FLOPs of one sample.
 
@@ -205,18 +222,25 @@ def sample_flops(
     probe: (llm_layer, num_instruction_tokens) of PTP's probe, run on the unpruned sequence.
     layer_lengths: per-layer token counts for in-LLM pruning; default text_tokens + kept_visual everywhere.
     vit_score: add PTP's CLS-row token scores (vit_score_flops).
-    The projector runs on every tile's 256 tokens, whatever is kept.
+    vit_kept: (layer L, tokens kept per tile) of pruning inside the ViT (vit_pruned_flops); the projector and the
+    probe then see those tokens only. Without it the projector runs on every tile's 256 tokens, whatever is kept.
     """
     _check_nonneg(text_tokens=text_tokens, kept_visual=kept_visual, generated=generated)
     if layer_lengths is None:
         layer_lengths = [text_tokens + kept_visual] * cfg.llm.num_layers
-    vit = vit_flops(cfg.vision, num_tiles=num_tiles) + projector_flops(cfg, num_tiles=num_tiles)
+    survivors = num_tiles * cfg.tokens_per_tile if vit_kept is None else sum(vit_kept[1])
+    if vit_kept is None:
+        vit = vit_flops(cfg.vision, num_tiles=num_tiles)
+    else:
+        vit = vit_pruned_flops(cfg.vision, layer=vit_kept[0], kept_per_tile=vit_kept[1],
+                               patches_per_token=cfg.shuffle_factor**2)
+    vit += projector_flops(cfg, num_tiles=num_tiles, tokens=survivors)
     if vit_score:
         vit += vit_score_flops(cfg.vision, num_tiles=num_tiles)
     probe_cost = 0
     if probe is not None:
         llm_layer, num_instruction = probe
-        seq_len = text_tokens + num_tiles * cfg.tokens_per_tile
+        seq_len = text_tokens + survivors
         probe_cost = probe_flops(
             cfg.llm, seq_len=seq_len, llm_layer=llm_layer, num_instruction_tokens=num_instruction
         )

@@ -160,11 +160,13 @@ class Pipeline:
             "method": self.engine.method.name,
         }
         if r.pruning:  # what the method chose for this record (PTP: the alpha used and the score signals)
-            result["pruning"] = dict(r.pruning)
+            result["pruning"] = {k: v for k, v in r.pruning.items() if k != "vit_kept"}  # indices: with --kept
         if self.config.logprobs:
             result["logprobs"] = {"ids": r.tokens, "values": r.logprobs}
         if self.config.kept:
             result["kept"] = r.kept
+            if "vit_kept" in r.pruning:  # what the ViT kept (stage 1 of --vit-prune): ptp show draws both stages
+                result["vit_kept"] = r.pruning["vit_kept"]
             result["record"] = shown_record(p.record)
         return result_row(p.record, result, settings=settings)
 
