@@ -332,16 +332,17 @@ def test_methods_lists_vit_prune() -> None:
 def test_bench_and_eval_grids_add_vit_prune_rows() -> None:
     from ptp_cli.bench.config import BenchConfig
     from ptp_cli.bench.run import row_plan
-    from ptp_cli.eval.grid import vit_prune_variants
+    from ptp_cli.pruning import plan_grid
 
     bench = BenchConfig(model="tiny", methods=("ptp", "fastv", "random"), ratios=(0.5,), vit_prunes=(0.25, 0.75))
     plan = dict(row_plan(bench, CFG))
     assert list(plan) == ["none", "ptp@0.5", "ptp@0.5,vit=0.25", "fastv@0.5", "random@0.5", "random@0.5,vit=0.25"]
     assert plan["ptp@0.5,vit=0.25"].vit_prune == 0.25 and plan["ptp@0.5"].vit_prune == 0.0
-    specs = vit_prune_variants(PruneConfig(alpha=0.2), ("none", "ptp", "spatial"), (0.5, 0.75), (0.5,))
-    assert [s.name for s in specs] == ["ptp@0.5,vit=0.5", "ptp@0.75,vit=0.5", "spatial@0.5,vit=0.5",
-                                       "spatial@0.75,vit=0.5"]
-    assert all(s.prune.alpha == 0.2 and s.prune.vit_prune == 0.5 for s in specs)
+    # ptp eval plans with the same loop (plan_grid), on top of the run's own settings
+    specs = dict(plan_grid(PruneConfig(alpha=0.2), ("none", "ptp", "spatial"), (0.5, 0.75), CFG, vit_prunes=(0.5,)))
+    assert [n for n in specs if ",vit=" in n] == ["ptp@0.5,vit=0.5", "ptp@0.75,vit=0.5", "spatial@0.5,vit=0.5",
+                                                  "spatial@0.75,vit=0.5"]
+    assert all(p.alpha == 0.2 and p.vit_prune == (0.5 if ",vit=" in n else 0.0) for n, p in specs.items())
 
 
 def test_eval_vit_prunes_usage_error(tmp_path: Path) -> None:
