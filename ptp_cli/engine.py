@@ -23,6 +23,7 @@ from ptp_cli import flops as F
 from ptp_cli.devices import StageClock, out_of_memory_stage
 from ptp_cli.models.internvl import InternVLModel
 from ptp_cli.models.llm import LayerCache, sequence_lengths
+from ptp_cli.positions import contiguous_positions, pad_positions, unpruned_positions
 from ptp_cli.pruning.base import LayerState, NoPruning, PruningMethod, VisualContext
 from ptp_cli.pruning.scores import instruction_scores, vit_token_scores
 from ptp_cli.vision_cache import VisionCache, VisionEntry
@@ -42,6 +43,7 @@ class Request:
     seed: int = 0  # sampling (and random pruning) seed
     has_thumbnail: bool = True  # the last tile is a thumbnail (set False for a single-tile image)
     ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
+    full_tiles: int | None = None  # tiles before a ``retiles`` method re-tiled the image (None: num_tiles)
 
     @property
     def num_tiles(self) -> int:
@@ -92,6 +94,7 @@ class Selection:
 
     keep: list[torch.Tensor | None]  # [K_i] kept visual token indices in [0, T_i * 256), or None: all of them
     notes: list[dict[str, Any]]  # what the method noted about each choice (``VisualContext.notes``)
+    features: list[torch.Tensor]  # [T_i * 256, D] what kept tokens take their features from (merged by ``pool``)
 
 
 @dataclass
@@ -102,7 +105,7 @@ class Prompts:
     kept: list[torch.Tensor]  # [K_i] kept visual token indices in [0, T_i * 256)
     x: torch.Tensor  # [B, S, D] embeddings, visual features written over their placeholders
     valid: torch.Tensor  # [B, S] real tokens (padding at the end of each row)
-    positions: torch.Tensor  # [B, S] contiguous positions per sample
+    positions: torch.Tensor  # [B, S] RoPE positions: contiguous, or the unpruned ones (``positions.py``)
     visual: torch.Tensor  # [B, S] kept visual tokens
     instruction: torch.Tensor  # [B, S] the question's tokens
 
@@ -144,7 +147,7 @@ class Engine:
         clock = StageClock(self.model.device)
         visual, selection = self.encode_and_select(requests, clock)
         with out_of_memory_stage("prefill"):
-            prompts = self.build_prompts(requests, visual.features, selection.keep)
+            prompts = self.build_prompts(requests, selection.features, selection.keep)
             state = self.prefill(prompts, room=max(r.max_new_tokens for r in requests))
         clock.lap("prefill")
         with out_of_memory_stage("decode"):
@@ -243,21 +246,25 @@ class Engine:
             token_scores=visual.token_scores,
             instruction_scores=self.probe(requests, visual.features) if m.probe_layer() is not None else None,
             seeds=[r.seed for r in requests],
+            full_tiles=[r.full_tiles or r.num_tiles for r in requests],
         )
-        return Selection(keep=m.select(ctx), notes=ctx.notes)
+        keep = m.select(ctx)
+        return Selection(keep=keep, notes=ctx.notes, features=m.merge_features(ctx, visual.features))
 
     def build_prompts(
         self, requests: Sequence[Request], features: list[torch.Tensor], keep: Sequence[torch.Tensor | None]
     ) -> Prompts:
-        """Drop the placeholders (and features) of discarded visual tokens, embed, right-pad."""
+        """Drop the placeholders (and features) of discarded visual tokens, embed, right-pad; positions as the
+        method says (contiguous, or the unpruned ones)."""
         dev = self.model.device
-        ids, kept, spans = [], [], []
+        ids, kept, spans, unpruned = [], [], [], []
         for r, v, k in zip(requests, features, keep, strict=True):
             n = v.shape[0]
             k = torch.arange(n, device=dev) if k is None else k.to(dev)
             row = torch.tensor(r.ids, device=dev)
             ids.append(torch.cat([row[: r.image_start], row[r.image_start + k], row[r.image_start + n :]]))
             kept.append(k)
+            unpruned.append(unpruned_positions(prompt_len=len(r.ids), image_start=r.image_start, num_visual=n, kept=k))
             dropped = n - k.numel()
             spans.append((r.image_start, r.image_start + k.numel(), r.instruction[0] - dropped,
                           r.instruction[1] - dropped))
@@ -275,8 +282,9 @@ class Engine:
             visual[i, v0:v1] = True
             instruction[i, q0:q1] = True
         return Prompts(
-            ids=ids, kept=kept, x=_right_pad(rows, s, 0.0), valid=valid,
-            positions=(valid.long().cumsum(-1) - 1).clamp(min=0), visual=visual, instruction=instruction,
+            ids=ids, kept=kept, x=_right_pad(rows, s, 0.0), valid=valid, visual=visual, instruction=instruction,
+            positions=pad_positions(unpruned, valid) if self.method.original_positions()
+            else contiguous_positions(valid),
         )
 
     @torch.inference_mode()
@@ -434,7 +442,7 @@ class Engine:
         )
         return Result(
             tokens=tokens, logprobs=logprobs, finish_reason=finish_reason, prompt_tokens=prompt_tokens,
-            visual_before=r.num_tiles * ntok, visual_after=len(kept), visual_after_per_tile=per_tile,
+            visual_before=(r.full_tiles or r.num_tiles) * ntok, visual_after=len(kept), visual_after_per_tile=per_tile,
             kept=kept, layer_lengths=layer_lengths, flops=fl.as_dict(), timing=dict(timing),
             batch_size=batch_size, pruning=notes,
         )

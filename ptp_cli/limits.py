@@ -13,7 +13,7 @@ from typing import Any
 
 from ptp_cli.config import MAX_TILES
 from ptp_cli.errors import UsageError
-from ptp_cli.pruning.catalog import METHODS, PRESETS
+from ptp_cli.pruning.catalog import METHODS, POSITION_MODES, PRESETS
 
 AGGREGATIONS = ("mean", "max")  # reductions over attention heads / instruction tokens
 DTYPE_NAMES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
@@ -53,6 +53,7 @@ LIMITS: dict[str, Limit] = {
     "head_agg": Limit(lambda v: v in AGGREGATIONS, f"must be one of {', '.join(AGGREGATIONS)}"),
     "instr_agg": Limit(lambda v: v in AGGREGATIONS, f"must be one of {', '.join(AGGREGATIONS)}"),
     "pdrop_keep": Limit(lambda v: 0.0 < v <= 1.0, "must be in (0, 1]"),
+    "positions": Limit(lambda v: v in POSITION_MODES, f"must be one of {', '.join(POSITION_MODES)}"),
     "vit_layer": Limit(lambda v: v >= 0, "must be >= 0"),
     "llm_layer": Limit(lambda v: v >= 0, "must be >= 0"),
     # run (RunConfig fields)

@@ -87,10 +87,18 @@ def read_model_config(config: RunConfig, *, offline: bool | None = None) -> tupl
     config.tiling(model_cfg)
     if config.engine == "vllm" and METHODS[config.prune.method].capabilities.prunes_in_llm:
         raise UsageError(in_llm_with_vllm(config.prune.method))
+    if config.engine == "vllm" and config.prune.positions == "original" and config.prune.method != "none":
+        raise UsageError(original_positions_with_vllm())
     return model_dir, model_cfg
 
 
 def in_llm_with_vllm(method: str) -> str:
     """The one line that refuses an in-LLM method under --engine vllm (vLLM's layers keep every token)."""
     return (f"--method {method} prunes inside the LLM, which only ptp's own engine runs: use --engine ptp "
-            "(vLLM serves the pre-LLM methods: none, ptp, random, spatial)")
+            "(vLLM serves the pre-LLM methods: none, ptp, random, spatial, pool, tiles)")
+
+
+def original_positions_with_vllm() -> str:
+    """The one line that refuses --positions original under --engine vllm (it numbers prompt embeddings 0..n-1)."""
+    return ("--positions original needs explicit RoPE positions, which vLLM's prompt-embedding input cannot take: "
+            "use --positions contiguous with --engine vllm, or --engine ptp")

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 # ptp infer's options that ptp eval takes as they are (with --config); --methods/--ratios replace method/ratio.
 RUN_OPTIONS = (
     "model", "engine", "dtype", "device", "preset", "alpha", "vit_layer", "llm_layer", "tau", "head_agg", "instr_agg",
-    "region_budgets", "token_score", "fastv_layer", "vtw_layer", "pdrop_layers", "pdrop_keep", "max_new_tokens",
+    "region_budgets", "token_score", "fastv_layer", "vtw_layer", "pdrop_layers", "pdrop_keep", "positions", "max_new_tokens",
     "temperature", "seed", "kept", "max_tiles", "min_tiles", "batch_size", "max_batch_tokens",
     "max_prompt_tokens", "workers", "max_pixels",
 )

@@ -397,6 +397,7 @@ def infer_command(
     vtw_layer: opt.VtwLayer = None,
     pdrop_layers: opt.PdropLayers = None,
     pdrop_keep: opt.PdropKeep = None,
+    positions: opt.Positions = None,
     max_new_tokens: opt.MaxNewTokens = None,
     temperature: opt.Temperature = None,
     seed: opt.Seed = None,

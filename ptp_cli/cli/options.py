@@ -87,6 +87,7 @@ SETTINGS: dict[str, Setting] = {
     "vtw_layer": Setting("int", "prune"),
     "pdrop_layers": Setting("ints", "prune"),
     "pdrop_keep": Setting("float", "prune"),
+    "positions": Setting("str", "prune"),
     # input/output (ptp infer)
     "output": Setting("str", "cli"),
     "resume": Setting("bool", "cli"),
@@ -170,8 +171,8 @@ Preset = Annotated[str | None, typer.Option(
     metavar="NAME", help="Starting pruning settings: default, ocr or scene ('ptp methods' shows them). [default: default]",
     rich_help_panel=_PRUNE)]
 Method = Annotated[str | None, typer.Option(
-    metavar="NAME", help="Pruning method: none, ptp, random, spatial, fastv, vtw or pdrop ('ptp methods' says what each "
-         "does). [default: ptp]", rich_help_panel=_PRUNE)]
+    metavar="NAME", help="Pruning method: none, ptp, random, spatial, pool, tiles, fastv, vtw or pdrop ('ptp methods' "
+         "says what each does). [default: ptp]", rich_help_panel=_PRUNE)]
 Ratio = Annotated[float | None, typer.Option(
     help="Fraction of visual tokens pruned, in [0, 1). [default: 0.5]", rich_help_panel=_PRUNE)]
 Alpha = Annotated[str | None, typer.Option(
@@ -201,6 +202,10 @@ PdropLayers = Annotated[str | None, typer.Option(
     metavar="K1,K2,...", help="PyramidDrop stage ends, e.g. 6,12,18. [default: 1/4, 2/4, 3/4 of the layers]", rich_help_panel=_PRUNE)]
 PdropKeep = Annotated[float | None, typer.Option(
     help="Fraction each PyramidDrop stage keeps, in (0, 1]. [default: 0.5]", rich_help_panel=_PRUNE)]
+Positions = Annotated[str | None, typer.Option(
+    metavar="MODE", help="RoPE positions after pre-LLM pruning: original (kept tokens keep their unpruned "
+    "positions) or contiguous (renumbered 0..n-1, the paper's reading; needed by --engine vllm). In-LLM methods "
+    "always keep positions. [default: contiguous]", rich_help_panel=_PRUNE)]
 Output = Annotated[str | None, typer.Option(
     "--output", "-o", metavar="FILE", help="Write rows to this file (truncated unless --resume) instead of stdout.",
     rich_help_panel=_IO)]

@@ -39,6 +39,9 @@ class VisualContext:
     token_scores: list[torch.Tensor] | None  # [T_i, 256] CLS->patch attention at the ViT score layer, pooled
     instruction_scores: list[torch.Tensor] | None  # [T_i * 256] probe scores of the visual tokens
     seeds: list[int]  # per-sample seed (random baseline)
+    # Tiles each sample would have had before a ``retiles`` method asked for fewer (its budget's base); empty:
+    # the same as ``tiles``
+    full_tiles: list[int] = field(default_factory=list)
     # Per sample, what the method reports about its choice (PTP: the alpha used and its signals): ``select``
     # may fill these dicts; the engine returns them in ``Result.pruning`` and the pipeline writes them to the
     # row under "pruning". Empty dicts (one per sample) unless given.
@@ -47,6 +50,8 @@ class VisualContext:
     def __post_init__(self) -> None:
         if not self.notes:
             self.notes = [{} for _ in self.tiles]
+        if not self.full_tiles:
+            self.full_tiles = list(self.tiles)
 
 
 @dataclass
@@ -72,6 +77,7 @@ class PruningMethod:
     needs_vit_scores: ClassVar[bool] = False  # may ask for the ViT's CLS attention (``vit_score_layer``)
     needs_probe: ClassVar[bool] = False  # may ask for the instruction probe (``probe_layer``)
     prunes_in_llm: ClassVar[bool] = False  # drops tokens between LLM layers (``drop_layers``, ``after_layer``)
+    retiles: ClassVar[bool] = False  # the input step gives it fewer tiles (``retile.fewer_tiles``)
 
     @classmethod
     def build(cls, cfg: PruneConfig, model_cfg: ModelConfig) -> PruningMethod:
@@ -99,6 +105,16 @@ class PruningMethod:
 
         May also record what it decided per sample in ``ctx.notes[i]`` (JSON-ready values)."""
         return [None] * len(ctx.tiles)
+
+    def merge_features(self, ctx: VisualContext, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per sample, the visual features [T_i*256, D] the kept tokens take theirs from (after ``select``): a
+        method that merges tokens (``pool``) writes each merged token over the index it keeps."""
+        return features
+
+    def original_positions(self) -> bool:
+        """Whether the kept visual tokens (and the text after them) keep the RoPE positions they had in the
+        unpruned prompt; False: the pruned prompt is numbered 0..n-1, as if the image had given only those."""
+        return False
 
     def drop_layers(self) -> frozenset[int]:
         """Layers j after which ``after_layer`` is called during prefill."""
@@ -133,3 +149,6 @@ class ConfiguredMethod(PruningMethod):
 
     def head_aggregation(self) -> str:
         return self.cfg.head_agg
+
+    def original_positions(self) -> bool:
+        return self.cfg.positions == "original"  # in-LLM methods keep positions whatever this says

@@ -33,7 +33,7 @@ class RandomPruning(ConfiguredMethod):
         return out
 
     def settings(self) -> dict[str, Any]:
-        return {"method": self.name, "ratio": self.cfg.ratio}
+        return {"method": self.name, "ratio": self.cfg.ratio, "positions": self.cfg.positions}
 
 
 def grid_indices(b: int, side: int) -> torch.Tensor:
@@ -71,4 +71,5 @@ class SpatialPruning(ConfiguredMethod):
 
     def settings(self) -> dict[str, Any]:
         c = self.cfg
-        return {"method": self.name, "ratio": c.ratio, "tau": c.tau, "region_budgets": c.region_budgets}
+        return {"method": self.name, "ratio": c.ratio, "tau": c.tau, "region_budgets": c.region_budgets,
+                "positions": c.positions}

@@ -23,6 +23,7 @@ class Capabilities:
     needs_probe: bool = False  # may run the instruction probe through the first LLM layers (``probe_layer``)
     prunes_in_llm: bool = False  # drops tokens between LLM layers during prefill (``drop_layers``, ``after_layer``),
     # so the engine runs the LLM layer by layer; False: it prunes before the LLM (``select``) or not at all
+    retiles: bool = False  # the input step re-tiles the image to fewer tiles that fit the budget (``tiles``)
 
     @classmethod
     def of(cls, method: type) -> Capabilities:
@@ -38,6 +39,7 @@ class MethodEntry:
 
 
 _PRE_LLM = "ptp_cli.pruning.baselines"
+_DOWNSAMPLE = "ptp_cli.pruning.downsample"
 _IN_LLM = "ptp_cli.pruning.inllm"
 _IN_LLM_ONLY = Capabilities(uses_ratio=False, prunes_in_llm=True)
 
@@ -50,6 +52,12 @@ METHODS: dict[str, MethodEntry] = {
                           f"{_PRE_LLM}:RandomPruning", Capabilities()),
     "spatial": MethodEntry("Per tile, a regular grid of b_i tokens; b_i are PTP's budgets (CLS-similarity regions, "
                            "or uniform).", f"{_PRE_LLM}:SpatialPruning", Capabilities()),
+    "pool": MethodEntry("Per tile, b_i groups of neighbouring tokens averaged into one each (2x1 at ratio 0.5, 2x2 at "
+                        "0.75), at the group's first token; uniform b_i summing to K.", f"{_DOWNSAMPLE}:PoolPruning",
+                        Capabilities()),
+    "tiles": MethodEntry("Fewer tiles: the image re-tiled with the most tiles (thumbnail kept) whose tokens fit K; one "
+                         "view over K is pooled down to it.", f"{_DOWNSAMPLE}:TilesPruning",
+                         Capabilities(retiles=True)),
     "fastv": MethodEntry("After layer K_f, keep the (1 - ratio) visual tokens with the most mean attention received "
                          "at layer K_f - 1.", f"{_IN_LLM}:FastV", Capabilities(prunes_in_llm=True)),
     "vtw": MethodEntry("Visual Token Withdrawal: no visual token after layer K_w (default half the layers).",
@@ -57,6 +65,9 @@ METHODS: dict[str, MethodEntry] = {
     "pdrop": MethodEntry("After each stage layer, keep pdrop_keep of the remaining visual tokens, ranked by the last "
                          "prompt token's attention at that layer.", f"{_IN_LLM}:PyramidDrop", _IN_LLM_ONLY),
 }
+
+# How the kept visual tokens of a pre-LLM method are numbered for RoPE (``PruneConfig.positions``).
+POSITION_MODES = ("original", "contiguous")
 
 # Named starting points (the paper's findings): the settings each changes from PruneConfig's defaults.
 PRESETS: dict[str, dict[str, Any]] = {

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class PruneConfig:
-    method: str = "ptp"  # a name in catalog.METHODS: none, ptp, random, spatial, fastv, vtw, pdrop
+    method: str = "ptp"  # a name in catalog.METHODS: none, ptp, random, spatial, pool, tiles, fastv, vtw, pdrop
     ratio: float = 0.5  # fraction of visual tokens pruned, in [0, 1) (ignored by none, vtw and pdrop)
     # PTP fusion weight of the instruction score c against the token score s, in [0, 1], or "auto": chosen per
     # sample from how concentrated s and c are (``adaptive.auto_alpha``)
@@ -40,6 +40,10 @@ class PruneConfig:
     vtw_layer: int | None = None  # VTW's K_w: no visual token after layer K_w; None: num_layers // 2
     pdrop_layers: tuple[int, ...] | None = None  # PyramidDrop stage ends; None: 1/4, 2/4, 3/4 of the layers
     pdrop_keep: float = 0.5  # fraction of the remaining visual tokens each PyramidDrop stage keeps, in (0, 1]
+    # RoPE positions after pre-LLM pruning: "original" (each kept token, and the text after the image, keeps its
+    # unpruned position) or "contiguous" (the pruned prompt numbered 0..n-1: the paper's reading); in-LLM
+    # methods always keep positions
+    positions: str = "contiguous"
 
     def resolved_vtw_layer(self, model_cfg: ModelConfig) -> int:
         return model_cfg.llm.num_layers // 2 if self.vtw_layer is None else self.vtw_layer
