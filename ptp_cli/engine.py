@@ -145,7 +145,7 @@ class Engine:
         if not requests:
             return []
         clock = StageClock(self.model.device)
-        visual, selection = self.encode_and_select(requests, clock)
+        _, selection = self.encode_and_select(requests, clock)
         with out_of_memory_stage("prefill"):
             prompts = self.build_prompts(requests, selection.features, selection.keep)
             state = self.prefill(prompts, room=max(r.max_new_tokens for r in requests))

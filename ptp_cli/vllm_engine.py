@@ -152,7 +152,7 @@ class VLLMEngine:
             return []
         ptp = self.ptp
         clock = StageClock(ptp.model.device)
-        visual, selection = ptp.encode_and_select(requests, clock)
+        _, selection = ptp.encode_and_select(requests, clock)
         with out_of_memory_stage("probe"):
             prompts = ptp.build_prompts(requests, selection.features, selection.keep)
             embeds = [prompts.x[i, : len(ids)].cpu() for i, ids in enumerate(prompts.ids)]  # [S_i, D] each

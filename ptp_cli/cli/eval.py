@@ -6,6 +6,7 @@ pruning settings other than method and ratio) are ``ptp infer``'s own, taken fro
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable
 from pathlib import Path
@@ -85,6 +86,18 @@ def parse_alphas(text: str | None) -> tuple[float | str, ...]:
     return tuple(dict.fromkeys(values))
 
 
+def parse_positions(text: str | None) -> tuple[str, ...]:
+    """``"original,contiguous"`` -> a grid axis of position modes, each once; one mode or none given: ``()``
+    (every run takes the one setting). UsageError for an unknown mode."""
+    from ptp_cli.pruning.catalog import POSITION_MODES
+
+    modes = tuple(dict.fromkeys(p.strip() for p in (text or "").split(",") if p.strip()))
+    if bad := [m for m in modes if m not in POSITION_MODES]:
+        raise UsageError(f"--positions must be {' or '.join(POSITION_MODES)} (comma-separated for a grid axis), "
+                         f"got {bad[0]!r}")
+    return modes if len(modes) > 1 else ()
+
+
 def _grid_runs(gold: Path, resolved: opt.Resolved, *, methods: str, ratios: str, out_dir: Path | None,
                log: Log, alphas: str | None = None, ablations: bool = False) -> list[tuple[str, Path]]:
     if out_dir is None:
@@ -94,13 +107,17 @@ def _grid_runs(gold: Path, resolved: opt.Resolved, *, methods: str, ratios: str,
         raise UsageError(f"--out-dir {out_dir} is a file")
     names, values = parse_grid(methods, ratios)
     alpha_values = parse_alphas(alphas)
+    modes = parse_positions(resolved.get("positions"))
+    if modes:  # the axis: each run sets its own mode; the base config takes the first
+        resolved = dataclasses.replace(resolved, values={**resolved.values, "positions": modes[0]})
     config = opt.run_config(resolved)
     from ptp_cli.eval.grid import ptp_variants, run_grid
 
     extra = tuple(ptp_variants(config.prune, values, alphas=alpha_values, ablations=ablations))
     try:
         return [(spec.name, path) for spec, path in
-                run_grid(gold, config, methods=names, ratios=values, out_dir=out_dir, extra=extra, log=log)]
+                run_grid(gold, config, methods=names, ratios=values, positions=modes, out_dir=out_dir, extra=extra,
+                         log=log)]
     except UsageError as e:
         raise resolved.explain(e) from None
 

@@ -1,4 +1,4 @@
-"""The evaluation grid: every (method, ratio) over one gold file, with one loaded model, resumable.
+"""The evaluation grid: every (method, ratio[, positions]) over one gold file, with one loaded model, resumable.
 
 Runs are ``none`` (once), then each method at each ratio; a method that ignores the ratio (vtw,
 pdrop) runs once. Each run writes its rows, in input order, to ``OUT_DIR/<run>.jsonl`` (``none.jsonl``,
@@ -37,16 +37,23 @@ class RunSpec:
 
 
 def plan_runs(base: PruneConfig, pipeline: Pipeline, methods: tuple[str, ...],
-              ratios: tuple[float, ...]) -> list[RunSpec]:
-    """The grid's runs, with ``base`` (preset, alpha, layers, ...) under each method and ratio."""
+              ratios: tuple[float, ...], positions: tuple[str, ...] = ()) -> list[RunSpec]:
+    """The grid's runs, with ``base`` (preset, alpha, layers, ...) under each method and ratio, and each pre-LLM
+    method in each of ``positions`` (named ``ptp@0.5,positions=original``; none given: ``base.positions``)."""
     specs = []
     for method in methods:
         per_ratio = [dataclasses.replace(base, method=method, ratio=r) for r in ratios]
         per_ratio[0].validate(pipeline.cfg)  # a bad layer fails before any run starts
-        if method_class(method).uses_ratio:
-            specs += [RunSpec(f"{method}@{r:g}", p) for r, p in zip(ratios, per_ratio, strict=True)]
-        else:  # none, vtw, pdrop: the ratio changes nothing
+        cls = method_class(method)
+        if not cls.uses_ratio:  # none, vtw, pdrop: the ratio changes nothing (and they keep positions)
             specs.append(RunSpec(method, per_ratio[0]))
+            continue
+        for r, p in zip(ratios, per_ratio, strict=True):
+            if not positions or cls.prunes_in_llm:
+                specs.append(RunSpec(f"{method}@{r:g}", p))
+            else:
+                specs += [RunSpec(f"{method}@{r:g},positions={mode}", dataclasses.replace(p, positions=mode))
+                          for mode in positions]
     return specs
 
 
@@ -120,6 +127,7 @@ def run_grid(
     *,
     methods: tuple[str, ...],
     ratios: tuple[float, ...],
+    positions: tuple[str, ...] = (),
     out_dir: str | Path,
     extra: tuple[RunSpec, ...] = (),
     log: Callable[[str], None] = lambda _msg: None,
@@ -132,7 +140,7 @@ def run_grid(
     out_dir.mkdir(parents=True, exist_ok=True)
     # The first pipeline only loads the model and plans: vLLM, if asked for, starts once below for every run.
     first = Pipeline.load(dataclasses.replace(config, engine="ptp", prune=dataclasses.replace(config.prune, method="none")))
-    specs = plan_runs(config.prune, first, methods, ratios) + list(extra)
+    specs = plan_runs(config.prune, first, methods, ratios, positions) + list(extra)
     for spec in extra:  # the grid's own runs are valid by construction; these are checked before any runs
         spec.prune.validate(first.cfg)
     cache = VisionCache()  # every run reads the same images: the ViT runs once per image and score layer
