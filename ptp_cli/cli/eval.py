@@ -175,7 +175,10 @@ def eval_command(
         except KeyboardInterrupt:
             log("interrupted; run the same command again to continue where it stopped")
             raise typer.Exit(EXIT_INTERRUPTED) from None
-    report = Report(_score(golds, runs, log), by=by)
+    scored = _score(golds, runs, log)
+    model = next((r.model for r in scored if r.model), None) or resolved.get("model")
+    title = f"{model or 'model unknown'}, n = {len(golds)}, {gold}"
+    report = Report(scored, by=by, title=title)
     typer.echo(format_markdown(report), nl=False)
     if json_out is not None:
         json_out.write_bytes(report.to_json())

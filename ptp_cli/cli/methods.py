@@ -10,6 +10,17 @@ import typer
 
 from ptp_cli.cli.options import SETTINGS
 from ptp_cli.pruning import METHODS, PRESETS  # the registry by name and the settings: no torch
+from ptp_cli.pruning.catalog import POSITION_MODES
+
+
+def position_note(name: str) -> str:
+    """How method ``name`` numbers the kept visual tokens for RoPE: what ``--positions`` does to it."""
+    caps = METHODS[name].capabilities
+    if caps.prunes_in_llm:
+        return "keeps original positions (in the LLM: --positions does not apply)"
+    if not caps.uses_ratio:
+        return "every token at its own position"
+    return f"--positions {'|'.join(POSITION_MODES)}"
 
 
 def _show(value: Any) -> str:
@@ -26,11 +37,12 @@ def methods_command(
     methods = {name: entry.summary for name, entry in sorted(METHODS.items())}
     presets = {name: {option.get(k, k): v for k, v in dataclasses.asdict(cfg).items()} for name, cfg in PRESETS.items()}
     if as_json:
-        typer.echo(json.dumps({"methods": methods, "presets": presets}, indent=2))
+        positions = {name: position_note(name) for name in methods}
+        typer.echo(json.dumps({"methods": methods, "positions": positions, "presets": presets}, indent=2))
         return
     width = max(map(len, [*methods, *presets]))
     lines = ["Pruning methods (--method NAME):"]
-    lines += [f"  {name:<{width}}  {text}" for name, text in methods.items()]
+    lines += [f"  {name:<{width}}  {text} [{position_note(name)}]" for name, text in methods.items()]
     lines += ["", "Presets (--preset NAME; options given explicitly win; 'auto': set from the model's depth):"]
     default = presets.get("default", {})
     for name, settings in presets.items():
