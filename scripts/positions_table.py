@@ -1,6 +1,6 @@
 """The accuracy table of docs/accuracy.md ("Positions and the baselines") from ``ptp eval`` grid folders.
 
-    python scripts/positions_table.py GOLD.jsonl OUT_DIR [--pairs A:B,...]
+    python scripts/positions_table.py GOLD.jsonl OUT_DIR [--pairs "A:B;C:D"]
 
 Reads every ``OUT_DIR/*.jsonl`` run (rows in the gold file's order), scores exact match (the synth answers are one
 word: lower-cased and stripped), and prints one Markdown row per run: visual tokens kept / before (whole counts,
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         ret = f"{100 * acc / base:.1f}" if base else "-"
         cells = " | ".join(f"{100 * p / c:.0f}" for p, c in zip(per, counts, strict=True))
         print(f"| {name} | {after:.0f} / {before:.0f} | {100 * acc:.1f} | {ret} | {cells} |")
-    for pair in filter(None, args.pairs.split(",")):
+    for pair in filter(None, args.pairs.split(";")):
         a, b = pair.split(":")
         if a in runs and b in runs:
             p = paired(runs[a][0], runs[b][0])

@@ -45,7 +45,7 @@ def main() -> None:
                                   kv_cache_bytes=a.kv_cache_bytes)
         out = {"max_model_len": generator.max_model_len, "runs": []}
         for method, ratio in RUNS:
-            config = dataclasses.replace(base, prune=PruneConfig(method=method, ratio=ratio))
+            config = dataclasses.replace(base, prune=PruneConfig(method=method, ratio=ratio, positions="contiguous"))
             ours = Pipeline(loaded, config)
             theirs = Pipeline(loaded, dataclasses.replace(config, engine="vllm"), engine=VLLMEngine(
                 loaded.model, image_token_id=loaded.image_token_id, method=make_method(config.prune, loaded.cfg),

@@ -203,9 +203,9 @@ PdropLayers = Annotated[str | None, typer.Option(
 PdropKeep = Annotated[float | None, typer.Option(
     help="Fraction each PyramidDrop stage keeps, in (0, 1]. [default: 0.5]", rich_help_panel=_PRUNE)]
 Positions = Annotated[str | None, typer.Option(
-    metavar="MODE", help="RoPE positions after pre-LLM pruning: original (kept tokens keep their unpruned "
-    "positions) or contiguous (renumbered 0..n-1, the paper's reading; needed by --engine vllm). In-LLM methods "
-    "always keep positions. [default: contiguous]", rich_help_panel=_PRUNE)]
+    metavar="MODE", help="RoPE positions after pre-LLM pruning: original (each kept token, and the text after the "
+    "image, keeps its unpruned position) or contiguous (renumbered 0..n-1: the paper's reading; what --engine vllm "
+    "needs). In-LLM methods always keep positions. [default: original]", rich_help_panel=_PRUNE)]
 Output = Annotated[str | None, typer.Option(
     "--output", "-o", metavar="FILE", help="Write rows to this file (truncated unless --resume) instead of stdout.",
     rich_help_panel=_IO)]

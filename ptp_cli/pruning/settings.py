@@ -41,9 +41,10 @@ class PruneConfig:
     pdrop_layers: tuple[int, ...] | None = None  # PyramidDrop stage ends; None: 1/4, 2/4, 3/4 of the layers
     pdrop_keep: float = 0.5  # fraction of the remaining visual tokens each PyramidDrop stage keeps, in (0, 1]
     # RoPE positions after pre-LLM pruning: "original" (each kept token, and the text after the image, keeps its
-    # unpruned position) or "contiguous" (the pruned prompt numbered 0..n-1: the paper's reading); in-LLM
-    # methods always keep positions
-    positions: str = "contiguous"
+    # unpruned position; the default, from docs/accuracy.md's measurements) or "contiguous" (the pruned prompt
+    # numbered 0..n-1: the paper's reading, and what vLLM's prompt embeddings allow); in-LLM methods always keep
+    # positions
+    positions: str = "original"
 
     def resolved_vtw_layer(self, model_cfg: ModelConfig) -> int:
         return model_cfg.llm.num_layers // 2 if self.vtw_layer is None else self.vtw_layer
