@@ -56,7 +56,7 @@ class Result:
     logprobs: list[float]  # log-probability of each generated token under the model (temperature 1)
     finish_reason: str  # "stop" | "length"
     prompt_tokens: int  # tokens the LLM's first layer saw (pruned prompt)
-    visual_before: int  # visual tokens from the ViT
+    visual_before: int  # visual tokens from the ViT (``tiles``: of the tiling it replaced)
     visual_after: int  # visual tokens entering the LLM
     visual_after_per_tile: list[int]  # kept per tile
     kept: list[int]  # kept visual token indices in [0, visual_before) (tile t, token i -> 256*t + i)
