@@ -122,7 +122,7 @@ def format_markdown(report: Report) -> str:
             _num(None if r["retention"] is None else 100 * r["retention"], ".1f"),
             tokens, _num(r["tflops"], ".3g"), _num(r["samples_per_s"], ".3g"),
         ])
-    out = ([f"{report.title}\n"] if report.title else []) + [_table(header, rows)]
+    out = ([report.title] if report.title else []) + [_table(header, rows)]
     if report.by:
         keys = sorted({k for r in runs for k in r["groups"]})
         for key in keys:
