@@ -205,7 +205,8 @@ PdropKeep = Annotated[float | None, typer.Option(
 Positions = Annotated[str | None, typer.Option(
     metavar="MODE", help="RoPE positions after pre-LLM pruning: original (each kept token, and the text after the "
     "image, keeps its unpruned position) or contiguous (renumbered 0..n-1: the paper's reading; what --engine vllm "
-    "needs). In-LLM methods always keep positions. [default: original]", rich_help_panel=_PRUNE)]
+    "needs). In-LLM methods always keep positions. ptp eval: original,contiguous runs both, a grid axis. "
+    "[default: original]", rich_help_panel=_PRUNE)]
 Output = Annotated[str | None, typer.Option(
     "--output", "-o", metavar="FILE", help="Write rows to this file (truncated unless --resume) instead of stdout.",
     rich_help_panel=_IO)]
