@@ -95,6 +95,8 @@ def check_against_model(config: RunConfig, model_cfg: ModelConfig) -> None:
     config.tiling(model_cfg)
     if config.engine == "vllm" and METHODS[config.prune.method].capabilities.prunes_in_llm:
         raise UsageError(in_llm_with_vllm(config.prune.method))
+    if config.engine == "vllm" and config.prune.positions == "original" and config.prune.method != "none":
+        raise UsageError(original_positions_with_vllm())
 
 
 def in_llm_with_vllm(method: str) -> str:
@@ -102,3 +104,9 @@ def in_llm_with_vllm(method: str) -> str:
     pre_llm = ", ".join(sorted(n for n, entry in METHODS.items() if not entry.capabilities.prunes_in_llm))
     return (f"--method {method} prunes inside the LLM, which only ptp's own engine runs: use --engine ptp "
             f"(vLLM serves the pre-LLM methods: {pre_llm})")
+
+
+def original_positions_with_vllm() -> str:
+    """The one line that refuses --positions original under --engine vllm (it numbers prompt embeddings 0..n-1)."""
+    return ("--positions original needs explicit RoPE positions, which vLLM's prompt-embedding input cannot take: "
+            "use --positions contiguous with --engine vllm, or --engine ptp")

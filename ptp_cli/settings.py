@@ -50,6 +50,12 @@ def preset_names() -> tuple[str, ...]:
     return tuple(PRESETS)
 
 
+def position_modes() -> tuple[str, ...]:
+    from ptp_cli.pruning.catalog import POSITION_MODES
+
+    return POSITION_MODES
+
+
 @dataclass(frozen=True)
 class Rule:
     """What a setting's value must satisfy, and how to say it."""
@@ -195,6 +201,11 @@ _TABLE: tuple[Setting, ...] = (
        default_text="1/4, 2/4, 3/4 of the layers"),
     _s("pdrop_keep", "float", 0.5, "Fraction each PyramidDrop stage keeps, in (0, 1].", PRUNING, "prune",
        rule=Rule(lambda v: 0.0 < v <= 1.0, "must be in (0, 1]")),
+    _s("positions", "str", "original", "RoPE positions after pre-LLM pruning: original (each kept token, and the "
+       "text after the image, keeps its unpruned position) or contiguous (renumbered 0..n-1: the paper's reading; "
+       "what --engine vllm needs, and its default there). In-LLM methods always keep positions. ptp eval: "
+       "original,contiguous runs both, a grid axis.", PRUNING, "prune", rule=_one_of_registered(position_modes),
+       metavar="MODE", default_text="original; contiguous with --engine vllm"),
     _s("vit_prune", "float", 0.0, "ptp, random, spatial: also prune inside the ViT: after --vit-layer drop this "
        "fraction of each tile's 2x2 patch blocks and run the later ViT layers on the rest; in [0, --ratio], 0 = off.",
        PRUNING, "prune", rule=Rule(lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"), metavar="R", default_text="0"),

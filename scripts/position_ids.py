@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> None:
     loaded = load_model(args.model)
     results = {}
     for name in args.methods.split(","):
-        prune = PruneConfig(method=name, ratio=0.0 if name == "none" else args.ratio, alpha=0.5)
+        prune = PruneConfig(method=name, ratio=0.0 if name == "none" else args.ratio, alpha=0.5,
+                            positions="contiguous")  # the OriginalPositions arm renumbers on top
         config = RunConfig(model=args.model, prune=prune, max_new_tokens=4, batch_size=8, workers=1)
         arms = [("contiguous", Engine)] + ([("original", OriginalPositions)] if name != "none" else [])
         for arm, cls in arms:

@@ -152,6 +152,8 @@ def test_flops_match_a_count_by_hand(report: BenchReport, ptp_home: Path, monkey
     assert none.visual_tokens == peer.visual_tokens == 256
     assert report.row("ptp@0.5").visual_tokens == 128
     assert report.row("ptp@0.75").visual_tokens == 64
+    # The baselines at the same budget: pool averages, tiles re-tiles (one view here, so it pools it down too).
+    assert report.row("pool@0.5").visual_tokens == report.row("tiles@0.5").visual_tokens == 128
     # What the LLM processed: pruned before it, every layer sees the kept tokens; in-LLM methods, fewer later on.
     for name, mean, last in (("none", 256, 256), ("ptp@0.5", 128, 128), ("vtw", 128, 0), ("fastv@0.5", 192, 128)):
         row = report.row(name)

@@ -108,7 +108,7 @@ def test_usage_errors_are_one_stderr_line_and_exit_2(question_file: Path, args: 
         (["--alpha", "2"], {}, "--alpha must be in [0, 1]"),
         (["--max-new-tokens", "0"], {}, "--max-new-tokens must be at least 1"),
         ([], {"PTP_TAU": "0"}, "--tau must be > 0, got 0.0 (from PTP_TAU=0)"),
-        (["--method", "bogus"], {}, "--method must be one of fastv, none, pdrop, ptp, random, spatial, vtw"),
+        (["--method", "bogus"], {}, "--method must be one of fastv, none, pdrop, pool, ptp, random, spatial, tiles, vtw"),
         (["--preset", "bogus"], {}, "--preset must be one of default, ocr, scene"),
         (["--head-agg", "median"], {}, "--head-agg must be one of mean, max"),
     ],

@@ -85,7 +85,8 @@ def test_predictions_are_scored_with_errors_and_missing_counted(tmp_path: Path, 
     assert run["groups"]["count"] == {"n": 2, "n_errors": 1, "scores": {"exact": 0.5}, "retention": 0.5}
     assert run["groups"]["colour"]["scores"] == {"exact": 0.0}
     assert "1 gold records have no prediction" in proc.stderr and "1 prediction rows match no gold" in proc.stderr
-    table = proc.stdout.splitlines()
+    title, blank, *table = proc.stdout.splitlines()  # the title: model (unknown: rows without settings), n, gold
+    assert title.startswith("model unknown, n = 4, ") and title.endswith("gold.jsonl") and blank == ""
     assert table[0].startswith("| run | method | ratio | n | errors | exact | retention |")
     assert table[3].startswith("| ptp | ptp | 0.5 | 4 | 2 | 25.0 | 25.0 |")
     assert "type = colour" in proc.stdout and "type = count" in proc.stdout

@@ -342,7 +342,7 @@ def test_validate_names_the_option():
     for option, kwargs in cases.items():  # building the config checks the ranges; check_layers the depth
         with pytest.raises(UsageError, match=option):
             PruneConfig(**kwargs).check_layers(CFG)
-    with pytest.raises(UsageError, match=r"--method.*fastv, none, pdrop, ptp, random, spatial, vtw"):
+    with pytest.raises(UsageError, match=r"--method.*fastv, none, pdrop, pool, ptp, random, spatial, tiles, vtw"):
         PruneConfig(method="bogus")
     # Layer options are checked only for the method that uses them: a 1-layer LLM has no FastV layer.
     one_layer = replace(CFG, llm=replace(CFG.llm, num_layers=1))

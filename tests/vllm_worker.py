@@ -45,7 +45,8 @@ def main() -> None:
                                   kv_cache_bytes=a.kv_cache_bytes)
         out = {"max_model_len": generator.max_model_len, "runs": []}
         for method, ratio, vit_prune in RUNS:
-            config = dataclasses.replace(base, prune=PruneConfig(method=method, ratio=ratio, vit_prune=vit_prune))
+            config = dataclasses.replace(base, prune=PruneConfig(method=method, ratio=ratio, vit_prune=vit_prune,
+                                                                              positions="contiguous"))
             ours = Pipeline(loaded, config)
             theirs = Pipeline(loaded, dataclasses.replace(config, engine="vllm"), engine=VLLMEngine(
                 loaded.model, image_token_id=loaded.image_token_id, method=make_method(config.prune, loaded.cfg),
@@ -56,7 +57,7 @@ def main() -> None:
                 "vllm": [essence(r) for r in theirs.infer(iter_records(a.records))],
             })
         # Last, as a run does: ptp keeps only the layers PTP's probe reads; vLLM must answer as before.
-        config = dataclasses.replace(base, engine="vllm", prune=PruneConfig(method="ptp", ratio=0.5))
+        config = dataclasses.replace(base, engine="vllm", prune=PruneConfig(method="ptp", ratio=0.5, positions="contiguous"))
         method = make_method(config.prune, loaded.cfg)
         out["layers_kept"] = free_unused_layers(loaded.model, [method])
         trimmed = Pipeline(loaded, config, engine=VLLMEngine(

@@ -6,6 +6,7 @@ full-size model on a CPU unless forced).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import platform
@@ -106,6 +107,11 @@ class Plan:
             )
 
 
+def _retiled(config: BenchConfig, bench_model: BenchModel, prune: PruneConfig, dtype: torch.dtype) -> list[Request]:
+    """The batch on the fewer tiles the ``tiles`` baseline reads the same image with."""
+    return build_workload(config, bench_model.cfg, bench_model.ids, dtype=dtype, retile_ratio=prune.ratio).requests
+
+
 def _vllm_runners(config: BenchConfig, bench_model: BenchModel, requests: list[Request], *, device: torch.device,
                   dtype: torch.dtype) -> list[Runner]:
     """The pre-LLM rows again, with vLLM generating from ptp's pruned embeddings (one vLLM for all of them;
@@ -123,8 +129,11 @@ def _vllm_runners(config: BenchConfig, bench_model: BenchModel, requests: list[R
         method = make_method(prune, bench_model.cfg)
         if method.prunes_in_llm:  # in-LLM methods run on ptp's engine only
             continue
+        # vLLM numbers prompt embeddings 0..n-1: its rows run with contiguous positions (the cost is the same)
+        method = make_method(dataclasses.replace(prune, positions="contiguous"), bench_model.cfg)
         engine = VLLMEngine(bench_model.model, image_token_id=bench_model.ids.image, method=method, generator=generator)
-        runners.append(PtpRunner(f"vllm {name}", engine, requests, device=device, own_weights=0,
+        rows = _retiled(config, bench_model, prune, dtype) if method.retiles else requests
+        runners.append(PtpRunner(f"vllm {name}", engine, rows, device=device, own_weights=0,
                                  ratio=prune.ratio if method.uses_ratio else None))
     return runners
 
@@ -182,8 +191,9 @@ def run_bench(config: BenchConfig, *, log: Callable[[str], None] | None = None) 
     ptp_runners = []
     for name, prune in row_plan(config, cfg):
         method = make_method(prune, cfg)
+        rows = _retiled(config, bench_model, prune, dtype) if method.retiles else requests
         ptp_runners.append(PtpRunner(
-            name, Engine(bench_model.model, image_token_id=bench_model.ids.image, method=method), requests,
+            name, Engine(bench_model.model, image_token_id=bench_model.ids.image, method=method), rows,
             device=device, own_weights=ptp_weights, ratio=prune.ratio if method.uses_ratio else None,
         ))
     runners += ptp_runners

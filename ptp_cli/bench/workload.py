@@ -156,28 +156,33 @@ class Workload:
         return len(self.requests[0].ids)
 
 
-def input_processor(config: BenchConfig, cfg: ModelConfig, ids: TokenIds, *, dtype: torch.dtype) -> InputProcessor:
-    """The ``InputProcessor`` of the benchmark: the model's tiling, synthetic prompts, exactly N new tokens."""
+def input_processor(config: BenchConfig, cfg: ModelConfig, ids: TokenIds, *, dtype: torch.dtype,
+                    retile_ratio: float | None = None) -> InputProcessor:
+    """The ``InputProcessor`` of the benchmark: the model's tiling, synthetic prompts, exactly N new tokens
+    (``retile_ratio``: the ``tiles`` baseline's fewer tiles)."""
     return InputProcessor(
         encoder=SyntheticEncoder(ids, question_tokens=config.question_tokens, seed=config.seed),
         tiling=TilingOptions.from_config(cfg, max_tiles=config.max_tiles), tokens_per_tile=cfg.tokens_per_tile,
         defaults=RequestDefaults(max_new_tokens=config.new_tokens, seed=config.seed, ignore_eos=True),
-        pixel_dtype=dtype,
+        pixel_dtype=dtype, retile_ratio=retile_ratio,
     )
 
 
-def build_workload(config: BenchConfig, cfg: ModelConfig, ids: TokenIds, *, dtype: torch.dtype) -> Workload:
+def build_workload(config: BenchConfig, cfg: ModelConfig, ids: TokenIds, *, dtype: torch.dtype,
+                   retile_ratio: float | None = None) -> Workload:
     """One synthetic JPEG, read and tiled as ``ptp infer`` reads a record's image (timed), and ``batch_size``
-    requests on its tiles."""
-    processor = input_processor(config, cfg, ids, dtype=dtype)
-    times, pixels = [], None
+    requests on its tiles (fewer of them for the ``tiles`` baseline: ``retile_ratio``)."""
+    processor = input_processor(config, cfg, ids, dtype=dtype, retile_ratio=retile_ratio)
+    times, pixels, full = [], None, None
     with tempfile.TemporaryDirectory(prefix="ptp-bench-") as tmp:
         path = Path(tmp) / "synthetic.jpg"
         synthetic_image(*config.image_size, seed=config.seed).save(path, format="JPEG", quality=90)
         for _ in range(PREPROCESS_RUNS):
             t0 = time.perf_counter()
-            pixels = processor.load_tiles(path, processor.tiling)  # [T, 3, 448, 448]
+            pixels, full = processor.load_retiled(path, processor.tiling)  # [T, 3, 448, 448]
             times.append(time.perf_counter() - t0)
     assert pixels is not None
     requests = [processor.request(f"sample {i}", pixels) for i in range(config.batch_size)]
+    for r in requests:
+        r.full_tiles = full
     return Workload(requests, statistics.median(times))

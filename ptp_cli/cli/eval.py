@@ -6,6 +6,7 @@ pruning settings other than method and ratio) are ``ptp infer``'s own, taken fro
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -77,6 +78,18 @@ def parse_vit_prunes(text: str | None) -> tuple[float, ...]:
     return values
 
 
+def parse_positions(text: str | None) -> tuple[str, ...]:
+    """``"original,contiguous"`` -> a grid axis of position modes, each once; one mode or none given: ``()``
+    (every run takes the one setting). UsageError for an unknown mode."""
+    from ptp_cli.pruning.catalog import POSITION_MODES
+
+    modes = tuple(dict.fromkeys(p.strip() for p in (text or "").split(",") if p.strip()))
+    if bad := [m for m in modes if m not in POSITION_MODES]:
+        raise UsageError(f"--positions must be {' or '.join(POSITION_MODES)} (comma-separated for a grid axis), "
+                         f"got {bad[0]!r}")
+    return modes if len(modes) > 1 else ()
+
+
 def _grid_runs(gold: Path, resolved: opt.Resolved, *, methods: str, ratios: str, out_dir: Path | None,
                log: Log, alphas: str | None = None, ablations: bool = False,
                vit_prunes: str | None = None) -> list[tuple[str, Path]]:
@@ -88,13 +101,17 @@ def _grid_runs(gold: Path, resolved: opt.Resolved, *, methods: str, ratios: str,
     names, values = parse_grid(methods, ratios)
     stage1 = parse_vit_prunes(vit_prunes)
     alpha_values = parse_alphas(alphas)
+    modes = parse_positions(resolved.get("positions"))
+    if modes:  # the axis: each run sets its own mode; the base config takes the first
+        resolved = dataclasses.replace(resolved, values={**resolved.values, "positions": modes[0]})
     config = opt.run_config(resolved)
     from ptp_cli.eval.grid import ptp_variants, run_grid
 
     extra = tuple(ptp_variants(config.prune, values, alphas=alpha_values, ablations=ablations))
     try:
-        return [(spec.name, path) for spec, path in run_grid(gold, config, methods=names, ratios=values,
-                                                             out_dir=out_dir, extra=extra, vit_prunes=stage1, log=log)]
+        return [(spec.name, path) for spec, path in
+                run_grid(gold, config, methods=names, ratios=values, positions=modes, out_dir=out_dir, extra=extra,
+                         vit_prunes=stage1, log=log)]
     except UsageError as e:
         raise resolved.explain(e) from None
 
@@ -159,7 +176,10 @@ def eval_command(
         except KeyboardInterrupt:
             log("interrupted; run the same command again to continue where it stopped")
             raise typer.Exit(EXIT_INTERRUPTED) from None
-    report = Report(_score(golds, runs, log), by=by)
+    scored = _score(golds, runs, log)
+    model = next((r.model for r in scored if r.model), None) or resolved.get("model")
+    title = f"{model or 'model unknown'}, n = {len(golds)}, {gold}"
+    report = Report(scored, by=by, title=title)
     typer.echo(format_markdown(report), nl=False)
     if json_out is not None:
         json_out.write_bytes(report.to_json())

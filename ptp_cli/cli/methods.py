@@ -9,7 +9,18 @@ from typing import Annotated, Any
 import typer
 
 from ptp_cli.pruning import METHODS, PRESETS  # the registry by name and the settings: no torch
+from ptp_cli.pruning.catalog import POSITION_MODES
 from ptp_cli.settings import SETTINGS
+
+
+def position_note(name: str) -> str:
+    """How method ``name`` numbers the kept visual tokens for RoPE: what ``--positions`` does to it."""
+    caps = METHODS[name].capabilities
+    if caps.prunes_in_llm:
+        return "keeps original positions (in the LLM: --positions does not apply)"
+    if not caps.uses_ratio:
+        return "every token at its own position"
+    return f"--positions {'|'.join(POSITION_MODES)}"
 
 
 def _show(value: Any) -> str:
@@ -27,11 +38,13 @@ def methods_command(
     presets = {name: {option.get(k, k): v for k, v in dataclasses.asdict(cfg).items()} for name, cfg in PRESETS.items()}
     in_vit = [name for name, entry in sorted(METHODS.items()) if entry.capabilities.prunes_in_vit]
     if as_json:
-        typer.echo(json.dumps({"methods": methods, "vit_prune": in_vit, "presets": presets}, indent=2))
+        positions = {name: position_note(name) for name in methods}
+        typer.echo(json.dumps({"methods": methods, "vit_prune": in_vit, "positions": positions, "presets": presets},
+                              indent=2))
         return
     width = max(map(len, [*methods, *presets]))
     lines = ["Pruning methods (--method NAME):"]
-    lines += [f"  {name:<{width}}  {text}" for name, text in methods.items()]
+    lines += [f"  {name:<{width}}  {text} [{position_note(name)}]" for name, text in methods.items()]
     lines += ["", f"Also inside the ViT (--vit-prune R: after --vit-layer, drop a fraction R of each tile's 2x2 patch "
               f"blocks, then prune the survivors to --ratio): {', '.join(in_vit)}"]
     lines += ["", "Presets (--preset NAME; options given explicitly win; 'auto': set from the model's depth):"]

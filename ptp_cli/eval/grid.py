@@ -1,4 +1,4 @@
-"""The evaluation grid: every (method, ratio) over one gold file, with one loaded model, resumable.
+"""The evaluation grid: every (method, ratio[, positions]) over one gold file, with one loaded model, resumable.
 
 Runs are ``none`` (once), then each method at each ratio; a method that ignores the ratio (vtw,
 pdrop) runs once. Each run writes its rows, in input order, to ``OUT_DIR/<run>.jsonl`` (``none.jsonl``,
@@ -38,11 +38,12 @@ class RunSpec:
 
 
 def plan_runs(base: PruneConfig, pipeline: Pipeline, methods: tuple[str, ...], ratios: tuple[float, ...], *,
-              vit_prunes: tuple[float, ...] = ()) -> list[RunSpec]:
-    """The grid's runs, with ``base`` (preset, alpha, layers, ...) under each method and ratio, and each
-    ``--vit-prunes`` value for the methods that prune inside the ViT (``ptp@0.5,vit=0.25``)."""
+              positions: tuple[str, ...] = (), vit_prunes: tuple[float, ...] = ()) -> list[RunSpec]:
+    """The grid's runs, with ``base`` (preset, alpha, layers, ...) under each method and ratio, each pre-LLM method
+    in each of ``positions`` (``ptp@0.5,positions=original``), and each ``--vit-prunes`` value for the methods that
+    prune inside the ViT (``ptp@0.5,vit=0.25``)."""
     return [RunSpec(name, prune) for name, prune in plan_grid(base, methods, ratios, pipeline.cfg,
-                                                              vit_prunes=vit_prunes)]
+                                                              positions=positions, vit_prunes=vit_prunes)]
 
 
 def ptp_variants(base: PruneConfig, ratios: tuple[float, ...], *, alphas: tuple[float | str, ...] = (),
@@ -115,6 +116,7 @@ def run_grid(
     *,
     methods: tuple[str, ...],
     ratios: tuple[float, ...],
+    positions: tuple[str, ...] = (),
     out_dir: str | Path,
     extra: tuple[RunSpec, ...] = (),
     vit_prunes: tuple[float, ...] = (),
@@ -128,7 +130,7 @@ def run_grid(
     out_dir.mkdir(parents=True, exist_ok=True)
     # The first pipeline only loads the model and plans: vLLM, if asked for, starts once below for every run.
     first = Pipeline.load(dataclasses.replace(config, engine="ptp", prune=dataclasses.replace(config.prune, method="none")))
-    specs = plan_runs(config.prune, first, methods, ratios, vit_prunes=vit_prunes) + list(extra)
+    specs = plan_runs(config.prune, first, methods, ratios, positions=positions, vit_prunes=vit_prunes) + list(extra)
     for spec in extra:  # the grid's own runs are valid by construction; these are checked before any runs
         spec.prune.check_layers(first.cfg)
     cache = VisionCache()  # every run reads the same images: the ViT runs once per image and score layer

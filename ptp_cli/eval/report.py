@@ -2,7 +2,8 @@
 
 Retention is a run's score over the unpruned (``none``) run's score on the same records; with several
 metrics, the mean of the per-metric ratios (the paper's "average retention"). The plot draws the mean
-score of each run against the visual tokens it kept, one line per method, with Pillow.
+score of each run against the visual tokens it kept, one line per method and one panel per metric (metrics are
+never averaged together on an axis), with Pillow.
 """
 
 from __future__ import annotations
@@ -31,12 +32,6 @@ def retention(scores: dict[str, float], base: dict[str, float]) -> float | None:
     return fmean(ratios) if ratios else None
 
 
-def mean_score(scores: dict[str, float]) -> float | None:
-    """The mean of a run's metric scores (the extras of yesno left out): the plot's y."""
-    values = [scores[m] for m in METRICS if m in scores]
-    return fmean(values) if values else None
-
-
 def group_key(value: Any) -> str:
     if value is None:
         return MISSING_GROUP
@@ -54,6 +49,7 @@ def _groups(items: Sequence[Item], by: str) -> dict[str, list[Item]]:
 class Report:
     runs: list[RunScore]  # in the order they are shown; the first `none` run is the baseline
     by: str | None = None  # the gold field of the per-group breakdown
+    title: str | None = None  # what was evaluated: model, n and the gold split (the plot's title, the JSON's)
 
     @property
     def baseline(self) -> RunScore | None:
@@ -83,7 +79,7 @@ class Report:
                         "retention": retention(g_scores, g_base) if g_base is not None else None,
                     }
             runs.append(entry)
-        return {"by": self.by, "runs": runs}
+        return {"title": self.title, "by": self.by, "runs": runs}
 
     def to_json(self) -> bytes:
         return orjson.dumps(self.to_dict(), option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE)
@@ -118,14 +114,15 @@ def format_markdown(report: Report) -> str:
     header = ["run", "method", "ratio", "n", "errors", *labels, "retention", "visual tokens", "TFLOPs", "samples/s"]
     rows = []
     for r in runs:
-        tokens = _num(r["visual_tokens"], ".1f") + ("" if r["visual_before"] is None else f" / {r['visual_before']:.0f}")
+        # whole tokens: a mean of 1889.6 kept is shown as 1890, as the count before pruning is
+        tokens = _num(r["visual_tokens"], ".0f") + ("" if r["visual_before"] is None else f" / {r['visual_before']:.0f}")
         rows.append([
             r["name"], r["method"] or "-", _num(r["ratio"], "g"), str(r["n"]), str(r["n_errors"]),
             *(_num(100 * r["scores"][c] if c in r["scores"] else None, ".1f") for c in cols),
             _num(None if r["retention"] is None else 100 * r["retention"], ".1f"),
             tokens, _num(r["tflops"], ".3g"), _num(r["samples_per_s"], ".3g"),
         ])
-    out = [_table(header, rows)]
+    out = ([report.title] if report.title else []) + [_table(header, rows)]
     if report.by:
         keys = sorted({k for r in runs for k in r["groups"]})
         for key in keys:
@@ -161,29 +158,48 @@ def _ticks(lo: float, hi: float, *, count: int = 5) -> list[float]:
     return [first + i * step for i in range(math.ceil((hi - first) / step) + 1)]
 
 
-def draw_plot(report: Report, path: str | Path) -> None:
-    """Score (mean over metrics) against visual tokens kept per sample, one line per method, as a PNG."""
+def _panel_points(report: Report, metric: str) -> dict[str, list[tuple[float, float]]]:
+    """Per method (and variant), (visual tokens kept, score of ``metric``) of each run that has both."""
     points: dict[str, list[tuple[float, float]]] = {}
     for run in report.runs:
-        y = mean_score(run.scores())
+        y = run.scores().get(metric)
         if run.visual_tokens is None or y is None:
             continue
         variant = run.name.split(",", 1)[1] if "," in run.name else ""  # ptp@0.75,alpha=0: its own line
         points.setdefault(f"{run.method or run.name} {variant}".strip(), []).append((run.visual_tokens, y))
-    if not points:
+    return points
+
+
+def draw_plot(report: Report, path: str | Path) -> None:
+    """Score against visual tokens kept per sample, one line per method, as a PNG: one panel per metric in use
+    (each y axis names its metric; metrics are never averaged together), titled with ``report.title``."""
+    metrics = [m for m in METRICS if _panel_points(report, m)]
+    if not metrics:
         raise ValueError("no run has an answered record to plot")
+    head = 28 if report.title else 0
+    img = Image.new("RGB", (_SIZE[0], head + _SIZE[1] * len(metrics)), "white")
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default(size=14)
+    if report.title:
+        draw.text((_SIZE[0] / 2, 16), report.title, fill="black", font=font, anchor="mm")
+    for k, metric in enumerate(metrics):
+        _draw_panel(draw, font, _panel_points(report, metric), top_offset=head + k * _SIZE[1],
+                    label=f"{_LABELS.get(metric, metric)} (%)")
+    img.save(path, format="PNG", optimize=True)
+
+
+def _draw_panel(draw: ImageDraw.ImageDraw, font: Any, points: dict[str, list[tuple[float, float]]], *,
+                top_offset: int, label: str) -> None:
     xs = [x for pts in points.values() for x, _ in pts]
     x_ticks = _ticks(min(xs) * 0.95, max(xs) * 1.02)
     y_ticks = _ticks(0.0, max(1e-9, max(y for pts in points.values() for _, y in pts)))
     x0, x1, y0, y1 = x_ticks[0], x_ticks[-1], y_ticks[0], y_ticks[-1]
     left, top, right, bottom = _BOX
+    top, bottom = top + top_offset, bottom + top_offset
 
     def at(x: float, y: float) -> tuple[float, float]:
         return (left + (x - x0) / (x1 - x0 or 1) * (right - left), bottom - (y - y0) / (y1 - y0 or 1) * (bottom - top))
 
-    img = Image.new("RGB", _SIZE, "white")
-    draw = ImageDraw.Draw(img)
-    font = ImageFont.load_default(size=14)
     for x in x_ticks:
         px = at(x, y0)[0]
         draw.line([(px, top), (px, bottom)], fill=(230, 230, 230))
@@ -192,10 +208,10 @@ def draw_plot(report: Report, path: str | Path) -> None:
         py = at(x0, y)[1]
         draw.line([(left, py), (right, py)], fill=(230, 230, 230))
         draw.text((left - 6, py), f"{100 * y:g}", fill="black", font=font, anchor="rm")
-    draw.rectangle(_BOX, outline="black")
-    draw.text(((left + right) / 2, _SIZE[1] - 16), "visual tokens kept per sample", fill="black", font=font,
-              anchor="mm")
-    draw.text((8, top - 22), "score (%)", fill="black", font=font)
+    draw.rectangle((left, top, right, bottom), outline="black")
+    draw.text(((left + right) / 2, top_offset + _SIZE[1] - 16), "visual tokens kept per sample", fill="black",
+              font=font, anchor="mm")
+    draw.text((8, top - 22), label, fill="black", font=font)
     for i, (method, pts) in enumerate(sorted(points.items(), key=lambda kv: kv[0] != "none")):
         colour = _PALETTE[i % len(_PALETTE)]
         xy = [at(x, y) for x, y in sorted(pts)]
@@ -210,4 +226,3 @@ def draw_plot(report: Report, path: str | Path) -> None:
         draw.line([(right + 20, ly), (right + 44, ly)], fill=colour, width=3)
         draw.ellipse([right + 28, ly - 4, right + 36, ly + 4], fill=colour)
         draw.text((right + 52, ly), method, fill="black", font=font, anchor="lm")
-    img.save(path, format="PNG", optimize=True)

@@ -85,6 +85,7 @@ class RunScore:
     tflops: float | None = None  # mean TFLOPs per answered sample
     samples_per_s: float | None = None  # engine throughput: answered samples / summed per-sample batch time
     source: str | None = None  # the predictions file
+    model: str | None = None  # from the rows' settings
 
     @property
     def n(self) -> int:
@@ -192,7 +193,7 @@ def score_run(
     ratio = settings.get("ratio")
     return RunScore(
         name=name, method=settings.get("method"), ratio=float(ratio) if isinstance(ratio, int | float) else None,
-        items=items, n_unmatched=unmatched, source=source, **_run_stats(answered),
+        items=items, n_unmatched=unmatched, source=source, model=settings.get("model"), **_run_stats(answered),
     )
 
 

@@ -23,6 +23,7 @@ import torch
 from ptp_cli.errors import PromptTooLongError, RecordError
 from ptp_cli.io.records import Record
 from ptp_cli.preprocess.image import DEFAULT_MAX_PIXELS, TilingOptions, load_image, record_tiling
+from ptp_cli.preprocess.retile import fewer_tiles
 from ptp_cli.run.engine import Request
 from ptp_cli.text.chat_template import Prompter
 from ptp_cli.text.prompts import PromptIds
@@ -54,6 +55,7 @@ class InputProcessor:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         max_positions: int | None = None,
         max_prompt_tokens: int | None = None,
+        retile_ratio: float | None = None,
     ) -> None:
         self.encoder = encoder  # the prompt step (chat_template.Prompter: a template, the checkpoint's own, ...)
         self.tiling = tiling  # the run's tiling; records may override max_tiles/min_tiles
@@ -65,6 +67,8 @@ class InputProcessor:
         self.max_pixels = max_pixels  # decompression-bomb guard
         self.max_positions = max_positions  # the model's positions: prompt + generated tokens must fit
         self.max_prompt_tokens = max_prompt_tokens  # the user's cap on a prompt's tokens (None: no cap)
+        # The ``tiles`` baseline's ratio: images get the fewer tiles that fit its budget (``retile``); None: no
+        self.retile_ratio = retile_ratio
 
     # ------------------------------------------------------------------------------------------ steps
 
@@ -74,7 +78,16 @@ class InputProcessor:
 
     def load_tiles(self, image: Path, tiling: TilingOptions) -> torch.Tensor:
         """Read ``image`` and tile it: ``[T, 3, S, S]`` in ``pixel_dtype``. Raises ``ImageError``."""
-        return tiling.preprocess(load_image(image, max_pixels=self.max_pixels)).to(self.pixel_dtype)
+        return self.load_retiled(image, tiling)[0]
+
+    def load_retiled(self, image: Path, tiling: TilingOptions) -> tuple[torch.Tensor, int | None]:
+        """``load_tiles``, on fewer tiles with ``retile_ratio``: (tiles, the tile count before, or None)."""
+        picture = load_image(image, max_pixels=self.max_pixels)
+        full = None
+        if self.retile_ratio is not None:
+            tiling, full = fewer_tiles(tiling, *picture.size, ratio=self.retile_ratio,
+                                       tokens_per_tile=self.tokens_per_tile)
+        return tiling.preprocess(picture).to(self.pixel_dtype), full
 
     def encode(self, question: str, *, num_image_tokens: int) -> PromptIds:
         """The prompt step, done by ``self.encoder``; a question that makes no valid prompt is a RecordError."""
@@ -131,5 +144,7 @@ class InputProcessor:
     def process(self, record: Record) -> Request:
         """Load, tile and encode one record. Raises ``RecordError`` (or a subclass) for bad input only."""
         tiling = self.tiling_for(record.overrides)
-        pixels = self.load_tiles(record.image, tiling)
-        return self.request(record.question, pixels, tiling=tiling, overrides=record.overrides)
+        pixels, full = self.load_retiled(record.image, tiling)
+        request = self.request(record.question, pixels, tiling=tiling, overrides=record.overrides)
+        request.full_tiles = full
+        return request

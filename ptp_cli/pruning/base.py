@@ -42,6 +42,9 @@ class VisualContext:
     # Per sample, the tokens that survived pruning inside the ViT (sorted indices in [0, T_i * 256); None: all);
     # ``select`` keeps a subset of them. With stage 1, cls and token_scores come from the pruned ViT's layers.
     available: list[torch.Tensor | None] | None = None
+    # Tiles each sample would have had before a ``retiles`` method asked for fewer (its budget's base); empty:
+    # the same as ``tiles``
+    full_tiles: list[int] = field(default_factory=list)
     # Per sample, what the method reports about its choice (PTP: the alpha used and its signals): ``select``
     # may fill these dicts; the engine returns them in ``Result.pruning`` and the pipeline writes them to the
     # row under "pruning". Empty dicts (one per sample) unless given.
@@ -50,6 +53,8 @@ class VisualContext:
     def __post_init__(self) -> None:
         if not self.notes:
             self.notes = [{} for _ in self.tiles]
+        if not self.full_tiles:
+            self.full_tiles = list(self.tiles)
 
 
 @dataclass
@@ -76,6 +81,7 @@ class PruningMethod:
     needs_probe: ClassVar[bool] = False  # may ask for the instruction probe (``probe_layer``)
     prunes_in_llm: ClassVar[bool] = False  # drops tokens between LLM layers (``drop_layers``, ``after_layer``)
     prunes_in_vit: ClassVar[bool] = False  # can drop patch blocks inside the ViT (``vit_prune_layer``, ``vit_select``)
+    retiles: ClassVar[bool] = False  # the input step gives it fewer tiles (``retile.fewer_tiles``)
 
     @classmethod
     def build(cls, cfg: PruneConfig, model_cfg: ModelConfig) -> PruningMethod:
@@ -113,6 +119,16 @@ class PruningMethod:
         in [0, T_i*256). ``ctx`` holds the CLS embeddings and token scores of layer ``vit_prune_layer``."""
         raise NotImplementedError(f"{self.name} does not prune inside the ViT")
 
+    def merge_features(self, ctx: VisualContext, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per sample, the visual features [T_i*256, D] the kept tokens take theirs from (after ``select``): a
+        method that merges tokens (``pool``) writes each merged token over the index it keeps."""
+        return features
+
+    def original_positions(self) -> bool:
+        """Whether the kept visual tokens (and the text after them) keep the RoPE positions they had in the
+        unpruned prompt; False: the pruned prompt is numbered 0..n-1, as if the image had given only those."""
+        return False
+
     def drop_layers(self) -> frozenset[int]:
         """Layers j after which ``after_layer`` is called during prefill."""
         return frozenset()
@@ -146,3 +162,6 @@ class ConfiguredMethod(PruningMethod):
 
     def head_aggregation(self) -> str:
         return self.cfg.head_agg
+
+    def original_positions(self) -> bool:
+        return self.cfg.positions == "original"  # in-LLM methods keep positions whatever this says

@@ -25,6 +25,7 @@ class Capabilities:
     # so the engine runs the LLM layer by layer; False: it prunes before the LLM (``select``) or not at all
     prunes_in_vit: bool = False  # can also drop patch blocks inside the ViT (--vit-prune: ``vit_prune_layer``,
     # ``vit_select``), then choose its final tokens among the survivors
+    retiles: bool = False  # the input step re-tiles the image to fewer tiles that fit the budget (``tiles``)
 
     @classmethod
     def of(cls, method: type) -> Capabilities:
@@ -40,6 +41,7 @@ class MethodEntry:
 
 
 _PRE_LLM = "ptp_cli.pruning.baselines"
+_DOWNSAMPLE = "ptp_cli.pruning.downsample"
 _IN_LLM = "ptp_cli.pruning.inllm"
 _IN_LLM_ONLY = Capabilities(uses_ratio=False, prunes_in_llm=True)
 
@@ -53,6 +55,12 @@ METHODS: dict[str, MethodEntry] = {
                           f"{_PRE_LLM}:RandomPruning", Capabilities(prunes_in_vit=True)),
     "spatial": MethodEntry("Per tile, a regular grid of b_i tokens; b_i are PTP's budgets (CLS-similarity regions, "
                            "or uniform).", f"{_PRE_LLM}:SpatialPruning", Capabilities(prunes_in_vit=True)),
+    "pool": MethodEntry("Per tile, b_i groups of neighbouring tokens averaged into one each (2x1 at ratio 0.5, 2x2 at "
+                        "0.75), at the group's first token; uniform b_i summing to K.", f"{_DOWNSAMPLE}:PoolPruning",
+                        Capabilities()),
+    "tiles": MethodEntry("Fewer tiles: the image re-tiled with the most tiles (thumbnail kept) whose tokens fit K; one "
+                         "view over K is pooled down to it.", f"{_DOWNSAMPLE}:TilesPruning",
+                         Capabilities(retiles=True)),
     "fastv": MethodEntry("After layer K_f, keep the (1 - ratio) visual tokens with the most mean attention received "
                          "at layer K_f - 1.", f"{_IN_LLM}:FastV", Capabilities(prunes_in_llm=True)),
     "vtw": MethodEntry("Visual Token Withdrawal: no visual token after layer K_w (default half the layers).",
@@ -60,6 +68,9 @@ METHODS: dict[str, MethodEntry] = {
     "pdrop": MethodEntry("After each stage layer, keep pdrop_keep of the remaining visual tokens, ranked by the last "
                          "prompt token's attention at that layer.", f"{_IN_LLM}:PyramidDrop", _IN_LLM_ONLY),
 }
+
+# How the kept visual tokens of a pre-LLM method are numbered for RoPE (``PruneConfig.positions``).
+POSITION_MODES = ("original", "contiguous")
 
 # Named starting points (the paper's findings): the settings each changes from PruneConfig's defaults.
 PRESETS: dict[str, dict[str, Any]] = {

@@ -43,6 +43,11 @@ class PruneConfig:
     pdrop_keep: float = default("pdrop_keep")  # fraction of the remaining visual tokens each stage keeps
     # Stage 1 inside the ViT (ptp, random, spatial): after ViT layer vit_layer, drop this fraction of the 2x2 patch
     # blocks (one block = one LLM token) and run the later ViT layers on the rest; in [0, ratio], 0: off
+    # RoPE positions after pre-LLM pruning: "original" (each kept token, and the text after the image, keeps its
+    # unpruned position; the default, from docs/accuracy.md's measurements) or "contiguous" (the pruned prompt
+    # numbered 0..n-1: the paper's reading, and what vLLM's prompt embeddings allow); in-LLM methods always keep
+    # positions
+    positions: str = default("positions")
     vit_prune: float = default("vit_prune")
     vit_prune_thumbnail: bool = default("vit_prune_thumbnail")  # stage 1 prunes the thumbnail too (False: whole)
 
@@ -95,21 +100,26 @@ PRESETS: dict[str, PruneConfig] = {name: replace(PruneConfig(), **changes) for n
 
 
 def plan_grid(base: PruneConfig, methods: tuple[str, ...], ratios: tuple[float, ...], model_cfg: ModelConfig, *,
-              vit_prunes: tuple[float, ...] = ()) -> list[tuple[str, PruneConfig]]:
+              positions: tuple[str, ...] = (), vit_prunes: tuple[float, ...] = ()) -> list[tuple[str, PruneConfig]]:
     """The runs of a (method x ratio) grid over ``base``, as ``ptp eval`` and ``ptp bench`` both plan them:
-    ("ptp@0.5", settings) per ratio for a method that uses one, ("none", settings) once for one that does not,
-    and for a method that prunes inside the ViT, ("ptp@0.5,vit=0.25", settings) per value of ``vit_prunes`` up
-    to the ratio. Each method's settings are checked against the model before any run starts."""
+    ("ptp@0.5", settings) per ratio for a method that uses one, ("none", settings) once for one that does not;
+    with ``positions`` (a grid axis), each pre-LLM method once per mode ("ptp@0.5,positions=original"); and for a
+    method that prunes inside the ViT, ("ptp@0.5,vit=0.25", settings) per value of ``vit_prunes`` up to the
+    ratio. Each method's settings are checked against the model before any run starts."""
     runs: list[tuple[str, PruneConfig]] = []
     for method in methods:
         cls = catalog.method_class(method)
         vit = base.vit_prune if cls.prunes_in_vit else 0.0  # --vit-prune applies where the method can
         per_ratio = [replace(base, method=method, ratio=r, vit_prune=vit) for r in ratios]
         per_ratio[0].check_layers(model_cfg)  # a bad layer fails before anything runs or is built
-        if cls.uses_ratio:
-            runs += [(f"{method}@{r:g}", p) for r, p in zip(ratios, per_ratio, strict=True)]
-        else:  # none, vtw, pdrop: the ratio changes nothing
+        if not cls.uses_ratio:  # none, vtw, pdrop: the ratio changes nothing (and they keep positions)
             runs.append((method, per_ratio[0]))
+            continue
+        for r, p in zip(ratios, per_ratio, strict=True):
+            if not positions or cls.prunes_in_llm:
+                runs.append((f"{method}@{r:g}", p))
+            else:
+                runs += [(f"{method}@{r:g},positions={mode}", replace(p, positions=mode)) for mode in positions]
         if cls.prunes_in_vit:
             runs += [(f"{method}@{r:g},vit={v:g}", replace(base, method=method, ratio=r, vit_prune=v))
                      for r in ratios for v in vit_prunes if 0 < v <= r]

@@ -24,7 +24,9 @@ from ptp_cli.models.llm import LayerCache, sequence_lengths
 from ptp_cli.pruning.base import LayerState, NoPruning, PruningMethod, VisualContext
 from ptp_cli.pruning.scores import instruction_scores, vit_token_scores
 from ptp_cli.run import flops as F
+from ptp_cli.run.batching import compact, right_pad
 from ptp_cli.run.devices import StageClock, out_of_memory_stage
+from ptp_cli.run.positions import contiguous_positions, pad_positions, unpruned_positions
 from ptp_cli.run.vision_cache import VisionCache, VisionEntry
 from ptp_cli.run.vision_prune import encode_pruned
 
@@ -43,6 +45,7 @@ class Request:
     seed: int = 0  # sampling (and random pruning) seed
     has_thumbnail: bool = True  # the last tile is a thumbnail (set False for a single-tile image)
     ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
+    full_tiles: int | None = None  # tiles before a ``retiles`` method re-tiled the image (None: num_tiles)
 
     @property
     def num_tiles(self) -> int:
@@ -55,7 +58,7 @@ class Result:
     logprobs: list[float]  # log-probability of each generated token under the model (temperature 1)
     finish_reason: str  # "stop" | "length"
     prompt_tokens: int  # tokens the LLM's first layer saw (pruned prompt)
-    visual_before: int  # visual tokens from the ViT
+    visual_before: int  # visual tokens from the ViT (``tiles``: of the tiling it replaced)
     visual_after: int  # visual tokens entering the LLM
     visual_after_per_tile: list[int]  # kept per tile
     kept: list[int]  # kept visual token indices in [0, visual_before) (tile t, token i -> 256*t + i)
@@ -64,18 +67,6 @@ class Result:
     timing: dict[str, float] = field(default_factory=dict)  # seconds per stage of the batch this ran in
     batch_size: int = 1  # requests in that batch
     pruning: dict[str, Any] = field(default_factory=dict)  # the method's notes on this sample (PTP: alpha, signals)
-
-
-def _right_pad(rows: list[torch.Tensor], length: int, value) -> torch.Tensor:
-    """Stack 1-D (or [S, D]) tensors right-padded to ``length``.
-
-    Right padding keeps prefill exactly causal for every real token (padding comes after it), so attention
-    needs no mask there and SDPA can use its fastest kernels.
-    """
-    out = rows[0].new_full((len(rows), length, *rows[0].shape[1:]), value)
-    for i, r in enumerate(rows):
-        out[i, : r.shape[0]] = r
-    return out
 
 
 @dataclass
@@ -94,6 +85,7 @@ class Selection:
 
     keep: list[torch.Tensor | None]  # [K_i] kept visual token indices in [0, T_i * 256), or None: all of them
     notes: list[dict[str, Any]]  # what the method noted about each choice (``VisualContext.notes``)
+    features: list[torch.Tensor]  # [T_i * 256, D] what kept tokens take their features from (merged by ``pool``)
 
 
 @dataclass
@@ -104,7 +96,7 @@ class Prompts:
     kept: list[torch.Tensor]  # [K_i] kept visual token indices in [0, T_i * 256)
     x: torch.Tensor  # [B, S, D] embeddings, visual features written over their placeholders
     valid: torch.Tensor  # [B, S] real tokens (padding at the end of each row)
-    positions: torch.Tensor  # [B, S] contiguous positions per sample
+    positions: torch.Tensor  # [B, S] RoPE positions: contiguous, or the unpruned ones (``positions.py``)
     visual: torch.Tensor  # [B, S] kept visual tokens
     instruction: torch.Tensor  # [B, S] the question's tokens
 
@@ -144,9 +136,9 @@ class Engine:
         if not requests:
             return []
         clock = StageClock(self.model.device)
-        visual, selection = self.encode_and_select(requests, clock)
+        _, selection = self.encode_and_select(requests, clock)
         with out_of_memory_stage("prefill"):
-            prompts = self.build_prompts(requests, visual.features, selection.keep)
+            prompts = self.build_prompts(requests, selection.features, selection.keep)
             state = self.prefill(prompts, room=max(r.max_new_tokens for r in requests))
         clock.lap("prefill")
         with out_of_memory_stage("decode"):
@@ -251,21 +243,25 @@ class Engine:
             token_scores=visual.token_scores,
             instruction_scores=self.probe(requests, visual.features, visual.available)
             if m.probe_layer() is not None else None, seeds=[r.seed for r in requests], available=visual.available,
+            full_tiles=[r.full_tiles or r.num_tiles for r in requests],
         )
-        return Selection(keep=m.select(ctx), notes=ctx.notes)
+        keep = m.select(ctx)
+        return Selection(keep=keep, notes=ctx.notes, features=m.merge_features(ctx, visual.features))
 
     def build_prompts(
         self, requests: Sequence[Request], features: list[torch.Tensor], keep: Sequence[torch.Tensor | None]
     ) -> Prompts:
-        """Drop the placeholders (and features) of discarded visual tokens, embed, right-pad."""
+        """Drop the placeholders (and features) of discarded visual tokens, embed, right-pad; positions as the
+        method says (contiguous, or the unpruned ones)."""
         dev = self.model.device
-        ids, kept, spans = [], [], []
+        ids, kept, spans, unpruned = [], [], [], []
         for r, v, k in zip(requests, features, keep, strict=True):
             n = v.shape[0]
             k = torch.arange(n, device=dev) if k is None else k.to(dev)
             row = torch.tensor(r.ids, device=dev)
             ids.append(torch.cat([row[: r.image_start], row[r.image_start + k], row[r.image_start + n :]]))
             kept.append(k)
+            unpruned.append(unpruned_positions(prompt_len=len(r.ids), image_start=r.image_start, num_visual=n, kept=k))
             dropped = n - k.numel()
             spans.append((r.image_start, r.image_start + k.numel(), r.instruction[0] - dropped,
                           r.instruction[1] - dropped))
@@ -276,15 +272,16 @@ class Engine:
             e = emb(row)  # [S_i, D]
             e[v0 : v0 + k.numel()] = v[k].to(e.dtype)
             rows.append(e)
-        valid = _right_pad([torch.ones(len(i), dtype=torch.bool, device=dev) for i in ids], s, False)
+        valid = right_pad([torch.ones(len(i), dtype=torch.bool, device=dev) for i in ids], s, False)
         visual = torch.zeros(b, s, dtype=torch.bool, device=dev)
         instruction = torch.zeros_like(visual)
         for i, (v0, v1, q0, q1) in enumerate(spans):
             visual[i, v0:v1] = True
             instruction[i, q0:q1] = True
         return Prompts(
-            ids=ids, kept=kept, x=_right_pad(rows, s, 0.0), valid=valid,
-            positions=(valid.long().cumsum(-1) - 1).clamp(min=0), visual=visual, instruction=instruction,
+            ids=ids, kept=kept, x=right_pad(rows, s, 0.0), valid=valid, visual=visual, instruction=instruction,
+            positions=pad_positions(unpruned, valid) if self.method.original_positions()
+            else contiguous_positions(valid),
         )
 
     @torch.inference_mode()
@@ -313,7 +310,7 @@ class Engine:
                     instruction=instr, last=valid.sum(-1) - 1,
                 ))
                 if mask is not None:
-                    x, valid, positions, visual, instr = self._compact(
+                    x, valid, positions, visual, instr = compact(
                         mask & valid, x, valid, positions, visual, instr
                     )
                     cos, sin = lm.rotary(positions, x.dtype, lengths=lengths)
@@ -380,20 +377,6 @@ class Engine:
             tok[i] = torch.multinomial(probs, 1, generator=gens[i])[0]
         return tok
 
-    @staticmethod
-    def _compact(keep: torch.Tensor, *tensors: torch.Tensor):
-        """Gather each row's kept positions into a shorter right-padded batch. keep: [B, S]."""
-        b, s = keep.shape
-        width = int(keep.sum(-1).max())
-        dest = keep.long().cumsum(-1) - 1  # [B, S] destination slot of every kept token, in original order
-        rows = torch.arange(b, device=keep.device)[:, None].expand(b, s)
-        out = []
-        for t in tensors:
-            o = t.new_zeros((b, width, *t.shape[2:]))
-            o[rows[keep], dest[keep]] = t[keep]
-            out.append(o)
-        return out
-
     def _results(
         self, requests: Sequence[Request], prompts: Prompts, layer_tokens: torch.Tensor, tokens: torch.Tensor,
         logps: torch.Tensor, times: dict[str, float], notes: list[dict[str, Any]],
@@ -443,7 +426,7 @@ class Engine:
         )
         return Result(
             tokens=tokens, logprobs=logprobs, finish_reason=finish_reason, prompt_tokens=prompt_tokens,
-            visual_before=r.num_tiles * ntok, visual_after=len(kept), visual_after_per_tile=per_tile,
+            visual_before=(r.full_tiles or r.num_tiles) * ntok, visual_after=len(kept), visual_after_per_tile=per_tile,
             kept=kept, layer_lengths=layer_lengths, flops=fl.as_dict(), timing=dict(timing),
             batch_size=batch_size, pruning=notes,
         )

@@ -102,6 +102,7 @@ class Pipeline:
             encoder=self.prompter, tiling=self.tiling, tokens_per_tile=self.cfg.tokens_per_tile,
             pixel_dtype=loaded.model.dtype, max_pixels=config.max_pixels,
             max_positions=max_positions, max_prompt_tokens=config.max_prompt_tokens,
+            retile_ratio=config.prune.ratio if self.engine.method.retiles else None,
             defaults=RequestDefaults(
                 max_new_tokens=config.max_new_tokens, temperature=config.temperature, seed=config.seed
             ),

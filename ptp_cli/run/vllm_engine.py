@@ -5,8 +5,8 @@ the first ``llm_layer + 1`` decoder layers on the unpruned prompt) and its selec
 pruned prompt. vLLM then prefills and decodes from those embeddings (``prompt_embeds``) with its own scheduler,
 paged KV cache and kernels. It loads the LLM part of the checkpoint as a plain transformers causal LM (an "LLM
 view", written once under ``$PTP_HOME/vllm``), so no remote code runs. Only pre-LLM methods can be served:
-vLLM's layers cannot drop tokens between them, and it numbers prompt embeddings 0..n-1 (ptp's positions for
-pre-LLM pruning are contiguous too).
+vLLM's layers cannot drop tokens between them, and it numbers prompt embeddings 0..n-1, so it serves
+``--positions contiguous`` only (``original`` needs explicit positions, which its prompt-embedding input lacks).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from ptp_cli.pruning.base import PruningMethod
 from ptp_cli.run.devices import StageClock, out_of_memory_stage
 from ptp_cli.run.engine import Engine, Request, Result
 from ptp_cli.run.vision_cache import VisionCache
-from ptp_cli.run_config import in_llm_with_vllm
+from ptp_cli.run_config import in_llm_with_vllm, original_positions_with_vllm
 
 VIEW_FORMAT = 1  # bump when the LLM view's files change
 INSTALL_HINT = (
@@ -40,9 +40,12 @@ KV_BLOCK = 128  # tokens per block of vLLM's paged KV cache (its CPU default; GP
 
 
 def refuse_in_llm(method: PruningMethod) -> None:
-    """vLLM's decoder layers keep every token: a method that drops tokens between layers runs on ptp's engine."""
+    """vLLM's decoder layers keep every token: a method that drops tokens between layers runs on ptp's engine;
+    and it numbers prompt embeddings 0..n-1, so kept tokens cannot keep their unpruned positions there."""
     if method.prunes_in_llm:
         raise UsageError(in_llm_with_vllm(method.name))
+    if method.original_positions():  # prompt embeddings are numbered 0..n-1: no gaps can be asked for
+        raise UsageError(original_positions_with_vllm())
 
 
 def view_key(model_dir: Path, dtype: torch.dtype) -> str:
@@ -158,9 +161,9 @@ class VLLMEngine:
             return []
         ptp = self.ptp
         clock = StageClock(ptp.model.device)
-        visual, selection = ptp.encode_and_select(requests, clock)
+        _, selection = ptp.encode_and_select(requests, clock)
         with out_of_memory_stage("probe"):
-            prompts = ptp.build_prompts(requests, visual.features, selection.keep)
+            prompts = ptp.build_prompts(requests, selection.features, selection.keep)
             embeds = [prompts.x[i, : len(ids)].cpu() for i, ids in enumerate(prompts.ids)]  # [S_i, D] each
         clock.lap("probe")
         t0 = time.perf_counter()
