@@ -99,7 +99,7 @@ def test_vllm_generates_what_ptps_engine_generates(ptp_home: Path, tmp_path: Pat
     # ptp's copy of the LLM down to the probe's layers (0 and 1): vLLM's answers do not change, and ptp's own
     # engine refuses to generate from the truncated copy (an exception, never a wrong answer).
     assert out["layers_kept"] == 2
-    (ptp_half,) = [run["vllm"] for run in out["runs"] if (run["method"], run["ratio"]) == ("ptp", 0.5)]
+    (ptp_half,) = [run["vllm"] for run in out["runs"] if (run["method"], run["ratio"], run["vit_prune"]) == ("ptp", 0.5, 0.0)]
     assert out["trimmed"] == ptp_half
     assert "keeps only its first 2 layers" in out["ptp_after_trim"]
 

@@ -52,7 +52,7 @@ def main() -> None:
                 loaded.model, image_token_id=loaded.image_token_id, method=make_method(config.prune, loaded.cfg),
                 generator=generator))
             out["runs"].append({
-                "method": method, "ratio": ratio,
+                "method": method, "ratio": ratio, "vit_prune": vit_prune,
                 "ptp": [essence(r) for r in ours.infer(iter_records(a.records))],
                 "vllm": [essence(r) for r in theirs.infer(iter_records(a.records))],
             })

@@ -7,6 +7,7 @@ pruning settings other than method and ratio) are ``ptp infer``'s own, taken fro
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -105,6 +106,8 @@ def _grid_runs(gold: Path, resolved: opt.Resolved, *, methods: str, ratios: str,
     if modes:  # the axis: each run sets its own mode; the base config takes the first
         resolved = dataclasses.replace(resolved, values={**resolved.values, "positions": modes[0]})
     config = opt.run_config(resolved)
+    if config.engine == "vllm":  # vLLM logs at info level (and warns with tracebacks) unless told, as in infer
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     from ptp_cli.eval.grid import ptp_variants, run_grid
 
     extra = tuple(ptp_variants(config.prune, values, alphas=alpha_values, ablations=ablations))
