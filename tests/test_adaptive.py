@@ -204,6 +204,7 @@ def test_infer_on_the_samples_reports_the_alpha_used(tmp_path: Path, ptp_home: P
         assert note["alpha"] == auto_alpha(note["s_concentration"], note["c_concentration"])  # JSON keeps float64
 
 
+@pytest.mark.slow  # in CI's own step (.ci/run): keeps the default run under 10 minutes on 2 cores
 def test_yaml_auto_runs_and_resume_refuses_a_change_of_alpha(tmp_path: Path, ptp_home: Path):
     Image = pytest.importorskip("PIL.Image")
     Image.new("RGB", (64, 48), (10, 200, 30)).save(tmp_path / "img.png")

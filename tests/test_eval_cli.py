@@ -167,6 +167,7 @@ def test_grid_with_the_tiny_model_scores_every_run_and_resumes(tmp_path: Path, p
     assert json.loads(report.read_text())["runs"][2]["n"] == 3
 
 
+@pytest.mark.slow  # in CI's own step (.ci/run): keeps the default run under 10 minutes on 2 cores
 @pytest.mark.skipif(sys.platform == "win32", reason="the run lock is POSIX flock")
 def test_two_grids_sharing_an_output_folder_never_write_a_run_twice(tmp_path: Path, ptp_home: Path) -> None:
     """While another process holds a run's lock, a grid waits for it, then finds the rows there: no run's

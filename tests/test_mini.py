@@ -424,6 +424,7 @@ def ci_split(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("ci_split")
 
 
+@pytest.mark.slow  # in CI's own step (.ci/run): keeps the default run under 10 minutes on 2 cores
 @needs_weights
 def test_shipped_mini_accuracy_unpruned_and_with_ptp(ci_split: Path):
     """A regression guard on a fixed 42-question split (seed 1001, up to 6 tiles), through the public pipeline.

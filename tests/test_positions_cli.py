@@ -71,6 +71,7 @@ def test_vllm_with_original_positions_is_a_usage_error(tmp_path: Path, ptp_home:
     assert bad.returncode == 2 and "--positions must be one of original, contiguous" in one_error_line(bad)
 
 
+@pytest.mark.slow  # in CI's own step (.ci/run): keeps the default run under 10 minutes on 2 cores
 def test_eval_grid_positions_axis_and_baselines(tmp_path: Path, ptp_home: Path):
     _images(tmp_path)
     gold = jsonl(tmp_path / "gold.jsonl", [

@@ -88,6 +88,7 @@ class CrashOnce(PTPPredictor):
         return super().__call__(batch)
 
 
+@pytest.mark.slow  # in CI's own step (.ci/run): keeps the default run under 10 minutes on 2 cores
 def test_a_killed_actor_loses_and_duplicates_nothing(local_ray, records_file, tmp_path):
     crash = type("CrashHere", (CrashOnce,), {"marker": str(tmp_path / "crashed")})
     got = on_ray(records_file, predictor=crash)
@@ -104,6 +105,7 @@ def predict(items: list[dict]) -> list[dict]:
     return sorted(ds.take_all(), key=lambda r: r["line"])
 
 
+@pytest.mark.slow  # in CI's own step (.ci/run): keeps the default run under 10 minutes on 2 cores
 def test_predictor_maps_plain_columns_and_image_bytes(local_ray, records_file):
     image = records_file.parent / "1.png"
     # A column holds paths or bytes, not both (Arrow gives a column one type): two datasets.

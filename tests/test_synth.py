@@ -174,6 +174,7 @@ def test_ptp_synth_usage_errors(tmp_path: Path, args: list[str], message: str):
     assert err.startswith("ptp: error:") and message in err and "\n" not in err
 
 
+@pytest.mark.slow  # in CI's own step (.ci/run): keeps the default run under 10 minutes on 2 cores
 def test_articles_follow_the_sound_of_the_next_word(tmp_path: Path):
     """'Is there an orange square?', not 'a orange': the real command on the seed of the README's sample."""
     done = _synth("--out", str(tmp_path / "s"), "--n", "35", "--seed", "1003")
