@@ -31,14 +31,20 @@ def _check_output(path: Path | None, option: str) -> None:
         raise UsageError(f"{option} {path}: the folder {path.parent} does not exist")
 
 
-def parse_grid(methods: str, ratios: str) -> tuple[tuple[str, ...], tuple[float, ...]]:
-    """``"ptp,none"``, ``"0.5,0.75"`` -> method names (none first) and ratios, each once; UsageError if bad."""
+def _fractions(text: str, option: str) -> tuple[float, ...]:
+    """``"0.5,0.75"`` -> (0.5, 0.75), each once; UsageError naming ``option`` unless every value is in [0, 1)."""
     try:
-        values = tuple(dict.fromkeys(float(r) for r in ratios.split(",") if r.strip()))
+        values = tuple(dict.fromkeys(float(v) for v in text.split(",") if v.strip()))
     except ValueError:
         values = ()
-    if not values or not all(0.0 <= r < 1.0 for r in values):
-        raise UsageError(f"--ratios must be comma-separated numbers in [0, 1), got {ratios!r}")
+    if not values or not all(0.0 <= v < 1.0 for v in values):
+        raise UsageError(f"{option} must be comma-separated numbers in [0, 1), got {text!r}")
+    return values
+
+
+def parse_grid(methods: str, ratios: str) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    """``"ptp,none"``, ``"0.5,0.75"`` -> method names (none first) and ratios, each once; UsageError if bad."""
+    values = _fractions(ratios, "--ratios")
     from ptp_cli.pruning import METHODS  # the registry by name: no torch
 
     names = tuple(sorted(dict.fromkeys(m.strip() for m in methods.split(",") if m.strip()), key=lambda m: m != "none"))
@@ -68,15 +74,7 @@ def parse_alphas(text: str | None) -> tuple[float | str, ...]:
 
 def parse_vit_prunes(text: str | None) -> tuple[float, ...]:
     """``"0.25,0.5"`` -> (0.25, 0.5); UsageError unless every value is a number in [0, 1)."""
-    if text is None:
-        return ()
-    try:
-        values = tuple(dict.fromkeys(float(v) for v in text.split(",") if v.strip()))
-    except ValueError:
-        values = ()
-    if not values or not all(0.0 <= v < 1.0 for v in values):
-        raise UsageError(f"--vit-prunes must be comma-separated numbers in [0, 1), got {text!r}")
-    return values
+    return () if text is None else _fractions(text, "--vit-prunes")
 
 
 def parse_positions(text: str | None) -> tuple[str, ...]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 import yaml
 
+from ptp_cli import settings as declared
 from ptp_cli.errors import UsageError
 from ptp_cli.settings import SETTINGS, Setting, describe_kind, from_yaml_value, parse_text
 
@@ -158,8 +160,6 @@ def _names(message: str, flag: str) -> bool:
 
 def gather(ctx: typer.Context, given: dict[str, Any]) -> Resolved:
     """The options of a command call that some source gave (not None), typed, with their sources."""
-    import os
-
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for name, value in given.items():
@@ -232,8 +232,6 @@ def run_config(resolved: Resolved) -> RunConfig:
 
 def _check_cli(resolved: Resolved) -> None:
     """The values of the command's own settings (--preset, --ray-workers, ...): the configs check the rest."""
-    from ptp_cli.settings import check_value
-
     for name, value in resolved.values.items():
         if SETTINGS[name].target == "cli":
-            check_value(SETTINGS[name], value)
+            declared.check_value(SETTINGS[name], value)
