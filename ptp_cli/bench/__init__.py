@@ -9,6 +9,7 @@ rate against a dense matmul measured in the same run, and speedups as ratios of 
 - ``config``: ``BenchConfig`` and option parsers;
 - ``workload``: the model under test and its synthetic requests (through ``ptp_cli.preprocess.inputs.InputProcessor``);
 - ``peer``: the transformers model and its runner;
+- ``vllm_peer``: with ``--engine vllm``, why vLLM's own InternVL2 is no row, and its stand-in ``vllm none``;
 - ``measurement``: runners, timing, memory, the dense matmul rate;
 - ``targets``: the performance targets, as a table;
 - ``report``: ``BenchReport`` and the text table;

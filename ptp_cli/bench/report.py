@@ -24,6 +24,9 @@ class BenchReport:
     rows: list[BenchRow]
     checks: list[Check]  # the performance targets (ptp_cli.bench.targets), with this run's values
     peer_tokens_match: bool | None  # peer and ptp none generated the same tokens (only with shared weights)
+    # --engine vllm: vLLM's own InternVL2 ("row", "measured": False, "reason") and the vLLM rows over the row
+    # standing in for it ("stand_in", "paired_vs_stand_in": name -> Stat); None otherwise
+    vllm_peer: dict[str, Any] | None = None
     rounds: list[list[list[Any]]] = field(default_factory=list)  # every timed run in order: [row name, wall s]
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
@@ -158,6 +161,16 @@ def _targets(checks: list[Check]) -> list[str]:
     return lines + [f"  {note}" for note in setups]
 
 
+def _vllm_peer(peer: dict[str, Any]) -> list[str]:
+    """The lines on vLLM's own InternVL2: why it is no row, and the vLLM rows over its stand-in."""
+    over = "; ".join(f"{name} {_paired(s)}" for name, s in peer["paired_vs_stand_in"].items())
+    lines = [f"vLLM's own multimodal InternVL2, unpruned, is not a row: {peer['reason']}.",
+             f"{peer['stand_in']} (vLLM generating from ptp's unpruned embeddings) stands in for it."]
+    if over:
+        lines.append(f"ptp+vLLM over {peer['stand_in']}, paired through the same none runs: {over}")
+    return lines
+
+
 def format_report(report: BenchReport, *, targets: bool = False) -> str:
     """A readable table of the rows, the run's context, and (``targets``) the performance targets."""
     wl, dev, c = report.workload, report.device, report.config
@@ -199,6 +212,8 @@ def format_report(report: BenchReport, *, targets: bool = False) -> str:
     if report.peer_tokens_match is not None:
         tail.append(f"transformers uses ptp's weights here; its tokens equal ptp none's: "
                     f"{'yes' if report.peer_tokens_match else 'NO'}")
+    if report.vllm_peer is not None:
+        tail += _vllm_peer(report.vllm_peer)
     if targets:
         tail += ["", *_targets(report.checks)]
     return "\n".join(head + table + tail)

@@ -31,6 +31,7 @@ from ptp_cli.bench.measurement import (
 from ptp_cli.bench.peer import PEER, SHARE_WEIGHTS_MAX_PARAMS, PeerRunner, build_peer
 from ptp_cli.bench.report import BenchReport, params_text, plural, si
 from ptp_cli.bench.targets import evaluate
+from ptp_cli.bench.vllm_peer import STAND_IN, VLLM_PEER, paired_vs_stand_in, unavailable_reason
 from ptp_cli.bench.workload import (
     BenchModel,
     SyntheticEncoder,
@@ -222,6 +223,11 @@ def run_bench(config: BenchConfig, *, log: Callable[[str], None] | None = None) 
         if r.flops_per_sample.get("total"):
             r.flops_ratio_vs_none = none.flops_per_sample["total"] / r.flops_per_sample["total"]
 
+    vllm_peer = None
+    if config.engine == "vllm" and config.peer:  # vLLM's own InternVL2 is no row: say why, and pair with its stand-in
+        vllm_peer = {"row": VLLM_PEER, "measured": False, "reason": unavailable_reason(), "stand_in": STAND_IN,
+                     "paired_vs_stand_in": paired_vs_stand_in(vs_none)}
+
     grid = tiles - 1 if tiles > 1 and cfg.use_thumbnail else tiles
     resolved = {**asdict(config), "source": config.source, "methods": list(config.resolved_methods()),
                 "dtype": dtype_name(dtype), "device": str(device)}
@@ -246,5 +252,6 @@ def run_bench(config: BenchConfig, *, log: Callable[[str], None] | None = None) 
         rows=rows,
         checks=evaluate(rows, facts),
         peer_tokens_match=peer_match,
+        vllm_peer=vllm_peer,
         rounds=[[[name, wall] for name, wall in runs] for runs in rounds],
     )
