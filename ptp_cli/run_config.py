@@ -57,6 +57,9 @@ class RunConfig:
         check_fields("run", {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "prune"})
         if self.min_tiles is not None and self.max_tiles is not None and self.min_tiles > self.max_tiles:
             raise UsageError(f"--min-tiles ({self.min_tiles}) is larger than --max-tiles ({self.max_tiles})")
+        if self.prune.positions is None:  # the engine's positions: vLLM numbers prompt embeddings 0..n-1
+            mode = "contiguous" if self.engine == "vllm" else "original"
+            object.__setattr__(self, "prune", self.prune.with_positions(mode))
 
     def resolved_device(self) -> torch.device:
         from ptp_cli.run.devices import resolve_device  # torch: only what runs the model needs it

@@ -201,7 +201,7 @@ _TABLE: tuple[Setting, ...] = (
        default_text="1/4, 2/4, 3/4 of the layers"),
     _s("pdrop_keep", "float", 0.5, "Fraction each PyramidDrop stage keeps, in (0, 1].", PRUNING, "prune",
        rule=Rule(lambda v: 0.0 < v <= 1.0, "must be in (0, 1]")),
-    _s("positions", "str", "original", "RoPE positions after pre-LLM pruning: original (each kept token, and the "
+    _s("positions", "str", None, "RoPE positions after pre-LLM pruning: original (each kept token, and the "
        "text after the image, keeps its unpruned position) or contiguous (renumbered 0..n-1: the paper's reading; "
        "what --engine vllm needs, and its default there). In-LLM methods always keep positions. ptp eval: "
        "original,contiguous runs both, a grid axis.", PRUNING, "prune", rule=_one_of_registered(position_modes),
