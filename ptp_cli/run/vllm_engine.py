@@ -151,9 +151,7 @@ class VLLMGenerator:
 
     def cancel(self, ids: Sequence[str]) -> None:
         """Drop queued requests whose rows are no longer wanted (an aborted or closed run)."""
-        for i in ids:
-            self._finished.pop(i, None)
-        live = [i for i in ids if i not in self._finished]
+        live = [i for i in ids if self._finished.pop(i, None) is None]  # finished ones just go
         if live:
             self.llm.llm_engine.abort_request(live)
 
