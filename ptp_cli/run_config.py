@@ -34,6 +34,7 @@ class RunConfig:
 
     model: str = default("model")  # local dir, hub id (from the HF cache), "mini" or "tiny"
     engine: str = default("engine")  # ptp: ptp's own engine (every method); vllm: ptp prunes, vLLM generates
+    vllm_memory: float = default("vllm_memory")  # engine vllm on a GPU: vLLM's fraction of the device's memory
     prune: PruneConfig = field(default_factory=PruneConfig)  # pruning method and its settings
     max_tiles: int | None = default("max_tiles")  # tile cap; None: the checkpoint's max_dynamic_patch
     min_tiles: int | None = default("min_tiles")  # fewest tiles; None: the checkpoint's

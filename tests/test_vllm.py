@@ -155,6 +155,35 @@ def test_ray_with_engine_vllm_answers_as_ptps_engine(ptp_home: Path, tmp_path: P
     assert "running on Ray" in theirs.stderr.decode()
 
 
+GPU_RUN = """
+import dataclasses, json, sys
+from ptp_cli.io.records import iter_records
+from ptp_cli.pruning import PruneConfig
+from ptp_cli.run.pipeline import Pipeline, RunConfig
+prune = PruneConfig(method="ptp", ratio=0.5, positions="contiguous")
+config = RunConfig(model="tiny", device="cuda", dtype="float32", max_new_tokens=6, prune=prune)
+ours = [r.get("answer") for r in Pipeline.load(config).infer(iter_records(sys.argv[1]))]
+vllm = Pipeline.load(dataclasses.replace(config, engine="vllm", vllm_memory=0.5))
+theirs = [r.get("answer") for r in vllm.infer(iter_records(sys.argv[1]))]
+cache = vllm.engine.generator.llm.llm_engine.vllm_config.cache_config
+print(json.dumps({"ours": ours, "theirs": theirs, "memory": cache.gpu_memory_utilization}))
+"""
+
+
+@needs_vllm
+@pytest.mark.gpu
+def test_on_a_gpu_vllm_takes_vllm_memory_and_answers_as_ptp(ptp_home: Path) -> None:
+    """``--vllm-memory`` reaches vLLM (its default would leave ptp's ViT a tenth of the GPU); the samples' answers
+    on the GPU are ptp's own engine's (fp32, contiguous positions on both)."""
+    env = _env(ptp_home, {"PYTHONPATH": str(REPO), "VLLM_LOGGING_LEVEL": "ERROR"})
+    done = subprocess.run([VLLM_PYTHON, "-c", GPU_RUN, str(REPO / "samples" / "questions.jsonl")], capture_output=True,
+                          env=env, timeout=900, check=False)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    out = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    assert out["memory"] == 0.5
+    assert sum(a is not None for a in out["theirs"]) == 5 and out["theirs"] == out["ours"]
+
+
 def test_in_llm_methods_are_a_usage_error_with_vllm(ptp_home: Path, tmp_path: Path) -> None:
     write_jsonl(tmp_path / "in.jsonl", [{"image": "x.png", "question": "?"}])
     done = ptp("infer", "in.jsonl", "--model", "tiny", "--engine", "vllm", "--method", "fastv", home=ptp_home,

@@ -62,7 +62,8 @@ def start_vllm(loaded: LoadedModel, config: RunConfig) -> VLLMGenerator:
     from ptp_cli.home import ptp_home
 
     view = ptp_home() / "vllm" / view_key(loaded.path, loaded.model.dtype)
-    return VLLMGenerator(loaded.model, view_dir=view, seed=config.seed, enforce_eager=loaded.model.device.type == "cpu")
+    return VLLMGenerator(loaded.model, view_dir=view, seed=config.seed, enforce_eager=loaded.model.device.type == "cpu",
+                         gpu_memory=config.vllm_memory)
 
 
 @dataclass

@@ -90,7 +90,10 @@ class VLLMGenerator:
         enforce_eager: bool = False,
         prefix_caching: bool = False,
         seed: int = 0,
+        gpu_memory: float = 0.7,
     ) -> None:
+        """``gpu_memory``: on a GPU, the fraction of its memory vLLM takes (its default, 0.9, would leave ptp's ViT
+        and probe, in this process, a tenth of the device)."""
         try:
             import vllm
         except ImportError as e:
@@ -111,6 +114,7 @@ class VLLMGenerator:
                 dtype=DTYPE_NAMES[model.dtype], enforce_eager=enforce_eager, max_model_len=length,
                 kv_cache_memory_bytes=kv_cache_bytes, enable_prefix_caching=prefix_caching,
                 generation_config="vllm", seed=seed, disable_log_stats=False,  # stats: per-request metrics
+                **({"gpu_memory_utilization": gpu_memory} if model.device.type == "cuda" else {}),
             )
         except Exception as e:  # vLLM raises many kinds at start-up; each one means it cannot serve this model
             raise ModelLoadError(f"vLLM could not load the LLM view {view}: {type(e).__name__}: {e}") from e
