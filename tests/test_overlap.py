@@ -143,3 +143,19 @@ def test_out_of_memory_while_pruning_splits_the_batch(ptp_home, records, monkeyp
     failed = [r for r in rows if r.get("error", {}).get("type") == "out_of_memory"]
     assert [r["line"] for r in failed] == [2]
     assert sum("answer" in r for r in rows) == len(SIZES) - 1
+
+
+def test_bad_records_run_no_further_ahead_than_the_window(ptp_home, tmp_path, monkeypatch):
+    """Error rows yield at once, rows of batches in flight later: no row may come ``reorder_window`` or more ahead
+    of the oldest row not yet yielded (what ``OrderedWriter`` buffers)."""
+    sizes = [(448, 448)] * 8 + [(900, 448)] * 4
+    path = image_records(tmp_path, sizes, inserts={i: b"{bad" for i in range(2, 60)})
+    p = pipeline(ptp_home, monkeypatch, EchoGenerator(), in_flight=None)
+    pending = set(range(len(sizes) + 58))
+    seen = []
+    for seq, _row in p.run(iter_records(path)):
+        assert seq < min(pending) + p.reorder_window
+        pending.remove(seq)
+        seen.append(seq)
+    assert not pending and len(seen) == len(set(seen))
+    assert seen != sorted(seen)  # bad records did overtake the batches in flight

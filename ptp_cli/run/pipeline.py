@@ -261,8 +261,10 @@ class Pipeline:
         next_seq = 0
 
         def within_window() -> bool:
-            # Bad records yield at once: they must not run more than a window ahead of the oldest pending one.
-            oldest = ready[0][0] if ready else pending[0][0] if pending else next_seq
+            # Bad records yield at once: they must not run more than a window ahead of the oldest pending one
+            # (in flight: the first batch's first record, the oldest ready one when it was batched).
+            oldest = (inflight[0].batch[0][0] if inflight else ready[0][0] if ready else pending[0][0] if pending
+                      else next_seq)
             return next_seq - oldest < self.reorder_window
 
         pool = ThreadPoolExecutor(max_workers=c.workers, thread_name_prefix="ptp-prep")
@@ -279,10 +281,11 @@ class Pipeline:
                         yield seq, error_row(item.line, item.id, item.error, settings=settings)
                     else:
                         pending.append((seq, item, pool.submit(self.prepare, item)))
-                if not pending and not ready:
-                    while inflight:
-                        yield from self._finish(inflight.popleft(), settings)
-                    return
+                if not pending and not ready:  # nothing to batch: the input is done, or waits on the window
+                    if not inflight:
+                        return
+                    yield from self._finish(inflight.popleft(), settings)
+                    continue
                 # Gather a pool of prepared requests, then batch those of similar length together.
                 if pending and len(ready) < self._pool_size():
                     seq, record, fut = pending.popleft()
