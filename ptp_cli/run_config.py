@@ -34,6 +34,7 @@ class RunConfig:
 
     model: str = default("model")  # local dir, hub id (from the HF cache), "mini" or "tiny"
     engine: str = default("engine")  # ptp: ptp's own engine (every method); vllm: ptp prunes, vLLM generates
+    vllm_memory: float = default("vllm_memory")  # engine vllm on a GPU: vLLM's fraction of the device's memory
     prune: PruneConfig = field(default_factory=PruneConfig)  # pruning method and its settings
     max_tiles: int | None = default("max_tiles")  # tile cap; None: the checkpoint's max_dynamic_patch
     min_tiles: int | None = default("min_tiles")  # fewest tiles; None: the checkpoint's
@@ -57,6 +58,9 @@ class RunConfig:
         check_fields("run", {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "prune"})
         if self.min_tiles is not None and self.max_tiles is not None and self.min_tiles > self.max_tiles:
             raise UsageError(f"--min-tiles ({self.min_tiles}) is larger than --max-tiles ({self.max_tiles})")
+        if self.prune.positions is None:  # the engine's positions: vLLM numbers prompt embeddings 0..n-1
+            mode = "contiguous" if self.engine == "vllm" else "original"
+            object.__setattr__(self, "prune", self.prune.with_positions(mode))
 
     def resolved_device(self) -> torch.device:
         from ptp_cli.run.devices import resolve_device  # torch: only what runs the model needs it

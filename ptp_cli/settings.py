@@ -141,6 +141,9 @@ _TABLE: tuple[Setting, ...] = (
     _s("engine", "str", "ptp", "ptp (ptp's own engine: every method) or vllm (ptp prunes, vLLM generates: pre-LLM "
        "methods; needs vLLM installed, see README 'Engines').", MODEL, "run", rule=_one_of(ENGINE_NAMES),
        metavar="NAME"),
+    _s("vllm_memory", "float", 0.7, "--engine vllm on a GPU: the fraction of its memory vLLM takes (weights, KV "
+       "cache, its activations); the rest stays for ptp's ViT, probe and batches.", MODEL, "run",
+       rule=Rule(lambda v: 0.0 < v < 1.0, "must be in (0, 1)"), metavar="F"),
     _s("dtype", "str", "auto", "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16.", MODEL, "run",
        rule=_one_of(DTYPE_NAMES), metavar="NAME"),
     _s("device", "str", "auto", "auto, cpu, cuda or cuda:N.", MODEL, "run", metavar="NAME"),
@@ -201,7 +204,7 @@ _TABLE: tuple[Setting, ...] = (
        default_text="1/4, 2/4, 3/4 of the layers"),
     _s("pdrop_keep", "float", 0.5, "Fraction each PyramidDrop stage keeps, in (0, 1].", PRUNING, "prune",
        rule=Rule(lambda v: 0.0 < v <= 1.0, "must be in (0, 1]")),
-    _s("positions", "str", "original", "RoPE positions after pre-LLM pruning: original (each kept token, and the "
+    _s("positions", "str", None, "RoPE positions after pre-LLM pruning: original (each kept token, and the "
        "text after the image, keeps its unpruned position) or contiguous (renumbered 0..n-1: the paper's reading; "
        "what --engine vllm needs, and its default there). In-LLM methods always keep positions. ptp eval: "
        "original,contiguous runs both, a grid axis.", PRUNING, "prune", rule=_one_of_registered(position_modes),

@@ -3,7 +3,8 @@
 #   1. the gpu-marked tests (python -m pytest -m gpu);
 #   2. the bench's target configuration (InternVL2-2B shapes, bf16, 7 tiles, batch 32, 16 new tokens),
 #      whose table is written into docs/benchmarks.md under the device's name (between the gpu-check markers);
-#      with vLLM importable, the same run with --engine vllm (its rows: vLLM generating from ptp's embeddings).
+#      with vLLM importable, the same run with --engine vllm (its rows: vLLM generating from ptp's embeddings);
+#   3. with vLLM importable, scripts/vllm_overlap.py on ptp-mini: ptp+vLLM streaming with 0 and 2 batches in flight.
 # Without a GPU it says so and exits 1, having run nothing. Exit status: that of the first failing step.
 # Environment: PYTHON (default python3), PTP_GPU_CHECK_DOC (default docs/benchmarks.md), PTP_GPU_CHECK_ARGS
 # (extra `ptp bench` options, e.g. "--repeats 3").
@@ -22,10 +23,10 @@ print(torch.cuda.get_device_name(0))'); then
 fi
 echo "gpu-check: device: $device" >&2
 
-echo "gpu-check: 1/2 gpu-marked tests" >&2
+echo "gpu-check: 1/3 gpu-marked tests" >&2
 "$PYTHON" -m pytest -q -m gpu tests
 
-echo "gpu-check: 2/2 ptp bench, target configuration" >&2
+echo "gpu-check: 2/3 ptp bench, target configuration" >&2
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 # shellcheck disable=SC2086  # PTP_GPU_CHECK_ARGS is a list of options
@@ -40,3 +41,8 @@ fi
     ${PTP_GPU_CHECK_ARGS:-} | tee "$work/table.txt"
 
 "$PYTHON" scripts/gpu_section.py "$DOC" "$device" "$work/table.txt"
+
+if [ "$engine" = vllm ]; then
+    echo "gpu-check: 3/3 ptp+vLLM streaming, batches in flight 0 and 2 (ptp-mini)" >&2
+    "$PYTHON" scripts/vllm_overlap.py --model mini --records 256 --batch-size 32 --new-tokens 16 --repeats 3
+fi

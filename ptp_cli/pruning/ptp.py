@@ -114,6 +114,6 @@ class PTP(TwoStage):
         return {
             "method": self.name, "ratio": c.ratio, "alpha": c.alpha, "vit_layer": c.vit_layer,
             "llm_layer": c.llm_layer, "tau": c.tau, "head_agg": c.head_agg, "instr_agg": c.instr_agg,
-            "region_budgets": c.region_budgets, "use_token_score": c.use_token_score, "positions": c.positions,
+            "region_budgets": c.region_budgets, "use_token_score": c.use_token_score, "positions": c.position_mode,
             **self.stage1_settings(),
         }

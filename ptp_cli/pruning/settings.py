@@ -10,6 +10,7 @@ every token and layer K onward sees the pruned sequence; the drop is decided fro
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING
 
@@ -44,10 +45,10 @@ class PruneConfig:
     # Stage 1 inside the ViT (ptp, random, spatial): after ViT layer vit_layer, drop this fraction of the 2x2 patch
     # blocks (one block = one LLM token) and run the later ViT layers on the rest; in [0, ratio], 0: off
     # RoPE positions after pre-LLM pruning: "original" (each kept token, and the text after the image, keeps its
-    # unpruned position; the default, from docs/accuracy.md's measurements) or "contiguous" (the pruned prompt
-    # numbered 0..n-1: the paper's reading, and what vLLM's prompt embeddings allow); in-LLM methods always keep
-    # positions
-    positions: str = default("positions")
+    # unpruned position; from docs/accuracy.md's measurements) or "contiguous" (the pruned prompt numbered 0..n-1:
+    # the paper's reading, and what vLLM's prompt embeddings allow); None: the engine's (RunConfig resolves it:
+    # original on ptp's engine, contiguous on vLLM; alone, original). In-LLM methods always keep positions.
+    positions: str | None = default("positions")
     vit_prune: float = default("vit_prune")
     vit_prune_thumbnail: bool = default("vit_prune_thumbnail")  # stage 1 prunes the thumbnail too (False: whole)
 
@@ -63,6 +64,18 @@ class PruneConfig:
             raise UsageError(f"--vit-prune goes with --method {able}, not {self.method}")
         if self.vit_prune > self.ratio:
             raise UsageError(f"--vit-prune must be at most --ratio ({self.ratio:g}), got {self.vit_prune:g}")
+
+    @property
+    def position_mode(self) -> str:
+        """The positions this config asks for: ``positions``, or original where the engine did not decide."""
+        return self.positions or "original"
+
+    def with_positions(self, mode: str) -> PruneConfig:
+        """This config with ``positions`` decided (a mode of ``POSITION_MODES``): a copy, not checked again (no
+        check involves the positions, and each value is checked once)."""
+        out = copy.copy(self)
+        object.__setattr__(out, "positions", mode)
+        return out
 
     def resolved_vtw_layer(self, model_cfg: ModelConfig) -> int:
         return model_cfg.llm.num_layers // 2 if self.vtw_layer is None else self.vtw_layer

@@ -13,7 +13,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,7 +27,7 @@ from ptp_cli.pruning import make_method
 from ptp_cli.run.devices import free_cached_memory
 from ptp_cli.run.engine import Engine, Request, Result
 from ptp_cli.run.failures import FailureGuard, batch_failure
-from ptp_cli.run.vllm_engine import VLLMEngine, VLLMGenerator, free_unused_layers, view_key
+from ptp_cli.run.vllm_engine import Submitted, VLLMEngine, VLLMGenerator, free_unused_layers, view_key
 from ptp_cli.run_config import RunConfig, check_against_model, read_model_config
 from ptp_cli.text.chat_template import prompter_for
 from ptp_cli.zoo import load_model
@@ -62,7 +62,17 @@ def start_vllm(loaded: LoadedModel, config: RunConfig) -> VLLMGenerator:
     from ptp_cli.home import ptp_home
 
     view = ptp_home() / "vllm" / view_key(loaded.path, loaded.model.dtype)
-    return VLLMGenerator(loaded.model, view_dir=view, seed=config.seed, enforce_eager=loaded.model.device.type == "cpu")
+    return VLLMGenerator(loaded.model, view_dir=view, seed=config.seed, enforce_eager=loaded.model.device.type == "cpu",
+                         gpu_memory=config.vllm_memory)
+
+
+@dataclass
+class InFlight:
+    """A batch handed to a background engine (``submitted``), or, when it had to be split, its rows already."""
+
+    batch: list[tuple[int, Prepared]]
+    submitted: Submitted | None
+    rows: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
 
 
 @dataclass
@@ -77,11 +87,13 @@ class Prepared:
 class Pipeline:
     def __init__(
         self, loaded: LoadedModel, config: RunConfig, *, engine: Engine | VLLMEngine | None = None,
-        checked: bool = False,
+        checked: bool = False, in_flight: int | None = None,
     ) -> None:
         """``engine``: run requests on this one instead of building one from ``loaded`` and ``config.prune`` (it
         must prune as ``config.prune`` says: rows echo those settings). ``checked``: ``config`` was already
-        checked against this model (``read_model_config``), so it is not checked again."""
+        checked against this model (``read_model_config``), so it is not checked again. ``in_flight``: batches
+        left generating while the next is prepared, on an engine that generates in the background (vLLM;
+        None: 2; 0: one batch at a time, as ptp's own engine runs)."""
         if not checked:
             check_against_model(config, loaded.cfg)
         self.loaded = loaded
@@ -95,6 +107,8 @@ class Pipeline:
             raise ModelLoadError(f"prompt template {self.prompter.name!r} does not fit this checkpoint: {e}") from None
         self.tiling = config.tiling(self.cfg)
         self.engine = engine or self._make_engine()
+        background = isinstance(self.engine, VLLMEngine)
+        self.in_flight = (2 if in_flight is None else in_flight) if background else 0
         max_positions = self.cfg.llm.context_length
         if isinstance(self.engine, VLLMEngine):  # vLLM refuses prompts past its max_model_len: refuse them first
             max_positions = min(max_positions, self.engine.max_model_len)
@@ -171,6 +185,31 @@ class Pipeline:
             result["record"] = shown_record(p.record)
         return result_row(p.record, result, settings=settings)
 
+    def _rows_of(self, batch: list[tuple[int, Prepared]], results: list[Result | RecordError],
+                 settings: dict[str, Any]) -> Iterator[tuple[int, dict[str, Any]]]:
+        for (seq, p), r in zip(batch, results, strict=True):
+            if isinstance(r, RecordError):  # the engine refused this record's prompt (vLLM's own input checks)
+                yield seq, error_row(p.record.line, p.record.id, r, settings=settings, extra=p.record.extra)
+            else:
+                yield seq, self._row(p, r, settings)
+
+    def _submit(self, batch: list[tuple[int, Prepared]], settings: dict[str, Any]) -> InFlight:
+        """Start a batch on an engine that generates in the background (vLLM). A failure a record can cause
+        (out of memory in the ViT) falls back to ``_run_batch``, which halves the batch and waits for it."""
+        try:
+            return InFlight(batch, self.engine.submit([p.request for _, p in batch]))
+        except Exception as e:
+            if batch_failure(e) is None:
+                raise
+        free_cached_memory()
+        return InFlight(batch, None, list(self._run_batch(batch, settings)))
+
+    def _finish(self, item: InFlight, settings: dict[str, Any]) -> Iterator[tuple[int, dict[str, Any]]]:
+        if item.submitted is None:
+            yield from item.rows
+        else:
+            yield from self._rows_of(item.batch, self.engine.collect(item.submitted), settings)
+
     def _run_batch(self, batch: list[tuple[int, Prepared]], settings) -> Iterator[tuple[int, dict[str, Any]]]:
         """Rows of a batch. A failure a record can cause (out of memory on any device, say) splits the batch in
         halves, down to single records; a record failing alone gets an out_of_memory or inference_error row.
@@ -182,8 +221,7 @@ class Pipeline:
             if failure is None:
                 raise
         else:
-            for (seq, p), r in zip(batch, results, strict=True):
-                yield seq, self._row(p, r, settings)
+            yield from self._rows_of(batch, results, settings)
             return
         # Retried outside the except block: its traceback would keep the failed batch's tensors alive.
         free_cached_memory()
@@ -217,13 +255,16 @@ class Pipeline:
         lookahead = self._lookahead()
         pending: deque[tuple[int, Record, Future]] = deque()
         ready: list[tuple[int, Prepared]] = []
+        inflight: deque[InFlight] = deque()  # batches vLLM generates while the next ones are prepared
         it = enumerate(items)
         exhausted = False
         next_seq = 0
 
         def within_window() -> bool:
-            # Bad records yield at once: they must not run more than a window ahead of the oldest pending one.
-            oldest = ready[0][0] if ready else pending[0][0] if pending else next_seq
+            # Bad records yield at once: they must not run more than a window ahead of the oldest pending one
+            # (in flight: the first batch's first record, the oldest ready one when it was batched).
+            oldest = (inflight[0].batch[0][0] if inflight else ready[0][0] if ready else pending[0][0] if pending
+                      else next_seq)
             return next_seq - oldest < self.reorder_window
 
         pool = ThreadPoolExecutor(max_workers=c.workers, thread_name_prefix="ptp-prep")
@@ -240,8 +281,11 @@ class Pipeline:
                         yield seq, error_row(item.line, item.id, item.error, settings=settings)
                     else:
                         pending.append((seq, item, pool.submit(self.prepare, item)))
-                if not pending and not ready:
-                    return
+                if not pending and not ready:  # nothing to batch: the input is done, or waits on the window
+                    if not inflight:
+                        return
+                    yield from self._finish(inflight.popleft(), settings)
+                    continue
                 # Gather a pool of prepared requests, then batch those of similar length together.
                 if pending and len(ready) < self._pool_size():
                     seq, record, fut = pending.popleft()
@@ -251,10 +295,17 @@ class Pipeline:
                         yield seq, error_row(record.line, record.id, e, settings=settings, extra=record.extra)
                     if pending or (not exhausted and within_window()):
                         continue
-                if ready:
+                if ready and self.in_flight:
+                    inflight.append(self._submit(self._take_batch(ready), settings))
+                    if len(inflight) > self.in_flight:
+                        yield from self._finish(inflight.popleft(), settings)
+                elif ready:
                     yield from self._run_batch(self._take_batch(ready), settings)
         finally:  # also on an early exit (Ctrl-C, a closed generator): skip the queued preprocessing
             pool.shutdown(wait=True, cancel_futures=True)
+            for item in inflight:  # and the queued generation
+                if item.submitted is not None:
+                    self.engine.cancel(item.submitted)
 
     def _take_batch(self, ready: list[tuple[int, Prepared]]) -> list[tuple[int, Prepared]]:
         """Remove and return the next batch from ``ready`` (in seq order): the oldest request, so every
@@ -289,7 +340,7 @@ class Pipeline:
     def reorder_window(self) -> int:
         """A bound on how far ``run`` reorders: every row's seq is below the oldest seq not yet yielded plus
         this (the ``window`` an ``OrderedWriter`` needs)."""
-        return self._lookahead() + self._pool_size() + self.config.batch_size
+        return self._lookahead() + self._pool_size() + (1 + self.in_flight) * self.config.batch_size
 
     def infer(self, items: Iterable[Record | BadRecord]) -> Iterator[dict[str, Any]]:
         """Rows in input order (a small reorder buffer over ``run``)."""

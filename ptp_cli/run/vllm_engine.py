@@ -16,12 +16,13 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ptp_cli.errors import ModelLoadError, UsageError
+from ptp_cli.errors import ModelLoadError, RecordError, UsageError
 from ptp_cli.models.internvl import InternVLModel
 from ptp_cli.pruning.base import PruningMethod
 from ptp_cli.run.devices import StageClock, out_of_memory_stage
@@ -89,7 +90,10 @@ class VLLMGenerator:
         enforce_eager: bool = False,
         prefix_caching: bool = False,
         seed: int = 0,
+        gpu_memory: float = 0.7,
     ) -> None:
+        """``gpu_memory``: on a GPU, the fraction of its memory vLLM takes (its default, 0.9, would leave ptp's ViT
+        and probe, in this process, a tenth of the device)."""
         try:
             import vllm
         except ImportError as e:
@@ -110,10 +114,13 @@ class VLLMGenerator:
                 dtype=DTYPE_NAMES[model.dtype], enforce_eager=enforce_eager, max_model_len=length,
                 kv_cache_memory_bytes=kv_cache_bytes, enable_prefix_caching=prefix_caching,
                 generation_config="vllm", seed=seed, disable_log_stats=False,  # stats: per-request metrics
+                **({"gpu_memory_utilization": gpu_memory} if model.device.type == "cuda" else {}),
             )
         except Exception as e:  # vLLM raises many kinds at start-up; each one means it cannot serve this model
             raise ModelLoadError(f"vLLM could not load the LLM view {view}: {type(e).__name__}: {e}") from e
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
+        self._next_id = 0
+        self._finished: dict[str, Any] = {}  # request id -> its finished RequestOutput, until its wait
 
     def params(self, r: Request) -> Any:
         """vLLM's sampling parameters for a request, as ptp's engine would generate it."""
@@ -123,10 +130,40 @@ class VLLMGenerator:
             detokenize=False,
         )
 
+    def add(self, embeds: torch.Tensor, request: Request) -> str:
+        """Queue one prompt (embeds: [S, D], on the CPU) and return its id. vLLM's engine core runs in a process
+        of its own and starts on it at once, so the caller's next batch (ViT, probe) overlaps this generation.
+        Raises what vLLM raises for a prompt it refuses."""
+        # LLMEngine.add_request under an id of ours: LLM.enqueue returns vLLM's internal ids, which its outputs
+        # do not carry. (vLLM 0.32 calls a raw prompt here deprecated; it still takes it, and so did 0.11.)
+        self._next_id += 1
+        rid = f"ptp-{self._next_id}"
+        self.llm.llm_engine.add_request(rid, {"prompt_embeds": embeds}, self.params(request))
+        return rid
+
+    def wait(self, ids: Sequence[str]) -> dict[str, Any]:
+        """The finished ``RequestOutput`` of each of ``ids``, stepping vLLM until all have finished; outputs of
+        other queued requests that finish meanwhile are kept for their own ``wait``."""
+        engine = self.llm.llm_engine
+        while any(i not in self._finished for i in ids):
+            if not engine.has_unfinished_requests():
+                raise RuntimeError(f"vLLM has no request {next(i for i in ids if i not in self._finished)}")
+            for out in engine.step():
+                if out.finished:
+                    self._finished[out.request_id] = out
+        return {i: self._finished.pop(i) for i in ids}
+
+    def cancel(self, ids: Sequence[str]) -> None:
+        """Drop queued requests whose rows are no longer wanted (an aborted or closed run)."""
+        live = [i for i in ids if self._finished.pop(i, None) is None]  # finished ones just go
+        if live:
+            self.llm.llm_engine.abort_request(live)
+
     def generate(self, embeds: list[torch.Tensor], requests: Sequence[Request]) -> list[Any]:
-        """One vLLM ``RequestOutput`` per prompt (embeds: [S_i, D] each, on the CPU)."""
-        return self.llm.generate([{"prompt_embeds": e} for e in embeds], [self.params(r) for r in requests],
-                                 use_tqdm=False)
+        """One vLLM ``RequestOutput`` per prompt (embeds: [S_i, D] each, on the CPU), in order."""
+        ids = [self.add(e, r) for e, r in zip(embeds, requests, strict=True)]
+        done = self.wait(ids)
+        return [done[i] for i in ids]
 
 
 def free_unused_layers(model: InternVLModel, methods: Sequence[PruningMethod]) -> int:
@@ -155,10 +192,15 @@ class VLLMEngine:
         self.max_model_len = generator.max_model_len
         self.ptp = Engine(model, image_token_id=image_token_id, method=method, vision_cache=vision_cache)
 
+    def generate(self, requests: Sequence[Request]) -> list[Result | RecordError]:
+        """Encode, prune and generate one batch, waiting for it (``submit`` then ``collect``)."""
+        return self.collect(self.submit(requests))
+
     @torch.inference_mode()
-    def generate(self, requests: Sequence[Request]) -> list[Result]:
-        if not requests:
-            return []
+    def submit(self, requests: Sequence[Request]) -> Submitted:
+        """Encode and prune the batch in this process and queue its prompts in vLLM, without waiting: vLLM
+        generates while the caller prepares the next batch. A failure a record can cause (out of memory in the
+        ViT, say) raises here, before anything is queued; a prompt vLLM refuses becomes that record's error."""
         ptp = self.ptp
         clock = StageClock(ptp.model.device)
         _, selection = ptp.encode_and_select(requests, clock)
@@ -166,26 +208,66 @@ class VLLMEngine:
             prompts = ptp.build_prompts(requests, selection.features, selection.keep)
             embeds = [prompts.x[i, : len(ids)].cpu() for i, ids in enumerate(prompts.ids)]  # [S_i, D] each
         clock.lap("probe")
-        t0 = time.perf_counter()
-        with out_of_memory_stage("generate"):
-            outputs = self.generator.generate(embeds, requests)
-        clock.times["generate"] = time.perf_counter() - t0
+        ids: list[str | RecordError] = []
+        for e, r in zip(embeds, requests, strict=True):
+            try:
+                ids.append(self.generator.add(e, r))
+            except ValueError as err:  # vLLM's input checks (a prompt past max_model_len, say): this record's
+                ids.append(RecordError(f"vLLM refused the prompt: {err}", kind="vllm_rejected"))
+        return Submitted(requests=list(requests), ids=ids, lengths=[len(i) for i in prompts.ids],
+                         kept=[k.tolist() for k in prompts.kept], notes=list(selection.notes),
+                         times=dict(clock.times), queued=time.perf_counter())
+
+    def collect(self, sub: Submitted) -> list[Result | RecordError]:
+        """Wait for a submitted batch and return its results in order (a refused prompt: its ``RecordError``)."""
+        queued = [i for i in sub.ids if isinstance(i, str)]
+        done = self.generator.wait(queued)
         layers = self.cfg.llm.num_layers
-        results = []
-        for i, (r, out) in enumerate(zip(requests, outputs, strict=True)):
-            gen = out.outputs[0]
+        results: list[Result | RecordError] = []
+        for i, (r, rid) in enumerate(zip(sub.requests, sub.ids, strict=True)):
+            if isinstance(rid, RecordError):
+                results.append(rid)
+                continue
+            gen = done[rid].outputs[0]
             tokens = list(gen.token_ids)
             logprobs = [step[t].logprob for step, t in zip(gen.logprobs or [], tokens, strict=False)]
             reason = "stop" if gen.finish_reason == "stop" else "length"
             if reason == "stop" and tokens and tokens[-1] in r.stop_ids:  # vLLM keeps the stop token; ptp does not
                 tokens, logprobs = tokens[:-1], logprobs[: len(tokens) - 1]
-            n = len(prompts.ids[i])
-            results.append(ptp.result(
-                r, prompt_tokens=n, kept=prompts.kept[i].tolist(), tokens=tokens, logprobs=logprobs,
-                finish_reason=reason, layer_lengths=[n] * layers, timing={**clock.times, **_request_times(out)},
-                batch_size=len(requests), notes=selection.notes[i],
+            n = sub.lengths[i]
+            results.append(self.ptp.result(
+                r, prompt_tokens=n, kept=sub.kept[i], tokens=tokens, logprobs=logprobs, finish_reason=reason,
+                layer_lengths=[n] * layers, batch_size=len(sub.requests), notes=sub.notes[i],
+                timing={**sub.times, "generate": _batch_time(done.values(), time.perf_counter() - sub.queued),
+                        **_request_times(done[rid])},
             ))
         return results
+
+    def cancel(self, sub: Submitted) -> None:
+        """Drop a submitted batch whose rows are no longer wanted."""
+        self.generator.cancel([i for i in sub.ids if isinstance(i, str)])
+
+
+@dataclass
+class Submitted:
+    """A batch ptp has encoded and pruned, queued in vLLM (``VLLMEngine.submit``)."""
+
+    requests: list[Request]
+    ids: list[str | RecordError]  # vLLM's request id per request; a RecordError where vLLM refused the prompt
+    lengths: list[int]  # pruned prompt tokens
+    kept: list[list[int]]  # kept visual token indices
+    notes: list[dict[str, Any]]  # the method's notes per request (Selection.notes)
+    times: dict[str, float]  # ptp's stage times for the batch
+    queued: float  # perf_counter when the prompts went to vLLM
+
+
+def _batch_time(outputs: Any, observed: float) -> float:
+    """The batch's wall time in vLLM, from its first request queued to its last token (vLLM's engine-core clock,
+    so the caller's own work meanwhile does not count); ``observed`` where vLLM kept no metrics."""
+    ms = [o.metrics for o in outputs if getattr(o, "metrics", None) is not None and o.metrics.last_token_ts]
+    if not ms:
+        return observed
+    return max(max(m.last_token_ts for m in ms) - min(m.queued_ts for m in ms), 0.0)
 
 
 def _request_times(out: Any) -> dict[str, float]:
