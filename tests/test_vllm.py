@@ -203,7 +203,7 @@ def test_engine_vllm_without_vllm_says_how_to_install(ptp_home: Path, tmp_path: 
 
 
 @needs_vllm
-@pytest.mark.slow  # a vLLM start and eight timed batches: about 70 s on 2 idle cores
+@pytest.mark.slow  # a vLLM start and eight timed batches: about a minute on 2 idle cores, two when busy
 def test_bench_engine_vllm_says_why_vllms_own_internvl_is_no_row(ptp_home: Path, tmp_path: Path) -> None:
     """One vLLM start: the bench's vLLM rows, and the report's word on vLLM's own InternVL2 (not a row here) with
     the vLLM rows paired against its stand-in, ``vllm none``, through the same none runs."""
