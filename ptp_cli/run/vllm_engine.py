@@ -223,6 +223,7 @@ class VLLMEngine:
         queued = [i for i in sub.ids if isinstance(i, str)]
         done = self.generator.wait(queued)
         layers = self.cfg.llm.num_layers
+        batch = {**sub.times, "generate": _batch_time(done.values(), time.perf_counter() - sub.queued)}
         results: list[Result | RecordError] = []
         for i, (r, rid) in enumerate(zip(sub.requests, sub.ids, strict=True)):
             if isinstance(rid, RecordError):
@@ -238,8 +239,7 @@ class VLLMEngine:
             results.append(self.ptp.result(
                 r, prompt_tokens=n, kept=sub.kept[i], tokens=tokens, logprobs=logprobs, finish_reason=reason,
                 layer_lengths=[n] * layers, batch_size=len(sub.requests), notes=sub.notes[i],
-                timing={**sub.times, "generate": _batch_time(done.values(), time.perf_counter() - sub.queued),
-                        **_request_times(done[rid])},
+                timing={**batch, **_request_times(done[rid])},
             ))
         return results
 
